@@ -1,0 +1,80 @@
+"""LayerAccessor: ``model.layers_output[i]`` style reads and writes of the residual stream."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+import torch
+
+if TYPE_CHECKING:
+    from .standardized.base import StandardizedMixin
+
+Role = Literal["layer", "self_attn", "mlp"]
+Direction = Literal["input", "output"]
+
+
+class LayerAccessor:
+    """Index with a layer number (negative counts from the end) inside a trace to read or assign.
+
+    Reads follow the module's inferred layout and go through the backend's read policy (vLLM clones
+    buffers it will mutate later); writes are checked against the current shape and replace the value
+    in the form the engine accepts.
+    """
+
+    def __init__(self, model: "StandardizedMixin", role: Role, direction: Direction) -> None:
+        self._model = model
+        self._role = role
+        self._direction = direction
+
+    @property
+    def name(self) -> str:
+        plural = {"layer": "layers", "self_attn": "attentions", "mlp": "mlps"}[self._role]
+        return f"{plural}_{self._direction}"
+
+    def _locate(self, index: int):
+        layer_index = self._model._check_layer_index(index, self.name)
+        envoy = self._model._role_envoy(self._role, layer_index, self.name)
+        layout = self._model.layout.for_module(self._role, envoy._module)
+        return envoy, layout, f"{self.name}[{layer_index}] ({type(envoy._module).__name__})"
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        envoy, layout, where = self._locate(index)
+        if self._direction == "input":
+            args, kwargs = envoy.inputs
+            value = layout.input.read(args, kwargs, where)
+            fresh = layout.input.residual is not None
+        else:
+            value = layout.output.read(envoy.output, where)
+            fresh = layout.output.returns_fresh_tensor
+        return self._model._backend.after_read(value, fresh)
+
+    def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        envoy, layout, where = self._locate(index)
+        value = self._model._backend.before_write(value)
+        if self._direction == "input":
+            args, kwargs = envoy.inputs
+            envoy.inputs = layout.input.write(args, kwargs, value, where)
+        else:
+            envoy.output = layout.output.write(envoy.output, value, where)
+
+    def __len__(self) -> int:
+        return self._model.num_layers
+
+    def __iter__(self):
+        raise TypeError(f"{self.name} cannot be iterated; index it inside a trace, e.g. {self.name}[0].")
+
+
+class ModuleListView:
+    """``model.attentions[i]`` / ``model.mlps[i]``: the sub-module envoy of layer ``i``."""
+
+    def __init__(self, model: "StandardizedMixin", role: Role, name: str) -> None:
+        self._model, self._role, self._name = model, role, name
+
+    def __getitem__(self, index: int):
+        return self._model._role_envoy(self._role, self._model._check_layer_index(index, self._name), self._name)
+
+    def __len__(self) -> int:
+        return self._model.num_layers
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))

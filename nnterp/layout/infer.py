@@ -1,0 +1,215 @@
+"""Infer a module's layout from its signature, its parent's forward source and a runtime probe."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import textwrap
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from .model import InputLayout, LayoutError, ModuleLayout, OutputLayout
+
+HIDDEN_NAMES = ("hidden_states", "hidden_state", "x", "hidden", "input", "inputs", "input_tensor", "h", "hx", "xs")
+NOT_HIDDEN = {"positions", "position_ids", "attention_mask", "input_ids", "cache_position", "past_key_values"}
+RESIDUAL_NAMES = ("residual",)
+
+
+@dataclass(frozen=True)
+class Signature:
+    """The hidden-state parameter (and residual parameter, if any) of ``module.forward``."""
+
+    name: str
+    index: int
+    residual: str | None
+    residual_index: int | None
+
+
+def signature_of(module: torch.nn.Module) -> Signature:
+    # The unbound function, so decorators that hide `self` from a bound signature cannot shift indices.
+    params = [
+        p for p in list(inspect.signature(type(module).forward).parameters.values())[1:]
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+    names = [p.name for p in params]
+    hidden = next((n for n in HIDDEN_NAMES if n in names), None)
+    if hidden is None:
+        hidden = next((n for n in names if n not in NOT_HIDDEN), None)
+    if hidden is None:
+        raise LayoutError(f"{type(module).__name__}.forward has no parameter that could be the hidden state: {names}")
+    residual = next((n for n in RESIDUAL_NAMES if n in names), None)
+    return Signature(hidden, names.index(hidden), residual, names.index(residual) if residual else None)
+
+
+def call_style_from_source(parent: torch.nn.Module, child_attr: str, param: str, param_index: int) -> str | None:
+    """How ``parent.forward`` passes ``param`` to ``self.<child_attr>``: 'keyword', 'positional' or None.
+
+    Recognises ``self.child(...)``, ``self.child[i](...)`` and loops ``for layer in self.child[...]:
+    layer(...)`` (also through ``enumerate``/``zip``/slices).
+    """
+    try:
+        source = textwrap.dedent(inspect.getsource(type(parent).forward))
+        tree = ast.parse(source)
+    except (OSError, TypeError, SyntaxError):
+        return None
+    loop_names = _loop_variables_over(tree, child_attr)
+    styles = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and _calls_child(node.func, child_attr, loop_names):
+            if any(keyword.arg == param for keyword in node.keywords):
+                styles.append("keyword")
+            elif len(node.args) > param_index and not any(isinstance(a, ast.Starred) for a in node.args):
+                styles.append("positional")
+    if not styles:
+        return None
+    return styles[0] if len(set(styles)) == 1 else "mixed"
+
+
+def _mentions_self_attr(node: ast.AST, attr: str) -> bool:
+    return any(
+        isinstance(sub, ast.Attribute) and sub.attr == attr and isinstance(sub.value, ast.Name) and sub.value.id == "self"
+        for sub in ast.walk(node)
+    )
+
+
+def _loop_variables_over(tree: ast.AST, attr: str) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.For, ast.comprehension)) and _mentions_self_attr(node.iter, attr):
+            names |= {sub.id for sub in ast.walk(node.target) if isinstance(sub, ast.Name)}
+    return names
+
+
+def _calls_child(func: ast.AST, attr: str, loop_names: set[str]) -> bool:
+    if isinstance(func, ast.Attribute) and func.attr == attr and isinstance(func.value, ast.Name):
+        return func.value.id == "self"
+    if isinstance(func, ast.Subscript):
+        return _mentions_self_attr(func.value, attr)
+    return isinstance(func, ast.Name) and func.id in loop_names
+
+
+@dataclass(frozen=True)
+class Observation:
+    """One call of a module captured by the probe."""
+
+    args: tuple
+    kwargs: dict
+    output: Any
+
+
+def observe(model: torch.nn.Module, modules: dict[str, torch.nn.Module], run: Callable[[], Any]) -> dict[str, Observation]:
+    """Run ``run()`` once with hooks on ``modules`` and keep each one's first call."""
+    seen: dict[str, Observation] = {}
+    pending: dict[str, tuple] = {}
+    handles = []
+    for key, module in modules.items():
+        def pre(mod, args, kwargs, key=key):
+            if key not in seen and key not in pending:
+                pending[key] = (args, dict(kwargs))
+
+        def post(mod, args, kwargs, output, key=key):
+            if key not in seen and key in pending:
+                seen[key] = Observation(*pending.pop(key), output)
+
+        handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+        handles.append(module.register_forward_hook(post, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _is_hidden(value: Any, hidden_size: int) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 2 and value.shape[-1] == hidden_size
+
+
+def input_from_probe(obs: Observation, sig: Signature, hidden_size: int, where: str) -> InputLayout:
+    if sig.name in obs.kwargs:
+        position = None
+        value = obs.kwargs[sig.name]
+    elif sig.index < len(obs.args):
+        position, value = sig.index, obs.args[sig.index]
+    else:
+        raise LayoutError(f"{where}: '{sig.name}' was neither passed by keyword nor at position {sig.index}.")
+    if not _is_hidden(value, hidden_size):
+        raise LayoutError(
+            f"{where}: argument '{sig.name}' is {_describe(value)}, not a hidden state of width {hidden_size}."
+        )
+    residual_position = None
+    if sig.residual is not None and sig.residual not in obs.kwargs:
+        residual_position = sig.residual_index
+    return InputLayout(sig.name, position, sig.residual, residual_position if sig.residual else None)
+
+
+def output_from_probe(output: Any, sig: Signature, hidden_size: int, where: str) -> OutputLayout:
+    if isinstance(output, torch.Tensor):
+        if not _is_hidden(output, hidden_size):
+            raise LayoutError(f"{where}: output is {_describe(output)}, not a hidden state of width {hidden_size}.")
+        return OutputLayout("tensor")
+    if isinstance(output, (tuple, list)) and output:
+        first = output[0]
+        if (
+            sig.residual is not None and len(output) >= 2
+            and _is_hidden(first, hidden_size) and _is_hidden(output[1], hidden_size)
+            and first.shape == output[1].shape
+        ):
+            return OutputLayout("dual")
+        index = next((i for i, item in enumerate(output) if _is_hidden(item, hidden_size)), None)
+        if index is not None:
+            return OutputLayout("tuple", index)
+    raise LayoutError(f"{where}: cannot find a hidden state of width {hidden_size} in output {_describe(output)}.")
+
+
+def output_from_source(module: torch.nn.Module, sig: Signature) -> OutputLayout | None:
+    """The output kind read off ``return`` statements of ``module.forward`` (used without a probe)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    kinds = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Return) and node.value is not None:
+            if isinstance(node.value, ast.Tuple):
+                kinds.add("dual" if sig.residual is not None and len(node.value.elts) == 2 else "tuple")
+            else:
+                kinds.add("tensor")
+    return OutputLayout(kinds.pop()) if len(kinds) == 1 else None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of ({', '.join(_describe(v) for v in value)})"
+    return type(value).__name__
+
+
+def infer_module_layout(
+    module: torch.nn.Module, parent: torch.nn.Module, child_attr: str, obs: Observation | None, hidden_size: int, where: str
+) -> tuple[ModuleLayout | None, dict]:
+    """Combine the three sources; returns the layout and the evidence each source gave.
+
+    The probe is the runtime truth and wins; without a probe, the source decides the call style.
+    A static/probe disagreement is kept in the evidence so it shows up in the reviewed snapshot.
+    """
+    sig = signature_of(module)
+    style = call_style_from_source(parent, child_attr, sig.name, sig.index)
+    evidence = {"signature": {"hidden": sig.name, "index": sig.index, "residual": sig.residual}, "source": style}
+    if obs is None:
+        if style not in ("keyword", "positional"):
+            return None, evidence
+        position = None if style == "keyword" else sig.index
+        residual_position = None if style == "keyword" or sig.residual is None else sig.residual_index
+        output_layout = output_from_source(module, sig)
+        if output_layout is None:
+            return None, evidence
+        return ModuleLayout(InputLayout(sig.name, position, sig.residual, residual_position), output_layout), evidence
+    input_layout = input_from_probe(obs, sig, hidden_size, where)
+    output_layout = output_from_probe(obs.output, sig, hidden_size, where)
+    evidence["probe"] = "keyword" if input_layout.position is None else "positional"
+    return ModuleLayout(input_layout, output_layout), evidence

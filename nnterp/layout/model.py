@@ -1,0 +1,144 @@
+"""How a module receives and returns the residual-stream tensor, and how to read or replace it."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+
+class LayoutError(ValueError):
+    """A module's call or return value does not match its inferred layout."""
+
+
+@dataclass(frozen=True)
+class InputLayout:
+    """Where the hidden state sits in a module's ``(args, kwargs)``.
+
+    ``position`` is its index in ``args`` when the parent passes it positionally, ``None`` when by keyword.
+    ``residual`` names a second input added to it (vLLM fused add+norm layers); the stream is their sum.
+    """
+
+    name: str
+    position: int | None
+    residual: str | None = None
+    residual_position: int | None = None
+
+    def _locate(self, args: tuple, kwargs: dict, name: str, position: int | None, where: str) -> tuple[str, Any]:
+        if position is None:
+            if name not in kwargs:
+                raise LayoutError(
+                    f"{where}: layout says '{name}' is passed by keyword, but the call had keywords "
+                    f"{sorted(kwargs)} and {len(args)} positional argument(s). The module is called "
+                    f"differently than when its layout was inferred; re-run `python -m nnterp.layout --update`."
+                )
+            return "kw", name
+        if position >= len(args):
+            raise LayoutError(
+                f"{where}: layout says '{name}' is positional argument {position}, but the call had only "
+                f"{len(args)} positional argument(s) (keywords {sorted(kwargs)})."
+            )
+        return "arg", position
+
+    def read(self, args: tuple, kwargs: dict, where: str = "module") -> torch.Tensor:
+        hidden = self._get(args, kwargs, self.name, self.position, where)
+        if self.residual is not None:
+            residual = self._get(args, kwargs, self.residual, self.residual_position, where, optional=True)
+            if residual is not None:
+                check_same_shape(hidden, residual, f"{where} (hidden_states + residual)")
+                return hidden + residual
+        return hidden
+
+    def write(self, args: tuple, kwargs: dict, value: torch.Tensor, where: str = "module") -> tuple[tuple, dict]:
+        current = self._get(args, kwargs, self.name, self.position, where)
+        check_same_shape(current, value, where)
+        args, kwargs = self._set(args, kwargs, self.name, self.position, value, where)
+        if self.residual is not None:
+            # The stream is hidden + residual: put it all in hidden and clear the residual.
+            if self._get(args, kwargs, self.residual, self.residual_position, where, optional=True) is not None:
+                args, kwargs = self._set(args, kwargs, self.residual, self.residual_position, None, where)
+        return args, kwargs
+
+    def _get(self, args, kwargs, name, position, where, optional=False):
+        if optional and (position is None and name not in kwargs or position is not None and position >= len(args)):
+            return None
+        kind, key = self._locate(args, kwargs, name, position, where)
+        return kwargs[key] if kind == "kw" else args[key]
+
+    def _set(self, args, kwargs, name, position, value, where):
+        kind, key = self._locate(args, kwargs, name, position, where)
+        if kind == "kw":
+            return args, {**kwargs, key: value}
+        return tuple(value if index == key else arg for index, arg in enumerate(args)), kwargs
+
+
+OutputKind = Literal["tensor", "tuple", "dual"]
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """What a module returns: a tensor, a tuple whose ``index`` entry is the hidden state, or a
+    dual stream ``(hidden, residual)`` whose sum is the residual stream (vLLM fused add+norm)."""
+
+    kind: OutputKind
+    index: int = 0
+
+    def read(self, output: Any, where: str = "module") -> torch.Tensor:
+        if self.kind == "tensor":
+            if not isinstance(output, torch.Tensor):
+                raise LayoutError(f"{where}: layout says the output is a tensor, got {type(output).__name__}.")
+            return output
+        if not isinstance(output, (tuple, list)):
+            raise LayoutError(f"{where}: layout says the output is a {self.kind}, got {type(output).__name__}.")
+        if self.kind == "dual":
+            hidden, residual = output[0], output[1]
+            check_same_shape(hidden, residual, f"{where} (hidden + residual)")
+            return hidden + residual
+        return output[self.index]
+
+    def write(self, output: Any, value: torch.Tensor, where: str = "module") -> Any:
+        check_same_shape(self.read(output, where), value, where)
+        if self.kind == "tensor":
+            return value
+        if self.kind == "dual":
+            return type(output)((value, torch.zeros_like(output[1]), *output[2:]))
+        return type(output)(value if index == self.index else item for index, item in enumerate(output))
+
+    def build(self, value: torch.Tensor) -> Any:
+        """A whole output of this layout carrying ``value`` as the stream (for skipping a module)."""
+        if self.kind == "tensor":
+            return value
+        if self.kind == "dual":
+            return (value, torch.zeros_like(value))
+        return tuple(value if index == self.index else None for index in range(self.index + 1))
+
+    @property
+    def returns_fresh_tensor(self) -> bool:
+        """A dual-stream read is a new tensor (a sum); other reads alias the module's buffer."""
+        return self.kind == "dual"
+
+
+@dataclass(frozen=True)
+class ModuleLayout:
+    input: InputLayout
+    output: OutputLayout
+
+    def to_json(self) -> dict:
+        return {"input": asdict(self.input), "output": asdict(self.output)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "ModuleLayout":
+        return cls(InputLayout(**data["input"]), OutputLayout(**data["output"]))
+
+
+def check_same_shape(current: Any, value: Any, where: str) -> None:
+    """Refuse a tensor whose shape differs from the one it reads as or replaces (no silent broadcast)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{where}: expected a torch.Tensor, got {type(value).__name__}.")
+    if isinstance(current, torch.Tensor) and current.shape != value.shape:
+        raise ValueError(
+            f"{where}: shape mismatch, the module's tensor has shape {tuple(current.shape)} but the new "
+            f"value has shape {tuple(value.shape)}. Write a tensor of the same shape (add a steering vector "
+            f"to the read value instead of assigning the vector itself)."
+        )

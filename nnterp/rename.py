@@ -1,0 +1,198 @@
+"""Standard module names: alias tables, structural fallbacks and user overrides."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+# Absolute paths (from the causal-LM root) each architecture family uses for the standard modules.
+ROOT_ALIASES: dict[str, tuple[str, ...]] = {
+    "embed_tokens": (
+        "model.embed_tokens", "transformer.wte", "gpt_neox.embed_in", "model.decoder.embed_tokens",
+        "transformer.word_embeddings", "transformer.embedding.word_embeddings", "backbone.embeddings",
+        "backbone.embedding", "model.language_model.embed_tokens", "transformer.embd.wte",
+        "model.embed_in", "model.word_embeddings", "model.embeddings", "rwkv.embeddings",
+        "transformer.embeddings", "model.embedding", "model.wte",
+    ),
+    "layers": (
+        "model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers", "transformer.layers",
+        "transformer.blocks", "transformer.encoder.layers", "backbone.layers", "model.language_model.layers",
+        "model.h", "rwkv.blocks", "model.blocks", "transformer.encoder.layer", "model.transformer.h",
+    ),
+    "ln_final": (
+        "model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
+        "transformer.norm_f", "model.final_layernorm", "backbone.norm_f", "model.ln_f",
+        "transformer.encoder.final_layernorm", "model.language_model.norm", "transformer.final_layernorm",
+        "model.decoder.layer_norm", "model.final_norm", "model.norm_f", "rwkv.ln_out", "transformer.norm",
+        "model.final_layer_norm", "transformer.ln_final",
+    ),
+    "lm_head": ("lm_head", "embed_out", "output_layer", "transformer.output_layer", "head", "output"),
+}
+
+# Names, relative to one decoder layer, of its attention and MLP blocks.
+LAYER_ALIASES: dict[str, tuple[str, ...]] = {
+    "self_attn": (
+        "self_attn", "attn", "attention", "self_attention", "mixer", "attn_layer", "temporal_block",
+        "mamba", "linear_attn",
+    ),
+    "mlp": (
+        "mlp", "feed_forward", "ffn", "block_sparse_moe", "moe", "mlp_layer", "feedforward", "ff",
+        "channel_mixer",
+    ),
+}
+
+STANDARD_NAMES = tuple(ROOT_ALIASES) + tuple(LAYER_ALIASES)
+
+
+@dataclass(frozen=True)
+class RenameConfig:
+    """User overrides: the native path (root modules) or name (layer children) of each standard module.
+
+    Example: ``RenameConfig(layers="backbone.blocks", self_attn="mixer")``.
+    """
+
+    embed_tokens: str | None = None
+    layers: str | None = None
+    ln_final: str | None = None
+    lm_head: str | None = None
+    self_attn: str | None = None
+    mlp: str | None = None
+
+    def override(self, name: str) -> str | None:
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class ModuleNames:
+    """Where each standard module lives natively. ``self_attn``/``mlp`` are relative to a layer."""
+
+    embed_tokens: str
+    layers: str
+    ln_final: str
+    lm_head: str
+    self_attn: str | None
+    mlp: str | None
+    found_by: dict[str, str] = field(default_factory=dict, compare=False)
+
+    def nnsight_rename(self) -> dict[str, str]:
+        """The ``rename=`` mapping that mounts the native modules under their standard names."""
+        rename = {}
+        for standard in STANDARD_NAMES:
+            native = getattr(self, standard)
+            if native is not None and native != standard:
+                rename[native] = standard
+        return rename
+
+    def as_dict(self) -> dict[str, str | None]:
+        return {name: getattr(self, name) for name in STANDARD_NAMES}
+
+
+class UnknownArchitectureError(ValueError):
+    """A standard module could not be located in the model."""
+
+
+def _has(module: torch.nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+        return True
+    except AttributeError:
+        return False
+
+
+def _path_of(root: torch.nn.Module, target: torch.nn.Module | None) -> str | None:
+    if target is None:
+        return None
+    for name, module in root.named_modules():
+        if module is target and name:
+            return name
+    return None
+
+
+def _structural_layers(root: torch.nn.Module, num_layers: int | None) -> str | None:
+    """The longest ModuleList, preferring one whose length is the config's layer count."""
+    candidates = [
+        (name, len(module)) for name, module in root.named_modules()
+        if isinstance(module, torch.nn.ModuleList) and len(module) > 0 and name
+    ]
+    exact = [name for name, size in candidates if size == num_layers]
+    if exact:
+        return min(exact, key=lambda name: name.count("."))
+    return max(candidates, key=lambda item: item[1])[0] if candidates else None
+
+
+def _structural_final_norm(root: torch.nn.Module, layers_path: str) -> str | None:
+    """A norm that is a sibling of the layer list, named like a final norm, registered after it."""
+    parent_path = layers_path.rpartition(".")[0]
+    parent = root.get_submodule(parent_path) if parent_path else root
+    names = list(dict(parent.named_children()))
+    after = names[names.index(layers_path.rpartition(".")[2]) + 1:] if layers_path.rpartition(".")[2] in names else names
+    for name in after:
+        lowered = name.lower()
+        if "norm" in lowered or lowered.startswith("ln"):
+            return f"{parent_path}.{name}" if parent_path else name
+    return None
+
+
+def _layer_child(layer: torch.nn.Module, standard: str) -> str | None:
+    children = dict(layer.named_children())
+    for alias in LAYER_ALIASES[standard]:
+        if alias in children:
+            return alias
+    return None
+
+
+def resolve_names(model: torch.nn.Module, rename: RenameConfig | None = None) -> ModuleNames:
+    """Locate every standard module in ``model``: user override, then alias table, then structure."""
+    rename = rename or RenameConfig()
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text_config, "num_hidden_layers", None)
+    found: dict[str, str | None] = {}
+    found_by: dict[str, str] = {}
+
+    for standard, aliases in ROOT_ALIASES.items():
+        override = rename.override(standard)
+        if override is not None:
+            if not _has(model, override):
+                raise UnknownArchitectureError(
+                    f"RenameConfig({standard}={override!r}) names no module of {type(model).__name__}."
+                )
+            found[standard], found_by[standard] = override, "rename_config"
+            continue
+        path = next((alias for alias in aliases if _has(model, alias)), None)
+        if path is not None:
+            found[standard], found_by[standard] = path, "alias"
+    if "layers" not in found:
+        found["layers"], found_by["layers"] = _structural_layers(model, num_layers), "structure"
+    if "embed_tokens" not in found and hasattr(model, "get_input_embeddings"):
+        found["embed_tokens"], found_by["embed_tokens"] = _path_of(model, model.get_input_embeddings()), "structure"
+    if "lm_head" not in found and hasattr(model, "get_output_embeddings"):
+        found["lm_head"], found_by["lm_head"] = _path_of(model, model.get_output_embeddings()), "structure"
+    if "ln_final" not in found and found.get("layers"):
+        found["ln_final"], found_by["ln_final"] = _structural_final_norm(model, found["layers"]), "structure"
+
+    missing = [name for name in ROOT_ALIASES if not found.get(name)]
+    if missing:
+        raise UnknownArchitectureError(
+            f"nnterp could not find the standard module(s) {missing} in {type(model).__name__}. "
+            f"Pass their native paths, e.g. StandardizedTransformer(model, rename=RenameConfig("
+            + ", ".join(f"{name}='<path>'" for name in missing)
+            + ")). Top-level modules: "
+            + ", ".join(name for name, _ in model.named_children())
+        )
+
+    first_layer = model.get_submodule(found["layers"])[0]
+    for standard in LAYER_ALIASES:
+        override = rename.override(standard)
+        if override is not None:
+            if not _has(first_layer, override):
+                raise UnknownArchitectureError(
+                    f"RenameConfig({standard}={override!r}) names no child of layer 0 "
+                    f"({type(first_layer).__name__}); its children are {list(dict(first_layer.named_children()))}."
+                )
+            found[standard], found_by[standard] = override, "rename_config"
+        else:
+            found[standard] = _layer_child(first_layer, standard)
+            found_by[standard] = "alias" if found[standard] else "absent"
+    return ModuleNames(**found, found_by=found_by)

@@ -1,0 +1,3 @@
+from .hf import StandardizedTransformer
+
+__all__ = ["StandardizedTransformer"]

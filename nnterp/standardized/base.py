@@ -1,0 +1,211 @@
+"""The standardized surface shared by every backend."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from ..accessors import LayerAccessor, ModuleListView
+from ..layout import ModelLayout, drift, load_snapshot
+from ..rename import ModuleNames
+
+logger = logging.getLogger("nnterp")
+
+
+class LayoutDriftWarning(UserWarning):
+    """The inferred layout differs from the reviewed snapshot under ``layouts/``."""
+
+
+class Backend:
+    """Engine-specific policy hooks; the HuggingFace backend is the identity."""
+
+    name = "hf"
+
+    def after_read(self, value: torch.Tensor, fresh: bool) -> torch.Tensor:
+        return value
+
+    def before_write(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def gather_param(self, envoy: Any, name: str) -> torch.Tensor:
+        return getattr(envoy._module, name)
+
+
+class StandardizedMixin:
+    """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend``.
+
+    Subclasses set those three, then call ``_init_standard_surface()``.
+    """
+
+    names: ModuleNames
+    layout: ModelLayout
+    _backend: Backend
+
+    def _init_standard_surface(self) -> None:
+        self.layers_input = LayerAccessor(self, "layer", "input")
+        self.layers_output = LayerAccessor(self, "layer", "output")
+        self.attentions_input = LayerAccessor(self, "self_attn", "input")
+        self.attentions_output = LayerAccessor(self, "self_attn", "output")
+        self.mlps_input = LayerAccessor(self, "mlp", "input")
+        self.mlps_output = LayerAccessor(self, "mlp", "output")
+        self.attentions = ModuleListView(self, "self_attn", "attentions")
+        self.mlps = ModuleListView(self, "mlp", "mlps")
+
+    # -- sizes -------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._torch_module("layers"))
+
+    @property
+    def hidden_size(self) -> int:
+        return _config_value(self._text_config, ("hidden_size", "n_embd", "d_model", "dim"))
+
+    @property
+    def num_heads(self) -> int:
+        return _config_value(self._text_config, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
+
+    @property
+    def vocab_size(self) -> int:
+        return _config_value(self._text_config, ("vocab_size", "padded_vocab_size"))
+
+    # -- module lookup -------------------------------------------------------
+
+    def _torch_module(self, standard: str) -> torch.nn.Module:
+        return self._module.get_submodule(getattr(self.names, standard))
+
+    def _check_layer_index(self, index: int, accessor: str) -> int:
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"{accessor}[...] takes one integer layer index, got {index!r}.")
+        n = self.num_layers
+        if not -n <= index < n:
+            raise IndexError(f"{accessor}[{index}] is out of range: the model has {n} layers (valid: 0..{n - 1} or -{n}..-1).")
+        return index % n
+
+    def _role_envoy(self, role: str, index: int, accessor: str):
+        layer = self.layers[index]
+        if role == "layer":
+            return layer
+        child = getattr(self.names, role)
+        if child is None or not hasattr(layer._module, child):
+            children = [name for name, _ in layer._module.named_children()]
+            raise AttributeError(
+                f"{accessor}[{index}]: layer {index} ({type(layer._module).__name__}) has no {role} module "
+                f"(its children are {children}). Pass RenameConfig({role}='<child name>') if one of them is it."
+            )
+        return getattr(layer, child)
+
+    # -- layout ---------------------------------------------------------------
+
+    def _check_against_snapshot(self, check_layout: bool) -> None:
+        reviewed = load_snapshot(self.layout.backend, self.layout.architecture)
+        if reviewed is None:
+            logger.info("nnterp: no reviewed layout for %s/%s; using the inferred one.", self.layout.backend, self.layout.architecture)
+            return
+        differences = drift(self.layout, reviewed)
+        if differences and check_layout:
+            import warnings
+
+            warnings.warn(
+                f"Inferred layout of {self.layout.architecture} ({self.layout.backend}) differs from the reviewed "
+                f"snapshot: {differences}. The inferred layout is used.",
+                LayoutDriftWarning,
+                stacklevel=3,
+            )
+
+    # -- standard views --------------------------------------------------------
+
+    @property
+    def token_embeddings(self) -> torch.Tensor:
+        """The output of ``embed_tokens`` (read inside a trace)."""
+        return self._backend.after_read(self.embed_tokens.output, fresh=False)
+
+    @token_embeddings.setter
+    def token_embeddings(self, value: torch.Tensor) -> None:
+        from ..layout import check_same_shape
+
+        check_same_shape(self.embed_tokens.output, value, "token_embeddings")
+        self.embed_tokens.output = self._backend.before_write(value)
+
+    @property
+    def next_token_probs(self) -> torch.Tensor:
+        """Softmax over the vocabulary at each prompt's last position, shape ``[batch, vocab]``."""
+        return self.last_position(self.logits).float().softmax(-1)
+
+    def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The last position of each prompt of a ``[batch, seq, ...]`` activation."""
+        return tensor[:, -1]
+
+    def skip_layers(self, start: int, end: int | None = None) -> None:
+        """Skip layers ``start..end`` (inclusive): each outputs the residual stream entering ``start``."""
+        end = start if end is None else end
+        first = self._check_layer_index(start, "skip_layers")
+        last = self._check_layer_index(end, "skip_layers")
+        if last < first:
+            raise ValueError(f"skip_layers: end ({end}) comes before start ({start}).")
+        stream = self.layers_input[first]
+        for index in range(first, last + 1):
+            envoy = self.layers[index]
+            layout = self.layout.for_module("layer", envoy._module)
+            envoy.skip(layout.output.build(stream))
+
+    def skip_layer(self, index: int) -> None:
+        self.skip_layers(index, index)
+
+    def steer(
+        self,
+        layers: int | Sequence[int],
+        steering_vector: torch.Tensor,
+        factor: float = 1.0,
+        positions: int | Sequence[int] | slice | None = None,
+    ) -> None:
+        """Add ``factor * steering_vector`` to the output of each layer in ``layers`` (inside a trace)."""
+        for layer in [layers] if isinstance(layers, int) else layers:
+            stream = self.layers_output[layer]
+            self.layers_output[layer] = add_at_positions(stream, factor * steering_vector, positions, self.hidden_size)
+
+    def project_on_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits of a residual-stream tensor: final norm, LM head, and the model's logit post-processing."""
+        normed = self._torch_module("ln_final")(hidden)
+        return self.postprocess_logits(self._lm_head_logits(normed))
+
+    def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        return self._torch_module("lm_head")(normed)
+
+    def postprocess_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scaling and soft-capping some architectures apply after the LM head."""
+        config = self._text_config
+        scale = getattr(config, "logit_scale", None)
+        if isinstance(scale, (int, float)) and "cohere" in str(getattr(config, "model_type", "")):
+            logits = logits * scale
+        divisor = getattr(config, "logits_scaling", None)
+        if isinstance(divisor, (int, float)) and divisor != 1:
+            logits = logits / divisor
+        cap = getattr(config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+
+def add_at_positions(
+    stream: torch.Tensor, vector: torch.Tensor, positions: int | Sequence[int] | slice | None, hidden_size: int
+) -> torch.Tensor:
+    """``stream`` with ``vector`` added at ``positions`` of its sequence axis (all when None)."""
+    if vector.shape[-1] != hidden_size:
+        raise ValueError(f"steering vector has width {vector.shape[-1]}, the model's hidden size is {hidden_size}.")
+    vector = vector.to(device=stream.device, dtype=stream.dtype)
+    if positions is None:
+        return stream + vector
+    mask = torch.zeros(stream.shape[:-1] + (1,), dtype=stream.dtype, device=stream.device)
+    mask[..., positions, :] = 1
+    return stream + mask * vector
+
+
+def _config_value(config: Any, keys: Iterable[str]) -> int:
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    raise AttributeError(f"{type(config).__name__} has none of {list(keys)}")

@@ -1,0 +1,80 @@
+"""StandardizedTransformer: the standardized surface on a HuggingFace model through nnsight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from nnsight import LanguageModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from ..layout import infer_model_layout
+from ..rename import RenameConfig, resolve_names
+from .base import Backend, StandardizedMixin
+
+PROBE_TOKENS = 6
+
+
+class StandardizedTransformer(LanguageModel, StandardizedMixin):
+    """A causal LM with standard module names and residual-stream accessors.
+
+    ``model`` is a path or hub-style name (loaded with ``AutoModelForCausalLM``) or a loaded
+    ``PreTrainedModel``; extra keyword arguments go to ``from_pretrained``. ``rename`` overrides
+    where standard modules live. ``check_layout`` warns when the inferred layout differs from the
+    reviewed one under ``layouts/hf/``.
+    """
+
+    def __init__(
+        self,
+        model: str | Path | PreTrainedModel,
+        rename: RenameConfig | None = None,
+        tokenizer: Any = None,
+        check_layout: bool = True,
+        attn_implementation: str | None = None,
+        **from_pretrained_kwargs: Any,
+    ) -> None:
+        if isinstance(model, (str, Path)):
+            if attn_implementation is not None:
+                from_pretrained_kwargs["attn_implementation"] = attn_implementation
+            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
+            model = AutoModelForCausalLM.from_pretrained(str(model), **from_pretrained_kwargs)
+        elif tokenizer is None:
+            raise ValueError("Pass tokenizer=... together with an already loaded model.")
+        model.eval()
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        names = resolve_names(model, rename)
+        super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename())
+        self.names = names
+        self._backend = Backend()
+        self.layout = infer_model_layout(
+            model, names, self._probe_hidden_size(model), "hf", type(model).__name__, self._probe_run(model)
+        )
+        self._init_standard_surface()
+        self._check_against_snapshot(check_layout)
+
+    @property
+    def _text_config(self):
+        config = self._module.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    @staticmethod
+    def _probe_hidden_size(model: PreTrainedModel) -> int:
+        embeddings = model.get_input_embeddings()
+        return embeddings.weight.shape[-1]
+
+    @staticmethod
+    def _probe_run(model: PreTrainedModel):
+        device = next(model.parameters()).device
+        tokens = torch.arange(4, 4 + PROBE_TOKENS, device=device)[None] % model.get_input_embeddings().weight.shape[0]
+        return lambda: model(input_ids=tokens, use_cache=False)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """The model's output logits ``[batch, seq, vocab]`` (read inside a trace)."""
+        return self.output.logits
+
+    @logits.setter
+    def logits(self, value: torch.Tensor) -> None:
+        self.output.logits = value
