@@ -1,0 +1,6 @@
+"""Research tools on top of the standardized accessors."""
+
+from .logit_lens import get_topk_closest_tokens, layer_streams, logit_lens
+from .patching import activation_patching, patchscope_lens
+
+__all__ = ["activation_patching", "get_topk_closest_tokens", "layer_streams", "logit_lens", "patchscope_lens"]

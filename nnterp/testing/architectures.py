@@ -1,0 +1,92 @@
+"""Build, load and validate one architecture; the sweep over all of them, isolated per process."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+from .tiny import build_tiny_model, causal_lm_architectures
+
+SMOLLM2 = "smollm2-135m"
+RESULTS_FILE = "_validated.json"
+
+
+def check_architecture(model_type: str, workdir: str | Path | None = None, write_layout: bool = False) -> dict:
+    """Validate ``model_type`` (or ``SMOLLM2``); returns a JSON-able result with the failing checks."""
+    from ..layout import write_snapshot
+    from ..standardized import StandardizedTransformer
+    from ..validation import validate
+
+    warnings.filterwarnings("ignore")
+    start = time.time()
+    result = {"model_type": model_type, "architecture": None, "status": "fail", "reason": ""}
+    try:
+        if model_type == SMOLLM2:
+            from .smollm2 import smollm2_path
+
+            path = smollm2_path()
+        else:
+            directory = Path(workdir or tempfile.mkdtemp()) / model_type
+            path = build_tiny_model(model_type, directory).path
+        model = StandardizedTransformer(str(path), check_layout=False)
+        result["architecture"] = model.layout.architecture
+        report = validate(model)
+        result["status"] = "pass" if report.passed else "fail"
+        result["reason"] = "; ".join(f"{c.name} ({c.detail})" for c in report.failures())
+        if report.passed and write_layout:
+            write_snapshot(model.layout)
+    except Exception as error:  # a sweep records why an architecture fails instead of stopping
+        result["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def sweep(model_types: list[str], write_layout: bool, timeout: int = 300, workers: int = 2) -> list[dict]:
+    """Run ``check_architecture`` for each model type in a forked child (a crash fails one entry only)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import nnsight  # noqa: F401  (imported once here, inherited by every forked child)
+
+    from ..standardized import StandardizedTransformer  # noqa: F401
+
+    with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(lambda model_type: _check_in_child(model_type, workdir, write_layout, timeout), model_types))
+
+
+def _child(model_type: str, workdir: str, write_layout: bool, connection) -> None:
+    connection.send(check_architecture(model_type, workdir, write_layout))
+    connection.close()
+
+
+def _check_in_child(model_type: str, workdir: str, write_layout: bool, timeout: int) -> dict:
+    context = multiprocessing.get_context("fork")
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_child, args=(model_type, workdir, write_layout, sender))
+    process.start()
+    sender.close()
+    result = None
+    if receiver.poll(timeout):
+        try:
+            result = receiver.recv()
+        except EOFError:
+            pass
+    process.join(5)
+    if process.is_alive():
+        process.kill()
+        process.join()
+    if result is None:
+        reason = f"timeout after {timeout}s" if process.exitcode is None or process.exitcode == -9 and not receiver.poll(0) else ""
+        result = {"model_type": model_type, "architecture": causal_lm_architectures().get(model_type), "status": "fail",
+                  "reason": reason or f"process died (exit code {process.exitcode}, e.g. out of memory)"}
+    print(f"{result['status']:4} {model_type} {result.get('reason', '')[:120]}", file=sys.stderr, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    model_type, workdir = sys.argv[1], sys.argv[2]
+    print(json.dumps(check_architecture(model_type, workdir, write_layout="--write-layout" in sys.argv)))

@@ -1,0 +1,147 @@
+"""Check a standardized model against independent references (plain HF forward, manual sums)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+DEFAULT_PROMPTS = ("The capital of France is", "Hello world")
+
+
+@dataclass
+class Check:
+    name: str
+    status: str  # "pass", "fail" or "n/a"
+    detail: str = ""
+
+
+@dataclass
+class ValidationReport:
+    architecture: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(check.status != "fail" for check in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [check for check in self.checks if check.status == "fail"]
+
+    def add(self, name: str, ok: bool | None, detail: str = "") -> None:
+        self.checks.append(Check(name, "n/a" if ok is None else ("pass" if ok else "fail"), detail))
+
+    def __str__(self) -> str:
+        lines = [f"{self.architecture}: {'PASS' if self.passed else 'FAIL'}"]
+        lines += [f"  {c.status:4} {c.name} {c.detail}" for c in self.checks]
+        return "\n".join(lines)
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> tuple[bool, float]:
+    """Equal up to ``rtol`` of the reference's largest magnitude; returns (ok, max abs diff)."""
+    if a.shape != b.shape:
+        return False, float("inf")
+    diff = (a.float() - b.float()).abs().max().item()
+    scale = max(b.float().abs().max().item(), 1e-6)
+    return diff <= rtol * scale, diff
+
+
+def validate(model, prompts: Sequence[str] = DEFAULT_PROMPTS, rtol: float = 1e-4) -> ValidationReport:
+    """Run every accessor check on ``model`` (a StandardizedTransformer) and report pass/fail per check."""
+    report = ValidationReport(model.layout.architecture)
+    n = model.num_layers
+    embeddings, inputs, outputs, logits, model_inputs = _read_stream(model, prompts)
+    # The reference: a plain HF forward on exactly the tensors the trace fed the model.
+    args, kwargs = model_inputs
+    with torch.no_grad():
+        reference = model._module(*args, **kwargs, output_hidden_states=True, use_cache=False)
+    chain = [close(outputs[i], inputs[i + 1], 0) for i in range(n - 1)]
+    report.add("layers_output[i] == layers_input[i+1]", all(ok for ok, _ in chain), f"max diff {max((d for _, d in chain), default=0):.2e}")
+    report.add("token_embeddings readable", embeddings.shape[-1] == model.hidden_size)
+    report.add("logits == HF forward", *_ok_detail(close(logits, reference.logits, rtol)))
+
+    hidden = reference.hidden_states
+    if hidden is not None and len(hidden) == n + 1:
+        per_layer = [close(inputs[i], hidden[i], rtol) for i in range(n)]
+        report.add("layers_input[i] == HF hidden_states[i]", all(ok for ok, _ in per_layer), f"max diff {max(d for _, d in per_layer):.2e}")
+        last_raw = close(outputs[-1], hidden[-1], rtol)
+        last_normed = close(model._torch_module("ln_final")(outputs[-1]), hidden[-1], rtol)
+        report.add("layers_output[-1] matches HF last hidden state (raw or after ln_final)", last_raw[0] or last_normed[0],
+                   f"raw {last_raw[1]:.2e} / normed {last_normed[1]:.2e}")
+    else:
+        report.add("layers_input[i] == HF hidden_states[i]", None, "model exposes no per-layer hidden_states")
+
+    with torch.no_grad():
+        projected = model.project_on_vocab(outputs[-1])
+    report.add("project_on_vocab(layers_output[-1]) == logits", *_ok_detail(close(projected, reference.logits, rtol)))
+
+    _check_submodules(model, prompts, inputs, outputs, report, rtol)
+    _check_writes(model, prompts, logits, outputs, report)
+    return report
+
+
+def _read_stream(model, prompts):
+    """Embeddings, every layer's input and output, and logits, from one trace.
+
+    Kept in its own function: variables assigned inside a trace must not be captured by closures
+    (comprehensions) of the enclosing function.
+    """
+    inputs, outputs = [], []
+    with torch.no_grad(), model.trace(list(prompts)):
+        model_inputs = model.inputs.save()
+        embeddings = model.token_embeddings.save()
+        for i in range(model.num_layers):
+            inputs.append(model.layers_input[i].save())
+            outputs.append(model.layers_output[i].save())
+        logits = model.logits.save()
+    return embeddings, inputs, outputs, logits, model_inputs
+
+
+def _ok_detail(result: tuple[bool, float]) -> tuple[bool, str]:
+    return result[0], f"max diff {result[1]:.2e}"
+
+
+def _read_role(model, prompts, accessor_names: Sequence[str]) -> dict[str, list[torch.Tensor]] | str:
+    """Read whole-model accessors in one trace each; returns an error string if the module is absent."""
+    values = {}
+    for name in accessor_names:
+        accessor = getattr(model, name)
+        try:
+            with torch.no_grad(), model.trace(list(prompts)):
+                values[name] = [accessor[i].save() for i in range(model.num_layers)]
+        except AttributeError as error:
+            return str(error)
+    return values
+
+
+def _check_submodules(model, prompts, inputs, outputs, report, rtol) -> None:
+    values = _read_role(model, prompts, ["attentions_input", "attentions_output", "mlps_input", "mlps_output"])
+    if isinstance(values, str):
+        report.add("attention/MLP accessors", None, values.splitlines()[0][:120])
+        return
+    width = model.hidden_size
+    shapes_ok = all(t.shape[-1] == width for ts in values.values() for t in ts)
+    report.add("attention/MLP accessors read hidden-width tensors", shapes_ok)
+    if model.layout.residual_additive:
+        sums = [
+            close(inputs[i] + values["attentions_output"][i] + values["mlps_output"][i], outputs[i], rtol)
+            for i in range(model.num_layers)
+        ]
+        report.add("layers_input + attentions_output + mlps_output == layers_output", all(ok for ok, _ in sums),
+                   f"max diff {max(d for _, d in sums):.2e}")
+    else:
+        report.add("layers_input + attentions_output + mlps_output == layers_output", None,
+                   "not additive (post-norms, scaling or gating in the block)")
+
+
+def _check_writes(model, prompts, logits, outputs, report) -> None:
+    middle = model.num_layers // 2
+    with torch.no_grad(), model.trace(list(prompts)):
+        model.layers_output[middle] = model.layers_output[middle]
+        same = model.logits.save()
+    report.add("writing a read value back changes nothing", *_ok_detail(close(same, logits, 0)))
+    with torch.no_grad(), model.trace(list(prompts)):
+        model.layers_output[middle] = torch.zeros_like(model.layers_output[middle])
+        zeroed = model.logits.save()
+    report.add("zeroing layers_output changes logits", not torch.allclose(zeroed, logits))
