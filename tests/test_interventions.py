@@ -55,3 +55,20 @@ def test_topk_closest_tokens_finds_unembedding_row(smollm2):
     row = smollm2._torch_module("lm_head").weight[paris]
     top = get_topk_closest_tokens(smollm2, row, k=3)
     assert top[0][0] == " Paris" and abs(top[0][1] - 1) < 1e-5
+
+
+def test_heatmaps_are_written_as_png(llama, tmp_path):
+    from nnterp.display import plot_logit_lens, plot_patching
+
+    tokens = [5, 7, 9]
+    lens = logit_lens(llama, PROMPTS[0], tokens=tokens)[:, 0]
+    plot_logit_lens(llama, lens, tokens, tmp_path / "lens.png")
+    prompt = PROMPTS[0]
+    patch = activation_patching(llama, prompt, prompt, 5)
+    plot_patching(llama, patch, prompt, tmp_path / "patch.png")
+    for name in ("lens.png", "patch.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import pytest
+
+    with pytest.raises(ValueError, match="expected a"):
+        plot_logit_lens(llama, lens, tokens[:2])

@@ -24,7 +24,7 @@ def check_architecture(model_type: str, workdir: str | Path | None = None, write
 
     warnings.filterwarnings("ignore")
     start = time.time()
-    result = {"model_type": model_type, "architecture": None, "status": "fail", "reason": ""}
+    result = {"model_type": model_type, "architecture": causal_lm_architectures().get(model_type), "status": "fail", "reason": ""}
     try:
         if model_type == SMOLLM2:
             from .smollm2 import smollm2_path
