@@ -29,9 +29,6 @@ class Backend:
     def before_write(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def gather_param(self, envoy: Any, name: str) -> torch.Tensor:
-        return getattr(envoy._module, name)
-
 
 class StandardizedMixin:
     """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend``.

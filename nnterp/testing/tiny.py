@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -100,7 +100,3 @@ def _spread_weights(model: torch.nn.Module, seed: int) -> None:
                 param.copy_(param + 0.1 * noise.to(param.dtype))
             else:
                 param.copy_((noise * 0.05).to(param.dtype))
-
-
-def load_config(path: str | Path) -> PretrainedConfig:
-    return AutoConfig.from_pretrained(str(path))

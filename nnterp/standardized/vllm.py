@@ -1,0 +1,122 @@
+"""StandardizedVLLM: the standardized surface on a vLLM engine through nnsight (vllm imported lazily)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Any
+
+import torch
+
+from ..layout import infer_model_layout
+from ..rename import RenameConfig, resolve_names
+from .base import Backend, StandardizedMixin
+
+
+class VLLMBackend(Backend):
+    """vLLM reuses activation buffers and mutates them in fused kernels: a single-stream read is cloned
+    so a saved value is the value at read time; a dual-stream sum is already a fresh tensor."""
+
+    name = "vllm"
+
+    def after_read(self, value: torch.Tensor, fresh: bool) -> torch.Tensor:
+        return value if fresh else value.clone()
+
+
+def _vllm_class():
+    from nnsight.modeling.vllm import VLLM
+
+    return VLLM
+
+
+def _no_accelerator() -> bool:
+    return not torch.cuda.is_available()
+
+
+def _cpu_meta_build():
+    """vLLM's loader empties the accelerator cache after building the meta tree; without one that raises."""
+    if not _no_accelerator():
+        return contextlib.nullcontext()
+    from .vllm_cpu import no_accelerator_cache
+
+    return no_accelerator_cache()
+
+
+class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
+    """A vLLM engine with standard module names and residual-stream accessors.
+
+    Prefix caching is off (cached tokens skip the forward pass, so interventions would silently miss
+    them); pass ``unsafe_enable_prefix_caching=True`` to turn it on anyway. Activations are flat
+    ``[tokens, hidden]``; each ``tracer.invoke`` is one prompt.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        rename: RenameConfig | None = None,
+        check_layout: bool = True,
+        unsafe_enable_prefix_caching: bool = False,
+        **vllm_kwargs: Any,
+    ) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        vllm_kwargs = _translate_hf_kwargs(vllm_kwargs)
+        vllm_kwargs["enable_prefix_caching"] = unsafe_enable_prefix_caching
+        vllm_kwargs.setdefault("dispatch", True)
+        if _no_accelerator():
+            vllm_kwargs.setdefault("gpu_memory_utilization", 0.1)  # a fraction of host memory on CPU
+        with _cpu_meta_build():
+            super().__init__(model, **vllm_kwargs)
+        names = resolve_names(self._module, rename)
+        self.names = names
+        self._backend = VLLMBackend()
+        width = self._module.get_submodule(names.embed_tokens).embedding_dim
+        self.layout = infer_model_layout(self._module, names, width, "vllm", type(self._module).__name__, run=None)
+        _mount_standard_names(self, names)
+        self._init_standard_surface()
+        self._check_against_snapshot(check_layout)
+
+    _WORKER_CLS = "nnsight.modeling.vllm.workers.GPUWorker.NNsightGPUWorker"
+
+    def _load_sync(self, repo_id: str, **kwargs: Any) -> Any:
+        if _no_accelerator():
+            self._WORKER_CLS = "nnterp.standardized.vllm_cpu.NNsightCPUWorker"
+        return super()._load_sync(repo_id, **kwargs)
+
+    def _load_meta(self, repo_id: str, **kwargs: Any):
+        with _cpu_meta_build():
+            return super()._load_meta(repo_id, **kwargs)
+
+    @property
+    def _text_config(self):
+        # The module's own config: this also runs inside the engine's worker, where there is no entrypoint.
+        config = self._module.config
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+    def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
+        """vLLM logits are already one row per request at its last position."""
+        return tensor
+
+
+def _mount_standard_names(model, names) -> None:
+    """Bind standard names as aliases of the native envoys (the tree is built before names are known)."""
+    for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
+        native = getattr(names, standard)
+        if native != standard:
+            object.__setattr__(model, standard, model.get(native))
+    for standard in ("self_attn", "mlp"):
+        native = getattr(names, standard)
+        if native is not None and native != standard:
+            for layer in model.layers:
+                if hasattr(layer._module, native):
+                    object.__setattr__(layer, standard, getattr(layer, native))
+
+
+def _translate_hf_kwargs(kwargs: dict) -> dict:
+    """Accept the HuggingFace spellings users bring over (``torch_dtype``/``dtype``, ``device_map``)."""
+    kwargs = dict(kwargs)
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if isinstance(kwargs.get("dtype"), torch.dtype):
+        kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+    kwargs.pop("device_map", None)
+    return kwargs

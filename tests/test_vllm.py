@@ -1,0 +1,94 @@
+"""StandardizedVLLM on vLLM's CPU engine: layouts, clone policy and equivalence with StandardizedTransformer."""
+
+import nnsight
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from nnterp import StandardizedTransformer  # noqa: E402
+from nnterp.layout import drift, load_snapshot  # noqa: E402
+from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
+
+PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_path):
+    path = str(tiny_path("llama"))
+    return StandardizedTransformer(path), StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
+
+
+def read_all(model, prompt, **trace_kwargs):
+    """Every accessor of every layer, one trace per role so each reads in forward order.
+
+    Lists are saved with ``nnsight.save``: on vLLM the trace body runs in the engine's worker.
+    """
+    reads = {}
+    for role in ("layers", "attentions", "mlps"):
+        with torch.no_grad(), model.trace(prompt, **trace_kwargs):
+            ins, outs = nnsight.save([]), nnsight.save([])
+            for i in range(model.num_layers):
+                ins.append(getattr(model, f"{role}_input")[i])
+                outs.append(getattr(model, f"{role}_output")[i])
+        reads[f"{role}_input"], reads[f"{role}_output"] = ins, outs
+    with torch.no_grad(), model.trace(prompt, **trace_kwargs):
+        embeddings = model.token_embeddings.save()
+        probs = model.next_token_probs.save()
+    reads["token_embeddings"], reads["next_token_probs"] = [embeddings], [probs]
+    for name, values in reads.items():
+        assert len(values) == (1 if name in ("token_embeddings", "next_token_probs") else model.num_layers), name
+    return reads
+
+
+def hf_reads(model, prompt):
+    return read_all(model, prompt)
+
+
+def vllm_reads(model, prompt):
+    return read_all(model, prompt, temperature=0.0, max_tokens=1)
+
+
+def test_vllm_layout_matches_reviewed_snapshot(pair):
+    _, vllm_model = pair
+    reviewed = load_snapshot("vllm", vllm_model.layout.architecture)
+    assert reviewed is not None
+    assert drift(vllm_model.layout, reviewed) == []
+    layer = vllm_model.layout.modules["layer:LlamaDecoderLayer"]
+    assert (layer.input.position, layer.input.residual, layer.output.kind) == (1, "residual", "dual")
+    assert vllm_model.layout.modules["self_attn:LlamaAttention"].input.position is None
+    assert vllm_model.layout.modules["mlp:LlamaMLP"].input.position == 0
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_every_accessor_equals_hf(pair, prompt):
+    hf_model, vllm_model = pair
+    expected, actual = hf_reads(hf_model, prompt), vllm_reads(vllm_model, prompt)
+    for name, hf_values in expected.items():
+        for i, (hf_value, vllm_value) in enumerate(zip(hf_values, actual[name], strict=True)):
+            if hf_value.ndim == vllm_value.ndim + 1:
+                hf_value = hf_value[0]  # one prompt: [1, seq, hidden] -> vLLM's flat [tokens, hidden]
+            assert vllm_value.shape == hf_value.shape, f"{name}[{i}]"
+            assert torch.allclose(vllm_value, hf_value, atol=1e-4, rtol=1e-4), \
+                f"{name}[{i}] max diff {(vllm_value - hf_value).abs().max():.2e}"
+
+
+def test_layers_output_equals_next_layers_input_on_vllm(pair):
+    _, vllm_model = pair
+    reads = vllm_reads(vllm_model, PROMPTS[0])
+    for i in range(vllm_model.num_layers - 1):
+        assert torch.equal(reads["layers_output"][i], reads["layers_input"][i + 1])
+
+
+def test_steering_changes_generation_identically(pair):
+    hf_model, vllm_model = pair
+    vector = torch.randn(hf_model.hidden_size) * 4
+    with torch.no_grad(), hf_model.trace(PROMPTS[0]):
+        hf_model.steer(layers=[1], steering_vector=vector)
+        hf_probs = hf_model.next_token_probs.save()
+    with vllm_model.trace(PROMPTS[0], temperature=0.0, max_tokens=1):
+        vllm_model.steer(layers=[1], steering_vector=vector)
+        vllm_probs = vllm_model.next_token_probs.save()
+    assert torch.allclose(vllm_probs, hf_probs, atol=1e-4)
+    assert int(vllm_probs.argmax()) == int(hf_probs.argmax())
