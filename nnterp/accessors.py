@@ -46,7 +46,7 @@ class LayerAccessor:
         else:
             value = layout.output.read(envoy.output, where)
             fresh = layout.output.returns_fresh_tensor
-        return self._model._backend.after_read(value, fresh)
+        return self._model._backend.after_read(value, fresh, f"model.{self.name}[{index}]")
 
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
         envoy, layout, where = self._locate(index)

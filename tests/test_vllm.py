@@ -92,3 +92,36 @@ def test_steering_changes_generation_identically(pair):
         vllm_probs = vllm_model.next_token_probs.save()
     assert torch.allclose(vllm_probs, hf_probs, atol=1e-4)
     assert int(vllm_probs.argmax()) == int(hf_probs.argmax())
+
+
+def test_in_place_edit_of_a_read_is_refused_and_engine_keeps_serving(pair):
+    _, vllm_model = pair
+    with pytest.raises(RuntimeError, match=r"In-place edit .* model\.layers_output\[0\].*Assign instead"):
+        with vllm_model.trace(PROMPTS[0]):
+            vllm_model.layers_output[0][:] = 0
+    with vllm_model.trace(PROMPTS[0]):
+        probs = vllm_model.next_token_probs.save()
+    assert probs.shape == (1, vllm_model.vocab_size)
+
+
+def test_wrong_shape_write_is_refused_with_shape(pair):
+    _, vllm_model = pair
+    with pytest.raises(RuntimeError, match=r"layers_output\[1\].*shape mismatch"):
+        with vllm_model.trace(PROMPTS[0]):
+            vllm_model.layers_output[1] = torch.zeros(3, vllm_model.hidden_size)
+
+
+def test_logit_lens_and_patching_equal_hf(pair):
+    from nnterp.interventions import activation_patching, logit_lens
+
+    hf_model, vllm_model = pair
+    assert torch.allclose(logit_lens(vllm_model, PROMPTS[0]), logit_lens(hf_model, PROMPTS[0]), atol=1e-5)
+    clean, corrupt = "The capital of France is", "The capital of Italy is"
+    args = (clean, corrupt, 7)
+    kwargs = {"layers": [0, 2], "positions": [0, -1]}
+    assert torch.allclose(activation_patching(vllm_model, *args, **kwargs), activation_patching(hf_model, *args, **kwargs), atol=1e-5)
+
+
+def test_prefix_caching_is_off_unless_unsafely_enabled(pair):
+    _, vllm_model = pair
+    assert vllm_model.vllm_entrypoint.llm_engine.vllm_config.cache_config.enable_prefix_caching is False

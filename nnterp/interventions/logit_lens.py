@@ -4,17 +4,22 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import nnsight
 import torch
 
 
+def _layers(model, layers: Sequence[int] | None) -> list[int]:
+    return list(range(model.num_layers)) if layers is None else [model._check_layer_index(l, "layers") for l in layers]
+
+
 def layer_streams(model, prompts: str | Sequence[str], layers: Sequence[int] | None = None) -> list[torch.Tensor]:
-    """``layers_output[l]`` for each requested layer (all by default), read in one trace."""
-    layers = list(range(model.num_layers)) if layers is None else [model._check_layer_index(l, "layers") for l in layers]
-    streams: list[torch.Tensor] = []
+    """``layers_output[l]`` as ``[batch, seq, hidden]`` for each requested layer (all by default), one trace."""
+    layers = _layers(model, layers)
+    order = sorted(set(layers))
     with torch.no_grad(), model.trace(prompts):
-        for layer in sorted(layers):
-            streams.append(model.layers_output[layer].save())
-    order = sorted(layers)
+        streams = nnsight.save([])
+        for layer in order:
+            streams.append(model.as_batch(model.layers_output[layer]))
     return [streams[order.index(layer)] for layer in layers]
 
 
@@ -25,17 +30,22 @@ def logit_lens(
     positions: int | Sequence[int] = -1,
     tokens: Sequence[int] | None = None,
 ) -> torch.Tensor:
-    """Next-token probabilities read off each layer's output.
+    """Next-token probabilities read off each layer's output (projected inside the trace, so it also runs
+    where the weights live on the engine's side).
 
     Returns ``[layers, batch, positions, vocab]`` (or ``[..., len(tokens)]`` when ``tokens`` is given);
     an integer ``positions`` drops that axis.
     """
-    streams = layer_streams(model, prompts, layers)
+    layers = _layers(model, layers)
+    order = sorted(set(layers))
     index = [positions] if isinstance(positions, int) else list(positions)
-    with torch.no_grad():
-        probs = torch.stack([model.project_on_vocab(stream[:, index]).float().softmax(-1) for stream in streams])
-    if tokens is not None:
-        probs = probs[..., list(tokens)]
+    with torch.no_grad(), model.trace(prompts):
+        per_layer = nnsight.save([])
+        for layer in order:
+            stream = model.as_batch(model.layers_output[layer])[:, index]
+            probs = model.project_on_vocab(stream).float().softmax(-1)
+            per_layer.append(probs if tokens is None else probs[..., list(tokens)])
+    probs = torch.stack([per_layer[order.index(layer)] for layer in layers])
     return probs[:, :, 0] if isinstance(positions, int) else probs
 
 

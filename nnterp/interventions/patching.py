@@ -13,9 +13,10 @@ def _last_token_probs(model, prompt: str, patches: Sequence[tuple[int, int, torc
     """Next-token probabilities of ``prompt`` with ``(layer, position, vector)`` written into layers_output."""
     with torch.no_grad(), model.trace(prompt):
         for layer, position, vector in sorted(patches, key=lambda patch: patch[0]):
-            stream = model.layers_output[layer].clone()
+            current = model.layers_output[layer]
+            stream = model.as_batch(current).clone()
             stream[:, position] = vector
-            model.layers_output[layer] = stream
+            model.layers_output[layer] = stream.reshape(current.shape)
         probs = model.next_token_probs.save()
     return probs[0]
 

@@ -23,7 +23,7 @@ class Backend:
 
     name = "hf"
 
-    def after_read(self, value: torch.Tensor, fresh: bool) -> torch.Tensor:
+    def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         return value
 
     def before_write(self, value: torch.Tensor) -> torch.Tensor:
@@ -117,7 +117,7 @@ class StandardizedMixin:
     @property
     def token_embeddings(self) -> torch.Tensor:
         """The output of ``embed_tokens`` (read inside a trace)."""
-        return self._backend.after_read(self.embed_tokens.output, fresh=False)
+        return self._backend.after_read(self.embed_tokens.output, fresh=False, where="model.token_embeddings")
 
     @token_embeddings.setter
     def token_embeddings(self, value: torch.Tensor) -> None:
@@ -134,6 +134,10 @@ class StandardizedMixin:
     def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
         """The last position of each prompt of a ``[batch, seq, ...]`` activation."""
         return tensor[:, -1]
+
+    def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
+        """An activation as ``[batch, seq, hidden]`` (the HF layout already is)."""
+        return activation
 
     def skip_layers(self, start: int, end: int | None = None) -> None:
         """Skip layers ``start..end`` (inclusive): each outputs the residual stream entering ``start``."""

@@ -11,16 +11,18 @@ import torch
 from ..layout import infer_model_layout
 from ..rename import RenameConfig, resolve_names
 from .base import Backend, StandardizedMixin
+from .readonly import read_only
 
 
 class VLLMBackend(Backend):
     """vLLM reuses activation buffers and mutates them in fused kernels: a single-stream read is cloned
-    so a saved value is the value at read time; a dual-stream sum is already a fresh tensor."""
+    so a saved value is the value at read time; a dual-stream sum is already a fresh tensor. Either way
+    the read is not the engine's tensor, so it refuses in-place edits (they would be lost)."""
 
     name = "vllm"
 
-    def after_read(self, value: torch.Tensor, fresh: bool) -> torch.Tensor:
-        return value if fresh else value.clone()
+    def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
+        return read_only(value if fresh else value.clone(), where)
 
 
 def _vllm_class():
@@ -95,6 +97,21 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
     def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
         """vLLM logits are already one row per request at its last position."""
         return tensor
+
+    def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
+        """One request's flat ``[tokens, hidden]`` activation as ``[1, tokens, hidden]``."""
+        return activation[None]
+
+    def trace(self, *inputs: Any, **kwargs: Any):
+        """A forward pass: greedy and one token unless ``temperature``/``max_tokens`` say otherwise."""
+        kwargs.setdefault("temperature", 0.0)
+        kwargs.setdefault("max_tokens", 1)
+        return super().trace(*inputs, **kwargs)
+
+    def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
+        # vLLM's LM head is only a weight holder for its logits processor; its rows are padded past the vocabulary.
+        weight = self._torch_module("lm_head").weight
+        return torch.nn.functional.linear(normed, weight[: self.vocab_size].to(normed.dtype))
 
 
 def _mount_standard_names(model, names) -> None:
