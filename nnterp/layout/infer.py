@@ -47,11 +47,20 @@ def call_style_from_source(parent: torch.nn.Module, child_attr: str, param: str,
     """How ``parent.forward`` passes ``param`` to ``self.<child_attr>``: 'keyword', 'positional' or None.
 
     Recognises ``self.child(...)``, ``self.child[i](...)`` and loops ``for layer in self.child[...]:
-    layer(...)`` (also through ``enumerate``/``zip``/slices).
+    layer(...)`` (also through ``enumerate``/``islice``/slices). A forward that only delegates to
+    ``super().forward`` is followed up the class hierarchy.
     """
+    for klass in type(parent).__mro__:
+        if "forward" in vars(klass):
+            style = _call_style_in(vars(klass)["forward"], child_attr, param, param_index)
+            if style is not None:
+                return style
+    return None
+
+
+def _call_style_in(forward, child_attr: str, param: str, param_index: int) -> str | None:
     try:
-        source = textwrap.dedent(inspect.getsource(type(parent).forward))
-        tree = ast.parse(source)
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
     except (OSError, TypeError, SyntaxError):
         return None
     loop_names = _loop_variables_over(tree, child_attr)

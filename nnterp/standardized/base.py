@@ -22,6 +22,7 @@ class Backend:
     """Engine-specific policy hooks; the HuggingFace backend is the identity."""
 
     name = "hf"
+    batches_prompts = True  # a trace takes a list of prompts
 
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         return value

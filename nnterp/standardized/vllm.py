@@ -20,6 +20,7 @@ class VLLMBackend(Backend):
     the read is not the engine's tensor, so it refuses in-place edits (they would be lost)."""
 
     name = "vllm"
+    batches_prompts = False  # one prompt per trace (each invoke is one request)
 
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         return read_only(value if fresh else value.clone(), where)

@@ -1,0 +1,111 @@
+"""HF-vs-vLLM equivalence of every accessor on the same weights, per architecture."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import nnsight
+import torch
+
+PROMPTS = ("The capital of France is", "Hello", "One two three four five six")
+ROLES = ("layers", "attentions", "mlps")
+
+
+def read_accessors(model, prompt: str) -> dict[str, list[torch.Tensor]]:
+    """Every accessor of every layer as ``[tokens, ...]`` tensors (one trace per role, forward order);
+    roles the architecture has no module for (OPT's MLP is inlined in the layer) are left out."""
+    reads: dict[str, list[torch.Tensor]] = {}
+    present = {"layers": True, "attentions": model.names.self_attn is not None, "mlps": model.names.mlp is not None}
+    for role in (role for role in ROLES if present[role]):
+        with torch.no_grad(), model.trace(prompt):
+            ins, outs = nnsight.save([]), nnsight.save([])
+            for i in range(model.num_layers):
+                ins.append(getattr(model, f"{role}_input")[i])
+                outs.append(getattr(model, f"{role}_output")[i])
+        reads[f"{role}_input"], reads[f"{role}_output"] = list(ins), list(outs)
+    with torch.no_grad(), model.trace(prompt):
+        embeddings = model.token_embeddings.save()
+        probs = model.next_token_probs.save()
+    reads["token_embeddings"] = [embeddings]
+    flat = {name: [model.as_batch(value)[0].detach().float() for value in values] for name, values in reads.items()}
+    flat["next_token_probs"] = [probs.reshape(-1, probs.shape[-1])[0].float()]  # [batch, vocab] on both backends
+    return flat
+
+
+def compare(hf_model, vllm_model, prompts: Sequence[str] = PROMPTS) -> dict[str, float]:
+    """Max abs difference per accessor over all layers and prompts (inf where shapes differ)."""
+    worst: dict[str, float] = {}
+    for prompt in prompts:
+        expected, actual = read_accessors(hf_model, prompt), read_accessors(vllm_model, prompt)
+        for name, hf_values in expected.items():
+            for hf_value, vllm_value in zip(hf_values, actual[name], strict=True):
+                diff = float("inf") if hf_value.shape != vllm_value.shape else (hf_value - vllm_value).abs().max().item()
+                worst[name] = max(worst.get(name, 0.0), diff)
+    return worst
+
+
+def check_vllm_architecture(path: str | Path, atol: float = 1e-3) -> dict:
+    """Load ``path`` on both backends and compare; the result records per-accessor max diffs."""
+    from ..standardized import StandardizedTransformer
+    from ..standardized.vllm import StandardizedVLLM
+
+    start = time.time()
+    result: dict = {"status": "fail", "reason": "", "max_abs_diff": {}}
+    try:
+        hf_model = StandardizedTransformer(str(path), check_layout=False)
+        vllm_model = StandardizedVLLM(str(path), dtype="float32", max_model_len=128, max_num_seqs=4, check_layout=False)
+        result["architecture"] = vllm_model.layout.architecture
+        result["max_abs_diff"] = diffs = compare(hf_model, vllm_model)
+        bad = [name for name, diff in diffs.items() if not diff <= atol]
+        result["status"] = "fail" if bad else "pass"
+        result["reason"] = ", ".join(f"{name} {diffs[name]:.1e}" for name in bad)
+        result["layout"] = vllm_model.layout.to_json()
+    except Exception as error:  # a sweep records why an architecture fails instead of stopping
+        result["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+    result["seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def _child(model_type: str, workdir: str, connection) -> None:
+    from .architectures import SMOLLM2
+    from .tiny import build_tiny_model
+
+    if model_type == SMOLLM2:
+        from .smollm2 import smollm2_path
+
+        path = smollm2_path()
+    else:
+        path = build_tiny_model(model_type, Path(workdir) / model_type).path
+    connection.send(check_vllm_architecture(path))
+    connection.close()
+
+
+def sweep(model_types: Sequence[str], timeout: int = 600) -> dict[str, dict]:
+    """``check_vllm_architecture`` for each model type, each in a forked child (one engine per process)."""
+    from ..standardized import StandardizedTransformer  # noqa: F401  (inherited by the children)
+
+    results = {}
+    context = multiprocessing.get_context("fork")
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_type in model_types:
+            receiver, sender = context.Pipe(duplex=False)
+            process = context.Process(target=_child, args=(model_type, workdir, sender))
+            process.start()
+            sender.close()
+            result = receiver.recv() if receiver.poll(timeout) else None
+            process.join(10)
+            if process.is_alive():
+                process.kill()
+            results[model_type] = result or {"status": "fail", "reason": f"no result (exit code {process.exitcode})"}
+            print(f"{results[model_type]['status']:4} {model_type} {results[model_type]['reason'][:150]}", file=sys.stderr, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    print(json.dumps(sweep(sys.argv[1:]), indent=1))
