@@ -125,3 +125,20 @@ def test_logit_lens_and_patching_equal_hf(pair):
 def test_prefix_caching_is_off_unless_unsafely_enabled(pair):
     _, vllm_model = pair
     assert vllm_model.vllm_entrypoint.llm_engine.vllm_config.cache_config.enable_prefix_caching is False
+
+
+def test_clone_policy_protects_reads_from_in_place_buffer_reuse():
+    """vLLM's GPU fused add+RMSNorm rewrites its input buffers in place after they were read. The CPU
+    engine's native kernels do not, so the mutation is applied here by hand to the same tensors."""
+    from nnterp.standardized.base import Backend
+    from nnterp.standardized.vllm import VLLMBackend
+
+    buffer = torch.randn(5, 8)
+    before = buffer.clone()
+    aliased = Backend().after_read(buffer, fresh=False, where="model.token_embeddings")
+    cloned = VLLMBackend().after_read(buffer, fresh=False, where="model.token_embeddings")
+    buffer.add_(1.0)  # what fused_add_rms_norm does to its residual argument
+    assert not torch.equal(aliased, before)  # the problem: a saved reference follows the buffer
+    assert torch.equal(cloned, before)  # the policy: the read holds the value at read time
+    dual_sum = buffer + buffer
+    assert VLLMBackend().after_read(dual_sum, fresh=True, where="x").data_ptr() == dual_sum.data_ptr()  # not cloned twice

@@ -1,8 +1,11 @@
-"""``python -m nnterp.layout --update``: re-infer and rewrite the reviewed layouts and the README table.
+"""``python -m nnterp.layout --update [--backend hf|vllm]``: re-infer and rewrite the reviewed layouts.
 
-Builds every transformers causal-LM architecture as a tiny random model (plus SmolLM2-135M), validates
-it, writes ``layouts/hf/<Architecture>.json`` for those that pass, ``layouts/hf/_validated.json`` with
-the status of all, and regenerates the README's architecture table. Review the diff before committing.
+hf: builds every transformers causal-LM architecture as a tiny random model (plus SmolLM2-135M),
+validates it, writes ``layouts/hf/<Architecture>.json`` for those that pass.
+vllm: loads the given (or the default) architectures on both backends, compares every accessor,
+writes ``layouts/vllm/<Architecture>.json`` for those that match.
+Both record every status in ``layouts/<backend>/_validated.json`` and regenerate the README table.
+Review the diff before committing.
 """
 
 from __future__ import annotations
@@ -10,28 +13,55 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..testing.architectures import RESULTS_FILE, SMOLLM2, sweep
+from ..testing.architectures import RESULTS_FILE, SMOLLM2
 from ..testing.report import write_readme_table
-from ..testing.tiny import causal_lm_architectures
 from .snapshot import LAYOUTS_DIR
+
+VLLM_DEFAULT = [
+    SMOLLM2, "llama", "mistral", "qwen2", "qwen3", "phi3", "gpt2", "stablelm", "gemma", "gemma3_text", "opt",
+    "granite", "starcoder2", "bloom", "cohere", "mixtral", "qwen2_moe", "qwen3_moe", "glm4", "helium", "smollm3",
+    "exaone4", "gpt_bigcode", "nemotron", "persimmon", "mpt", "olmoe", "phimoe", "seed_oss", "ernie4_5", "arcee",
+    "apertus", "ministral", "granitemoe", "phi", "gpt_neox", "olmo", "olmo2",
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--update", action="store_true", help="rewrite layouts/hf and the README table")
-    parser.add_argument("model_types", nargs="*", help="only these model types (default: all + SmolLM2)")
+    parser.add_argument("--update", action="store_true", help="rewrite layouts/<backend> and the README table")
+    parser.add_argument("--backend", choices=("hf", "vllm"), default="hf")
+    parser.add_argument("model_types", nargs="*", help="only these model types")
     args = parser.parse_args()
-    model_types = args.model_types or [SMOLLM2, *causal_lm_architectures()]
-    results = sweep(model_types, write_layout=args.update)
+    if args.backend == "hf":
+        from ..testing.architectures import sweep
+        from ..testing.tiny import causal_lm_architectures
+
+        model_types = args.model_types or [SMOLLM2, *causal_lm_architectures()]
+        results = {r["model_type"]: {k: v for k, v in r.items() if k not in ("model_type", "seconds")}
+                   for r in sweep(model_types, write_layout=args.update)}
+    else:
+        from ..layout import ModelLayout, write_snapshot
+        from ..testing.equivalence import sweep
+
+        results = sweep(args.model_types or VLLM_DEFAULT)
+        for result in results.values():
+            layout = result.pop("layout", None)
+            result.pop("seconds", None)
+            if args.update and result["status"] == "pass" and layout is not None:
+                write_snapshot(ModelLayout.from_json(layout))
     if args.update:
-        path = LAYOUTS_DIR / "hf" / RESULTS_FILE
-        previous = json.loads(path.read_text()) if path.exists() else {}
-        previous.update({r["model_type"]: {k: v for k, v in r.items() if k not in ("model_type", "seconds")} for r in results})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(dict(sorted(previous.items())), indent=2) + "\n")
-        write_readme_table(previous)
-    passed = sum(r["status"] == "pass" for r in results)
+        record(results, args.backend)
+    passed = sum(r["status"] == "pass" for r in results.values())
     print(f"{passed} passed, {len(results) - passed} failed")
+
+
+def record(results: dict[str, dict], backend: str) -> None:
+    """Merge ``results`` into ``layouts/<backend>/_validated.json`` and regenerate the README table."""
+    path = LAYOUTS_DIR / backend / RESULTS_FILE
+    merged = json.loads(path.read_text()) if path.exists() else {}
+    merged.update(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(sorted(merged.items())), indent=2) + "\n")
+    write_readme_table(merged, backend)
 
 
 if __name__ == "__main__":
