@@ -37,7 +37,16 @@ class LayerAccessor:
         layout = self._model.layout.for_module(self._role, envoy._module)
         return envoy, layout, f"{self.name}[{layer_index}] ({type(envoy._module).__name__})"
 
+    def _owned(self, index: int) -> tuple[bool, str]:
+        """Whether this process runs layer ``index`` (a pipeline stage may not), and the read's name."""
+        layer_index = self._model._check_layer_index(index, self.name)
+        owned = self._model._backend.owns(self._model.layers[layer_index]._module)
+        return owned, f"model.{self.name}[{layer_index}]"
+
     def __getitem__(self, index: int) -> torch.Tensor:
+        owned, name = self._owned(index)
+        if not owned:
+            return self._model._backend.remote_read(name)
         envoy, layout, where = self._locate(index)
         if self._direction == "input":
             args, kwargs = envoy.inputs
@@ -46,9 +55,11 @@ class LayerAccessor:
         else:
             value = layout.output.read(envoy.output, where)
             fresh = layout.output.returns_fresh_tensor
-        return self._model._backend.after_read(value, fresh, f"model.{self.name}[{index}]")
+        return self._model._backend.after_read(value, fresh, name)
 
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
+        if not self._owned(index)[0]:
+            return  # the stage that runs this layer applies the write
         envoy, layout, where = self._locate(index)
         value = self._model._backend.before_write(value)
         if self._direction == "input":

@@ -169,6 +169,9 @@ def resolve_names(model: torch.nn.Module, rename: RenameConfig | None = None) ->
         found["embed_tokens"], found_by["embed_tokens"] = _path_of(model, model.get_input_embeddings()), "structure"
     if "lm_head" not in found and hasattr(model, "get_output_embeddings"):
         found["lm_head"], found_by["lm_head"] = _path_of(model, model.get_output_embeddings()), "structure"
+    if not found.get("lm_head") and found.get("embed_tokens") and getattr(text_config, "tie_word_embeddings", False):
+        # engines that unembed with the tied input embedding itself (vLLM's Cohere) have no LM head module
+        found["lm_head"], found_by["lm_head"] = found["embed_tokens"], "tied embeddings"
     if "ln_final" not in found and found.get("layers"):
         found["ln_final"], found_by["ln_final"] = _structural_final_norm(model, found["layers"]), "structure"
 

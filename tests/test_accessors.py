@@ -159,3 +159,23 @@ def test_rename_config_on_real_model(tiny_path):
     model = StandardizedTransformer(str(tiny_path("llama")), rename=RenameConfig(ln_final="model.layers.2.input_layernorm"))
     assert model.names.ln_final == "model.layers.2.input_layernorm"
     assert model.ln_final._module is model._module.model.layers[2].input_layernorm
+
+
+def test_parameter_translates_standard_paths(gpt2):
+    native = gpt2._module.transformer.h[1].attn.c_attn.weight
+    assert torch.equal(gpt2.parameter("layers.1.self_attn.c_attn.weight"), native)
+    assert torch.equal(gpt2.parameter("transformer.h.1.attn.c_attn.weight"), native)
+    assert gpt2.parameter("lm_head.weight").shape == (gpt2.vocab_size, gpt2.hidden_size)
+
+
+def test_tied_model_without_lm_head_unembeds_with_its_embedding():
+    """Engines such as vLLM's Cohere unembed with the tied input embedding and have no LM head module."""
+    from nnterp.rename import resolve_names
+
+    model = OddModel()
+    del model.unembed
+    with pytest.raises(UnknownArchitectureError, match="lm_head"):
+        resolve_names(model, RenameConfig(embed_tokens="vocab_in", ln_final="stack.1"))
+    model.config.tie_word_embeddings = True
+    names = resolve_names(model, RenameConfig(embed_tokens="vocab_in", ln_final="stack.1"))
+    assert names.lm_head == "vocab_in" and names.found_by["lm_head"] == "tied embeddings"

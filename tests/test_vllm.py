@@ -10,6 +10,7 @@ pytestmark = pytest.mark.vllm
 from nnterp import StandardizedTransformer  # noqa: E402
 from nnterp.layout import drift, load_snapshot  # noqa: E402
 from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
+from nnterp.testing.equivalence import RESULT_PREFIX, compare, read_accessors  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
 
@@ -18,36 +19,6 @@ PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
 def pair(tiny_path):
     path = str(tiny_path("llama"))
     return StandardizedTransformer(path), StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
-
-
-def read_all(model, prompt, **trace_kwargs):
-    """Every accessor of every layer, one trace per role so each reads in forward order.
-
-    Lists are saved with ``nnsight.save``: on vLLM the trace body runs in the engine's worker.
-    """
-    reads = {}
-    for role in ("layers", "attentions", "mlps"):
-        with torch.no_grad(), model.trace(prompt, **trace_kwargs):
-            ins, outs = nnsight.save([]), nnsight.save([])
-            for i in range(model.num_layers):
-                ins.append(getattr(model, f"{role}_input")[i])
-                outs.append(getattr(model, f"{role}_output")[i])
-        reads[f"{role}_input"], reads[f"{role}_output"] = ins, outs
-    with torch.no_grad(), model.trace(prompt, **trace_kwargs):
-        embeddings = model.token_embeddings.save()
-        probs = model.next_token_probs.save()
-    reads["token_embeddings"], reads["next_token_probs"] = [embeddings], [probs]
-    for name, values in reads.items():
-        assert len(values) == (1 if name in ("token_embeddings", "next_token_probs") else model.num_layers), name
-    return reads
-
-
-def hf_reads(model, prompt):
-    return read_all(model, prompt)
-
-
-def vllm_reads(model, prompt):
-    return read_all(model, prompt, temperature=0.0, max_tokens=1)
 
 
 def test_vllm_layout_matches_reviewed_snapshot(pair):
@@ -61,22 +32,17 @@ def test_vllm_layout_matches_reviewed_snapshot(pair):
     assert vllm_model.layout.modules["mlp:LlamaMLP"].input.position == 0
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_every_accessor_equals_hf(pair, prompt):
-    hf_model, vllm_model = pair
-    expected, actual = hf_reads(hf_model, prompt), vllm_reads(vllm_model, prompt)
-    for name, hf_values in expected.items():
-        for i, (hf_value, vllm_value) in enumerate(zip(hf_values, actual[name], strict=True)):
-            if hf_value.ndim == vllm_value.ndim + 1:
-                hf_value = hf_value[0]  # one prompt: [1, seq, hidden] -> vLLM's flat [tokens, hidden]
-            assert vllm_value.shape == hf_value.shape, f"{name}[{i}]"
-            assert torch.allclose(vllm_value, hf_value, atol=1e-4, rtol=1e-4), \
-                f"{name}[{i}] max diff {(vllm_value - hf_value).abs().max():.2e}"
+def test_every_accessor_equals_hf(pair):
+    """3 prompts of different lengths, every layer; each vLLM request's flat tokens map back to its prompt."""
+    diffs = compare(*pair, PROMPTS)
+    assert set(diffs) == {"layers_input", "layers_output", "attentions_input", "attentions_output", "mlps_input",
+                          "mlps_output", "token_embeddings", "next_token_probs"}
+    assert all(diff["abs"] <= 1e-4 for diff in diffs.values()), diffs
 
 
 def test_layers_output_equals_next_layers_input_on_vllm(pair):
     _, vllm_model = pair
-    reads = vllm_reads(vllm_model, PROMPTS[0])
+    reads = read_accessors(vllm_model, PROMPTS[0])
     for i in range(vllm_model.num_layers - 1):
         assert torch.equal(reads["layers_output"][i], reads["layers_input"][i + 1])
 
@@ -142,3 +108,28 @@ def test_clone_policy_protects_reads_from_in_place_buffer_reuse():
     assert torch.equal(cloned, before)  # the policy: the read holds the value at read time
     dual_sum = buffer + buffer
     assert VLLMBackend().after_read(dual_sum, fresh=True, where="x").data_ptr() == dual_sum.data_ptr()  # not cloned twice
+
+
+def test_parameters_are_whole_and_unpadded_inside_a_trace(pair):
+    hf_model, vllm_model = pair
+    with torch.no_grad(), vllm_model.trace(PROMPTS[0]):
+        head = nnsight.save(vllm_model.parameter("lm_head.weight"))
+        gate_up = nnsight.save(vllm_model.parameter("layers.1.mlp.gate_up_proj.weight"))
+    hf_mlp = hf_model._module.model.layers[1].mlp
+    assert torch.equal(head, hf_model.parameter("lm_head.weight"))
+    assert torch.equal(gate_up, torch.cat([hf_mlp.gate_proj.weight, hf_mlp.up_proj.weight]))
+
+
+def test_smollm2_every_accessor_equals_hf():
+    """The real SmolLM2-135M (30 layers), HF then vLLM in a fresh process (one engine per process)."""
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-m", "nnterp.testing.equivalence", "smollm2-135m"],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    line = next(line for line in run.stdout.splitlines() if line.startswith(RESULT_PREFIX))
+    result = json.loads(line.removeprefix(RESULT_PREFIX))["smollm2-135m"]
+    assert result["status"] == "pass", result["reason"]
+    assert len(result["max_abs_diff"]) == 8 and max(result["max_rel_diff"].values()) <= 1e-4, result

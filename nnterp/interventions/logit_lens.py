@@ -51,7 +51,7 @@ def logit_lens(
 
 def get_topk_closest_tokens(model, vector: torch.Tensor, k: int = 5, use_unembed: bool = True) -> list[tuple[str, float]]:
     """The ``k`` tokens whose unembedding (or embedding) row has the highest cosine similarity with ``vector``."""
-    matrix = model._torch_module("lm_head" if use_unembed else "embed_tokens").weight.detach().float()
+    matrix = model.parameter("lm_head.weight" if use_unembed else "embed_tokens.weight").float()
     if vector.shape[-1] != matrix.shape[-1]:
         raise ValueError(f"vector has width {vector.shape[-1]}, the {'unembedding' if use_unembed else 'embedding'} has {matrix.shape[-1]}.")
     similarity = torch.nn.functional.cosine_similarity(matrix, vector.detach().float()[None], dim=-1)

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..distributed.pp import is_local
 from ..rename import ModuleNames
 from .infer import Observation, infer_module_layout, observe
 from .model import LayoutError, ModuleLayout
@@ -61,7 +62,8 @@ def module_key(role: str, module: torch.nn.Module) -> str:
 
 
 def role_instances(model: torch.nn.Module, names: ModuleNames) -> list[tuple[str, torch.nn.Module, torch.nn.Module, str, int]]:
-    """(role, module, parent, attribute the parent calls it by, layer index) for the first instance of each class."""
+    """(role, module, parent, attribute the parent calls it by, layer index) for the first instance of each
+    class this process holds (a pipeline stage's stubs for other stages' layers have no layout)."""
     layers = model.get_submodule(names.layers)
     layers_parent = model.get_submodule(names.layers.rpartition(".")[0]) if "." in names.layers else model
     layers_attr = names.layers.rpartition(".")[2]
@@ -74,6 +76,8 @@ def role_instances(model: torch.nn.Module, names: ModuleNames) -> list[tuple[str
             found.append((role, module, parent, attr, index))
 
     for index, layer in enumerate(layers):
+        if not is_local(layer):
+            continue
         add("layer", layer, layers_parent, layers_attr, index)
         for role in ("self_attn", "mlp"):
             child_name = getattr(names, role)

@@ -30,6 +30,17 @@ class Backend:
     def before_write(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
+    def full_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
+        """The full logical parameter (HF holds it whole)."""
+        return getattr(module, param_name).detach()
+
+    def owns(self, module: torch.nn.Module) -> bool:
+        """Whether this process runs ``module`` (always, except on a pipeline stage that does not hold it)."""
+        return True
+
+    def remote_read(self, where: str) -> Any:
+        raise NotImplementedError(f"{where}: this backend runs every module itself.")
+
 
 class StandardizedMixin:
     """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend``.
@@ -95,6 +106,24 @@ class StandardizedMixin:
             )
         return getattr(layer, child)
 
+    def parameter(self, path: str) -> torch.Tensor:
+        """The full logical parameter at a standard path (``"lm_head.weight"``, ``"embed_tokens.weight"``,
+        ``"layers.3.mlp.down_proj.weight"``) or a native one. Under vLLM tensor parallelism the shards are
+        gathered (call it inside a trace, where every rank runs it); vocabulary padding is stripped."""
+        module_path, _, param_name = path.rpartition(".")
+        return self._backend.full_parameter(self._module.get_submodule(self._native_path(module_path)), param_name)
+
+    def _native_path(self, path: str) -> str:
+        """Translate the standard names in a dotted module path to the model's own."""
+        parts = path.split(".") if path else []
+        if parts and parts[0] in ("embed_tokens", "ln_final", "lm_head"):
+            return ".".join([getattr(self.names, parts[0]), *parts[1:]])
+        if parts and parts[0] == "layers":
+            rest = [getattr(self.names, part) or part if part in ("self_attn", "mlp") and i == 2 else part
+                    for i, part in enumerate(parts[1:], start=1)]
+            return ".".join([self.names.layers, *rest])
+        return path
+
     # -- layout ---------------------------------------------------------------
 
     def _check_against_snapshot(self, check_layout: bool) -> None:
@@ -118,14 +147,27 @@ class StandardizedMixin:
     @property
     def token_embeddings(self) -> torch.Tensor:
         """The output of ``embed_tokens`` (read inside a trace)."""
-        return self._backend.after_read(self.embed_tokens.output, fresh=False, where="model.token_embeddings")
+        if not self._backend.owns(self._torch_module("embed_tokens")):
+            return self._backend.remote_read("model.token_embeddings")
+        scale = self._embedding_scale
+        if scale is None:
+            return self._backend.after_read(self.embed_tokens.output, fresh=False, where="model.token_embeddings")
+        return self._backend.after_read(self.embed_tokens.output * scale, fresh=True, where="model.token_embeddings")
 
     @token_embeddings.setter
     def token_embeddings(self, value: torch.Tensor) -> None:
         from ..layout import check_same_shape
 
+        if not self._backend.owns(self._torch_module("embed_tokens")):
+            return
         check_same_shape(self.embed_tokens.output, value, "token_embeddings")
-        self.embed_tokens.output = self._backend.before_write(value)
+        scale = self._embedding_scale
+        self.embed_tokens.output = self._backend.before_write(value if scale is None else value / scale)
+
+    @property
+    def _embedding_scale(self) -> torch.Tensor | None:
+        """A factor the engine applies to ``embed_tokens``' output outside the module (None: none)."""
+        return None
 
     @property
     def next_token_probs(self) -> torch.Tensor:

@@ -9,6 +9,7 @@ import torch
 from nnsight import LanguageModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from ..attention import AttentionProbabilities
 from ..layout import infer_model_layout
 from ..rename import RenameConfig, resolve_names
 from .base import Backend, StandardizedMixin
@@ -52,6 +53,7 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
             model, names, self._probe_hidden_size(model), "hf", type(model).__name__, self._probe_run(model)
         )
         self._init_standard_surface()
+        self.attention_probabilities = AttentionProbabilities(self)
         self._check_against_snapshot(check_layout)
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from typing import Any
 
@@ -24,6 +25,12 @@ class VLLMBackend(Backend):
 
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         return read_only(value if fresh else value.clone(), where)
+
+    def full_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
+        """Gathered over tensor-parallel ranks, vocabulary padding stripped (see ``nnterp.distributed.tp``)."""
+        from ..distributed.tp import gather_param
+
+        return gather_param(module, param_name)
 
 
 def _vllm_class():
@@ -95,13 +102,38 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
         config = self._module.config
         return config.get_text_config() if hasattr(config, "get_text_config") else config
 
+    @property
+    def attention_probabilities(self):
+        from ..attention import AttentionProbabilitiesUnavailable
+
+        raise AttentionProbabilitiesUnavailable(
+            "vLLM's attention kernels (paged / flash) never materialize attention probabilities; use "
+            "StandardizedTransformer(..., attn_implementation='eager') on the same weights for them."
+        )
+
+    @property
+    def engine_kind(self) -> str:
+        """``native`` for vLLM's own implementation, ``transformers-backend`` where vLLM wraps the HF model."""
+        return "transformers-backend" if type(self._module).__module__.endswith(".transformers") else "native"
+
+    @property
+    def _embedding_scale(self) -> torch.Tensor | None:
+        # vLLM's Gemma family multiplies the embeddings by a `normalizer` buffer in the model's forward,
+        # where HF scales inside the embedding module: token_embeddings means the scaled value on both.
+        parent = self._module.get_submodule(self.names.embed_tokens.rpartition(".")[0])
+        scale = getattr(parent, "normalizer", None)
+        if isinstance(scale, torch.Tensor) and "* self.normalizer" in inspect.getsource(type(parent)):
+            return scale
+        return None
+
     def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
         """vLLM logits are already one row per request at its last position."""
         return tensor
 
     def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
-        """One request's flat ``[tokens, hidden]`` activation as ``[1, tokens, hidden]``."""
-        return activation[None]
+        """One request's activation as ``[1, tokens, hidden]``: native vLLM models are flat ``[tokens, hidden]``,
+        models vLLM runs through its Transformers backend already have the leading 1."""
+        return activation if activation.ndim == 3 else activation[None]
 
     def trace(self, *inputs: Any, **kwargs: Any):
         """A forward pass: greedy and one token unless ``temperature``/``max_tokens`` say otherwise."""
@@ -110,9 +142,10 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
         return super().trace(*inputs, **kwargs)
 
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
-        # vLLM's LM head is only a weight holder for its logits processor; its rows are padded past the vocabulary.
-        weight = self._torch_module("lm_head").weight
-        return torch.nn.functional.linear(normed, weight[: self.vocab_size].to(normed.dtype))
+        # vLLM's LM head is only a weight holder for its logits processor: padded past the vocabulary, and
+        # sharded under tensor parallelism; the full logical matrix is gathered.
+        weight = self.parameter("lm_head.weight")[: self.vocab_size]
+        return torch.nn.functional.linear(normed, weight.to(normed.dtype))
 
 
 def _mount_standard_names(model, names) -> None:

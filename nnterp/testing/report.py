@@ -15,13 +15,16 @@ def render_table(results: dict[str, dict], backend: str = "hf") -> str:
     if backend == "hf":
         lines += ["| model_type | architecture | status | why it fails |", "|---|---|---|---|"]
     else:
-        lines += ["| model_type | architecture | status | worst max abs diff | why it fails |", "|---|---|---|---|---|"]
+        lines += ["| model_type | vLLM class | vLLM engine | status | max abs diff | max rel diff | why it fails |",
+                  "|---|---|---|---|---|---|---|"]
     for model_type, result in sorted(results.items(), key=lambda item: (item[1]["status"] != "pass", item[0])):
         reason = (result.get("reason") or "").replace("|", "\\|")
         row = [model_type, result.get("architecture") or "-", result["status"]]
         if backend != "hf":
-            diffs = result.get("max_abs_diff") or {}
-            row.append(f"{max(diffs.values()):.1e}" if diffs else "-")
+            row.insert(2, result.get("engine") or "-")
+            for key in ("max_abs_diff", "max_rel_diff"):
+                diffs = result.get(key) or {}
+                row.append(f"{max(diffs.values()):.1e}" if diffs else "-")
         lines.append("| " + " | ".join(row + [reason]) + " |")
     return "\n".join(lines)
 

@@ -1,0 +1,85 @@
+"""Every accessor, a logit-lens cell and a steering cell of StandardizedVLLM under tensor/pipeline
+parallelism, compared with one rank.
+
+    python -m nnterp.testing.parallel <model path or smollm2-135m> [--tp 2] [--pp 1]
+
+Each engine runs in its own fresh process (one engine per process); reads travel back through a file.
+On CPU, vLLM binds each worker's threads to its own cores: ``VLLM_CPU_OMP_THREADS_BIND`` defaults here to
+one core per rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .equivalence import PROMPTS, compare_reads, read_prompts
+
+RESULT_PREFIX = "nnterp-parallel: "
+
+
+def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
+    """Helpers that read weights under TP (logit lens through the gathered LM head) and a steering write."""
+    from ..interventions import logit_lens
+
+    generator = torch.Generator().manual_seed(0)
+    vector = torch.randn(model.hidden_size, generator=generator) * 4
+    with torch.no_grad(), model.trace(prompt):
+        model.steer(layers=[model.num_layers // 2], steering_vector=vector)
+        steered = model.next_token_probs.save()
+    return {"logit_lens": [logit_lens(model, prompt).reshape(-1)], "steered_probs": [steered.reshape(-1)]}
+
+
+def dump_reads(path: str, out: str, tp: int, pp: int) -> None:
+    from ..standardized.vllm import StandardizedVLLM
+
+    model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, check_layout=False,
+                             tensor_parallel_size=tp, pipeline_parallel_size=pp)
+    reads = read_prompts(model)
+    for prompt_reads, prompt in zip(reads, PROMPTS):
+        prompt_reads.update(tool_reads(model, prompt))
+    torch.save(reads, out)
+
+
+def reads_in_fresh_process(path: str, tp: int, pp: int, workdir: str) -> list[dict]:
+    out = str(Path(workdir) / f"reads-tp{tp}-pp{pp}.pt")
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(tp * pp)))
+    code = f"from nnterp.testing.parallel import dump_reads; dump_reads({path!r}, {out!r}, {tp}, {pp})"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
+    if run.returncode != 0:
+        raise RuntimeError(f"tp={tp} pp={pp} failed:\n{run.stderr[-4000:]}")
+    return torch.load(out, weights_only=False)
+
+
+def compare_parallel(path: str, tp: int = 2, pp: int = 1) -> dict[str, dict[str, float]]:
+    """Max abs / relative differences per accessor between (tp, pp) and one rank."""
+    with tempfile.TemporaryDirectory() as workdir:
+        single = reads_in_fresh_process(path, 1, 1, workdir)
+        parallel = reads_in_fresh_process(path, tp, pp, workdir)
+    return compare_reads(single, parallel)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("model")
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--pp", type=int, default=1)
+    args = parser.parse_args()
+    path = args.model
+    if path == "smollm2-135m":
+        from .smollm2 import smollm2_path
+
+        path = str(smollm2_path())
+    print(RESULT_PREFIX + json.dumps(compare_parallel(path, args.tp, args.pp)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Pipeline stages on 2 gloo CPU processes: each holds part of the layers (the others are vLLM's
+PPMissingLayer stubs) and runs the same trace body; reads of the other stage's layers are lazy placeholders."""
+
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from nnterp.distributed.pp import merge_stage_saves  # noqa: E402
+from nnterp.testing.distributed import PP_PROMPT, bind, pp_out_of_order, pp_trace, run_on_ranks  # noqa: E402
+
+SPLIT = 2  # stage 0 holds layers 0-1, stage 1 layer 2
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_path):
+    from nnterp import StandardizedTransformer
+
+    path = tiny_path("llama")
+    model = StandardizedTransformer(str(path), check_layout=False)
+    with torch.no_grad(), model.trace(PP_PROMPT):
+        unsteered = model.layers_output[0].save()
+    with torch.no_grad():
+        hidden = model._module(**model.tokenizer(PP_PROMPT, return_tensors="pt"), output_hidden_states=True).hidden_states
+    assert model.num_layers == 3 and torch.allclose(unsteered, hidden[1], atol=1e-6)  # agrees with plain HF
+    with torch.no_grad(), model.trace(PP_PROMPT):  # the body pp_trace runs on each stage, in one process
+        model.layers_output[0] = model.layers_output[0] * 2
+        first, last, logits = model.layers_output[0].save(), model.layers_output[-1].save(), model.logits.save()
+    return {"first": first, "last": last, "logits": logits, "path": str(path)}
+
+
+@pytest.fixture(scope="module")
+def stages(reference):
+    return run_on_ranks(bind(pp_trace, path=reference["path"], split=SPLIT), world_size=2, timeout=300)
+
+
+def test_each_layer_has_exactly_one_owning_stage(stages):
+    assert stages[0]["owners"] == stages[1]["owners"] == {"layers.0": 0, "layers.1": 0, "layers.2": 1}
+
+
+def test_reads_of_other_stages_are_placeholders_returned_without_blocking(stages):
+    assert stages[0]["remote"] == {"first": False, "last": True}
+    assert stages[1]["remote"] == {"first": True, "last": False}
+    assert stages[0]["returned_at_once"] and stages[1]["returned_at_once"]
+
+
+def test_pipeline_reproduces_the_single_process_model(stages, reference):
+    merged = merge_stage_saves([stage["saves"] for stage in stages])
+    assert torch.allclose(merged["first"], reference["first"], atol=1e-6)
+    assert torch.allclose(merged["last"], reference["last"], atol=1e-5)
+    assert torch.allclose(stages[1]["logits"], reference["logits"], atol=1e-5)  # the last stage's logits
+
+
+def test_out_of_order_consumption_raises_within_the_timeout(reference):
+    results = run_on_ranks(bind(pp_out_of_order, path=reference["path"], split=SPLIT, timeout=3.0), world_size=2, timeout=300)
+    for result in results:
+        assert result["error"] is not None and "forward order" in result["error"], result
+        assert result["seconds"] < 30
