@@ -95,6 +95,11 @@ def gather_param(module: torch.nn.Module, param_name: str = "weight", group=None
     on every rank, so it does). With one rank it only strips padding.
     """
     local = getattr(module, param_name).detach()
+    if local.numel() == 0:
+        raise RuntimeError(
+            f"{type(module).__name__}.{param_name} is empty on this engine: vLLM's CPU backend repacks linear "
+            "weights into its matmul kernel's format and drops the original. Read it from the HF model instead."
+        )
     spec = sharding_spec(module, param_name)
     if not spec.sharded:
         return local if spec.logical_size is None else local[: spec.logical_size]

@@ -46,7 +46,7 @@ def main() -> None:
         for result in results.values():
             layout = result.pop("layout", None)
             result.pop("seconds", None)
-            if args.update and result["status"] == "pass" and layout is not None:
+            if args.update and result["status"] == "pass" and layout is not None and result.get("engine") == "native":
                 write_snapshot(ModelLayout.from_json(layout))
     if args.update:
         record(results, args.backend)
