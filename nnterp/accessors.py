@@ -31,23 +31,24 @@ class LayerAccessor:
         plural = {"layer": "layers", "self_attn": "attentions", "mlp": "mlps"}[self._role]
         return f"{plural}_{self._direction}"
 
-    def _locate(self, index: int):
-        layer_index = self._model._check_layer_index(index, self.name)
+    def _locate(self, layer_index: int):
+        """The envoy, layout and error label of an already checked layer index."""
         envoy = self._model._role_envoy(self._role, layer_index, self.name)
         layout = self._model.layout.for_module(self._role, envoy._module)
         return envoy, layout, f"{self.name}[{layer_index}] ({type(envoy._module).__name__})"
 
-    def _owned(self, index: int) -> tuple[bool, str]:
-        """Whether this process runs layer ``index`` (a pipeline stage may not), and the read's name."""
+    def _owned(self, index: int) -> tuple[int, bool, str]:
+        """The checked layer index, whether this process runs that layer (a pipeline stage may not), and
+        the read's name."""
         layer_index = self._model._check_layer_index(index, self.name)
         owned = self._model._backend.owns(self._model.layers[layer_index]._module)
-        return owned, f"model.{self.name}[{layer_index}]"
+        return layer_index, owned, f"model.{self.name}[{layer_index}]"
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        owned, name = self._owned(index)
+        layer_index, owned, name = self._owned(index)
         if not owned:
             return self._model._backend.remote_read(name)
-        envoy, layout, where = self._locate(index)
+        envoy, layout, where = self._locate(layer_index)
         if self._direction == "input":
             args, kwargs = envoy.inputs
             value = layout.input.read(args, kwargs, where)
@@ -58,9 +59,10 @@ class LayerAccessor:
         return self._model._backend.after_read(value, fresh, name)
 
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
-        if not self._owned(index)[0]:
+        layer_index, owned, _ = self._owned(index)
+        if not owned:
             return  # the stage that runs this layer applies the write
-        envoy, layout, where = self._locate(index)
+        envoy, layout, where = self._locate(layer_index)
         value = self._model._backend.before_write(value)
         if self._direction == "input":
             args, kwargs = envoy.inputs
