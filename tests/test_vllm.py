@@ -60,6 +60,20 @@ def test_steering_changes_generation_identically(pair):
     assert int(vllm_probs.argmax()) == int(hf_probs.argmax())
 
 
+def test_steered_generation_equals_hf_token_for_token(pair):
+    """Greedy multi-token generation, plain and steered at every step, on both backends."""
+    from nnterp.interventions import steered_generation
+
+    hf_model, vllm_model = pair
+    vector = torch.randn(hf_model.hidden_size, generator=torch.Generator().manual_seed(1)) * 20
+    runs = {}
+    for name, model in (("hf", hf_model), ("vllm", vllm_model)):
+        runs[name] = [steered_generation(model, prompt, vector if steer else None, layers=[1], max_new_tokens=6).tokens
+                      for prompt in PROMPTS for steer in (False, True)]
+    assert runs["vllm"] == runs["hf"]
+    assert runs["hf"][0::2] != runs["hf"][1::2]  # steering changed the continuations
+
+
 def test_in_place_edit_of_a_read_is_refused_and_engine_keeps_serving(pair):
     _, vllm_model = pair
     with pytest.raises(RuntimeError, match=r"In-place edit .* model\.layers_output\[0\].*Assign instead"):
@@ -135,3 +149,5 @@ def test_smollm2_every_accessor_equals_hf():
     result = json.loads(line.removeprefix(RESULT_PREFIX))["smollm2-135m"]
     assert result["status"] == "pass", result["reason"]
     assert len(result["max_abs_diff"]) == 8 and max(result["max_rel_diff"].values()) <= 1e-4, result
+    generations = result["generations"]  # greedy, plain and steered: token for token
+    assert generations["vllm"] == generations["hf"] and generations["hf"]["plain"] != generations["hf"]["steered"]

@@ -80,3 +80,20 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
     @logits.setter
     def logits(self, value: torch.Tensor) -> None:
         self.output.logits = value
+
+    def greedy_generation_kwargs(self, max_new_tokens: int) -> dict:
+        """``generate`` arguments for greedy decoding on the raw logits: the checkpoint's sampling settings and
+        logit processors (repetition penalty, ...) are replaced, end of sequence still stops the run."""
+        from transformers import GenerationConfig
+
+        eos = self._module.generation_config.eos_token_id
+        pad = self.tokenizer.pad_token_id
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos if pad is None else pad
+        )
+        return {"generation_config": config}
+
+    @property
+    def step_token(self) -> torch.Tensor:
+        """Inside a greedy generation step: the token it picks, ``[batch]``."""
+        return self.logits[:, -1].argmax(-1)

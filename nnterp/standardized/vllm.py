@@ -141,6 +141,16 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
         kwargs.setdefault("max_tokens", 1)
         return super().trace(*inputs, **kwargs)
 
+    def greedy_generation_kwargs(self, max_new_tokens: int) -> dict:
+        """Sampling parameters for greedy decoding on the raw logits (the checkpoint's penalties overridden)."""
+        return {"max_tokens": max_new_tokens, "temperature": 0.0, "repetition_penalty": 1.0,
+                "presence_penalty": 0.0, "frequency_penalty": 0.0}
+
+    @property
+    def step_token(self) -> torch.Tensor:
+        """Inside a generation step: the token the engine sampled, ``[requests]``."""
+        return self.samples
+
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         # vLLM's LM head is only a weight holder for its logits processor: padded past the vocabulary, and
         # sharded under tensor parallelism; the full logical matrix is gathered.

@@ -63,6 +63,17 @@ def compare(hf_model, vllm_model, prompts: Sequence[str] = PROMPTS) -> dict[str,
     return compare_reads(read_prompts(hf_model, prompts), read_prompts(vllm_model, prompts))
 
 
+def greedy_generations(model, prompt: str = PROMPTS[0], max_new_tokens: int = 8) -> dict[str, list[int]]:
+    """Greedy continuations of ``prompt``, plain and steered at the middle layer by a fixed random direction."""
+    from ..interventions import steered_generation
+
+    direction = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0))
+    vector = 8 * direction / direction.norm() * model.hidden_size**0.5
+    plain = steered_generation(model, prompt, max_new_tokens=max_new_tokens)
+    steered = steered_generation(model, prompt, vector, layers=model.num_layers // 2, max_new_tokens=max_new_tokens)
+    return {"plain": plain.tokens, "steered": steered.tokens}
+
+
 def within_tolerance(diff: dict[str, float], atol: float = 1e-4, rtol: float = 1e-4) -> bool:
     """float32 tolerance: an absolute floor for small activations, relative for large residual streams."""
     return diff["abs"] <= atol or diff["rel"] <= rtol
@@ -77,16 +88,20 @@ def check_vllm_architecture(path: str | Path) -> dict:
     start = time.time()
     result: dict = {"status": "fail", "reason": "", "max_abs_diff": {}}
     try:
-        expected = read_prompts(StandardizedTransformer(str(path), check_layout=False))
+        hf_model = StandardizedTransformer(str(path), check_layout=False)
+        expected, hf_generations = read_prompts(hf_model), greedy_generations(hf_model)
         vllm_model = StandardizedVLLM(str(path), dtype="float32", max_model_len=128, max_num_seqs=4, check_layout=False)
         result["architecture"] = vllm_model.layout.architecture
         result["engine"] = vllm_model.engine_kind
         diffs = compare_reads(expected, read_prompts(vllm_model))
         result["max_abs_diff"] = {name: diff["abs"] for name, diff in diffs.items()}
         result["max_rel_diff"] = {name: diff["rel"] for name, diff in diffs.items()}
-        bad = [name for name, diff in diffs.items() if not within_tolerance(diff)]
+        result["generations"] = {"hf": hf_generations, "vllm": greedy_generations(vllm_model)}
+        bad = [f"{name} {diff['abs']:.1e} (rel {diff['rel']:.1e})" for name, diff in diffs.items() if not within_tolerance(diff)]
+        if result["generations"]["hf"] != result["generations"]["vllm"]:
+            bad.append(f"greedy generations differ: {result['generations']}")
         result["status"] = "fail" if bad else "pass"
-        result["reason"] = ", ".join(f"{name} {diffs[name]['abs']:.1e} (rel {diffs[name]['rel']:.1e})" for name in bad)
+        result["reason"] = ", ".join(bad)
         result["layout"] = vllm_model.layout.to_json()
     except Exception as error:  # a sweep records why an architecture fails instead of stopping
         result["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
