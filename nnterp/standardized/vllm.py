@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
 from typing import Any
 
@@ -70,6 +71,8 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm_kwargs = _translate_hf_kwargs(vllm_kwargs)
+        for key, value in json.loads(os.environ.get("NNTERP_VLLM_ARGS", "{}")).items():
+            vllm_kwargs.setdefault(key, value)  # machine-wide engine defaults, e.g. an attention backend
         vllm_kwargs["enable_prefix_caching"] = unsafe_enable_prefix_caching
         vllm_kwargs.setdefault("dispatch", True)
         if _no_accelerator():
@@ -142,9 +145,13 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
         return super().trace(*inputs, **kwargs)
 
     def greedy_generation_kwargs(self, max_new_tokens: int) -> dict:
-        """Sampling parameters for greedy decoding on the raw logits (the checkpoint's penalties overridden)."""
+        """Sampling parameters for greedy decoding on the raw logits (the checkpoint's penalties overridden),
+        stopping at the model config's end-of-sequence ids as HF's ``generate`` does (vLLM's own stop
+        token comes from the tokenizer, which may name another)."""
+        eos = self._module.config.eos_token_id
+        stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         return {"max_tokens": max_new_tokens, "temperature": 0.0, "repetition_penalty": 1.0,
-                "presence_penalty": 0.0, "frequency_penalty": 0.0}
+                "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop_token_ids": stop}
 
     @property
     def step_token(self) -> torch.Tensor:

@@ -34,8 +34,8 @@ def read_accessors(model, prompt: str) -> dict[str, list[torch.Tensor]]:
         embeddings = model.token_embeddings.save()
         probs = model.next_token_probs.save()
     reads["token_embeddings"] = [embeddings]
-    flat = {name: [model.as_batch(value)[0].detach().float() for value in values] for name, values in reads.items()}
-    flat["next_token_probs"] = [probs.reshape(-1, probs.shape[-1])[0].float()]  # [batch, vocab] on both backends
+    flat = {name: [model.as_batch(value)[0].detach().float().cpu() for value in values] for name, values in reads.items()}
+    flat["next_token_probs"] = [probs.reshape(-1, probs.shape[-1])[0].float().cpu()]  # [batch, vocab] on both backends
     return flat
 
 

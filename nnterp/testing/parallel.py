@@ -34,7 +34,7 @@ def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
     with torch.no_grad(), model.trace(prompt):
         model.steer(layers=[model.num_layers // 2], steering_vector=vector)
         steered = model.next_token_probs.save()
-    return {"logit_lens": [logit_lens(model, prompt).reshape(-1)], "steered_probs": [steered.reshape(-1)]}
+    return {"logit_lens": [logit_lens(model, prompt).reshape(-1).cpu()], "steered_probs": [steered.reshape(-1).cpu()]}
 
 
 def dump_reads(path: str, out: str, tp: int, pp: int) -> None:
