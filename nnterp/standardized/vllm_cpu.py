@@ -19,8 +19,11 @@ class NNsightCPUModelRunner(NNsightGPUModelRunner, CPUModelRunner):
     """vLLM's CPU model runner with nnsight's request interleaving."""
 
     def load_model(self, *args, **kwargs) -> None:
+        from vllm.distributed.parallel_state import get_pp_group
+
         super().load_model(*args, **kwargs)
-        self.nnsight_persistent_objects = StageModules(self.nnsight_persistent_objects)
+        if get_pp_group().world_size > 1:  # elsewhere an unknown module is a real mismatch and must raise
+            self.nnsight_persistent_objects = StageModules(self.nnsight_persistent_objects)
 
 
 class StageModules(dict):
