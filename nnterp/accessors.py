@@ -51,8 +51,7 @@ class LayerAccessor:
         envoy, layout, where = self._locate(layer_index)
         if self._direction == "input":
             args, kwargs = envoy.inputs
-            value = layout.input.read(args, kwargs, where)
-            fresh = layout.input.sums_residual(args, kwargs, where)  # layer 0 gets no residual: its buffer
+            value, fresh = layout.input.read_stream(args, kwargs, where)
         else:
             value = layout.output.read(envoy.output, where)
             fresh = layout.output.returns_fresh_tensor

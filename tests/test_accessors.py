@@ -189,7 +189,8 @@ def test_layer_zero_input_without_residual_is_not_a_fresh_tensor():
 
     layout = load_snapshot("vllm", "LlamaForCausalLM").modules["layer:LlamaDecoderLayer"].input
     positions, hidden, residual = torch.arange(4), torch.randn(4, 8), torch.randn(4, 8)
-    assert layout.read((positions, hidden, None), {}) is hidden
-    assert not layout.sums_residual((positions, hidden, None), {})
-    assert layout.sums_residual((positions, hidden, residual), {})
+    value, fresh = layout.read_stream((positions, hidden, None), {})
+    assert value is hidden and not fresh
+    value, fresh = layout.read_stream((positions, hidden, residual), {})
+    assert fresh and torch.equal(value, hidden + residual)
     assert torch.equal(layout.read((positions, hidden, residual), {}), hidden + residual)

@@ -42,19 +42,18 @@ class InputLayout:
         return "arg", position
 
     def read(self, args: tuple, kwargs: dict, where: str = "module") -> torch.Tensor:
+        return self.read_stream(args, kwargs, where)[0]
+
+    def read_stream(self, args: tuple, kwargs: dict, where: str = "module") -> tuple[torch.Tensor, bool]:
+        """The residual stream entering the module, and whether it is a fresh ``hidden + residual`` (False:
+        the caller's own buffer, e.g. vLLM's first layer, which gets ``residual=None``)."""
         hidden = self._get(args, kwargs, self.name, self.position, where)
         if self.residual is not None:
             residual = self._get(args, kwargs, self.residual, self.residual_position, where, optional=True)
             if residual is not None:
                 check_same_shape(hidden, residual, f"{where} (hidden_states + residual)")
-                return hidden + residual
-        return hidden
-
-    def sums_residual(self, args: tuple, kwargs: dict, where: str = "module") -> bool:
-        """Whether :meth:`read` returns a fresh ``hidden + residual`` (not the caller's own buffer)."""
-        if self.residual is None:
-            return False
-        return self._get(args, kwargs, self.residual, self.residual_position, where, optional=True) is not None
+                return hidden + residual, True
+        return hidden, False
 
     def write(self, args: tuple, kwargs: dict, value: torch.Tensor, where: str = "module") -> tuple[tuple, dict]:
         current = self._get(args, kwargs, self.name, self.position, where)
