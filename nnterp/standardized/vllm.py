@@ -34,6 +34,9 @@ class VLLMBackend(Backend):
         return gather_param(module, param_name)
 
 
+CPU_KV_CACHE_BYTES = 2**30
+
+
 def _vllm_class():
     from nnsight.modeling.vllm import VLLM
 
@@ -76,7 +79,9 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
         vllm_kwargs["enable_prefix_caching"] = unsafe_enable_prefix_caching
         vllm_kwargs.setdefault("dispatch", True)
         if _no_accelerator():
-            vllm_kwargs.setdefault("gpu_memory_utilization", 0.1)  # a fraction of host memory on CPU
+            # An explicit KV cache: vLLM's CPU worker otherwise sizes it as a fraction of host memory minus this
+            # process's resident memory, which fails once the process holds other models (an HF one, say).
+            vllm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         with _cpu_meta_build():
             super().__init__(model, **vllm_kwargs)
         names = resolve_names(self._module, rename)
