@@ -41,13 +41,13 @@ class LayerAccessor:
         """The checked layer index, whether this process runs that layer (a pipeline stage may not), and
         the read's name."""
         layer_index = self._model._check_layer_index(index, self.name)
-        owned = self._model._backend.owns(self._model.layers[layer_index]._module)
+        owned = self._model._backend.owns(layer_index)
         return layer_index, owned, f"model.{self.name}[{layer_index}]"
 
     def __getitem__(self, index: int) -> torch.Tensor:
         layer_index, owned, name = self._owned(index)
         if not owned:
-            return self._model._backend.remote_read(name)
+            return self._model._backend.remote_read(name, layer_index)
         envoy, layout, where = self._locate(layer_index)
         if self._direction == "input":
             args, kwargs = envoy.inputs

@@ -52,8 +52,18 @@ def test_pipeline_reproduces_the_single_process_model(stages, reference):
     assert torch.allclose(stages[1]["logits"], reference["logits"], atol=1e-5)  # the last stage's logits
 
 
-def test_out_of_order_consumption_raises_within_the_timeout(reference):
+def test_out_of_order_consumption_raises_the_single_process_error(reference):
+    """Stage 0 reads the last layer before writing layer 0: it gets the error a single process gets;
+    stage 1 (whose write is a no-op) then needs a layer 0 nobody published and times out, never hangs."""
+    from nnterp import StandardizedTransformer
+
+    model = StandardizedTransformer(reference["path"], check_layout=False)
+    with pytest.raises(Exception) as single:
+        with torch.no_grad(), model.trace(PP_PROMPT):
+            late = model.layers_output[-1]
+            model.layers_output[0] = model.layers_output[0] + 0 * late.sum()
+            model.layers_output[0].sum().item()
     results = run_on_ranks(bind(pp_out_of_order, path=reference["path"], split=SPLIT, timeout=3.0), world_size=2, timeout=300)
-    for result in results:
-        assert result["error"] is not None and "forward order" in result["error"], result
-        assert result["seconds"] < 30
+    assert results[0]["error"] == f"{type(single.value).__name__}: {single.value}", results[0]
+    assert results[1]["error"].startswith("CrossStageTimeout") and "forward order" in results[1]["error"], results[1]
+    assert all(result["seconds"] < 30 for result in results)

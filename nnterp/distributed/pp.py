@@ -1,26 +1,37 @@
-"""Pipeline parallelism: which stage owns a module, and lazy placeholders for values another stage owns.
+"""Pipeline parallelism: which stage owns a value, and lazy placeholders for values another stage owns.
 
 Under vLLM pipeline parallelism every stage runs the same intervention body, but each holds only its
-slice of the layers (the others are ``PPMissingLayer`` stubs). A read of a module this stage owns
-returns the real tensor and publishes it; a read of a module another stage owns returns a
-:class:`RemoteValue` at once (never blocks), which pulls the owner's published value only when it is
-consumed (arithmetic, indexing, ``.item()``, iteration, any torch function). Writes and saves of a
-module another stage owns are no-ops there; the owning stage's saved value wins when saves are merged.
+slice of the layers (the others are ``PPMissingLayer`` stubs). A read of a value this stage owns returns
+the real tensor and publishes it; a read of a value another stage owns returns a :class:`RemoteValue`,
+which pulls the owner's published value only when it is consumed (arithmetic, indexing, ``.item()``,
+iteration, any torch function). Writes of a value another stage owns are no-ops there: the owning stage
+applies its own. Saved placeholders are resolved from the owners' published values when saves are collected.
 
-Values travel through a ``torch.distributed`` key-value store shared by the stages, so a consumer never
-depends on the owner being at a matching collective call; a value that does not arrive within the
-timeout (an access out of forward order, or a module no stage ran) raises :class:`CrossStageTimeout`.
+A read never waits for another stage. It waits only for this stage's own position in the forward pass,
+as a single-process read waits for its module: a value of a later stage (a later layer, the logits) is
+handed out once this stage has finished its part of the step (``STAGE_END``), a value of an earlier
+stage once this stage has started the step (``STAGE_START``). From there the owner produces the value
+without waiting on this stage, so consuming it cannot deadlock. The engine serves both boundaries.
+
+Values travel through a ``torch.distributed`` key-value store shared by the stages; a value that does
+not arrive within the timeout (an access out of forward order, or a value no stage produced) raises
+:class:`CrossStageTimeout`.
 """
 
 from __future__ import annotations
 
 import io
 from datetime import timedelta
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Union
 
 import torch
 import torch.distributed as dist
 from nnsight.intervention.interleaver import OutOfOrderError
+
+STAGE_START = "model.nnterp_stage_start"
+STAGE_END = "model.nnterp_stage_end"
+EMBEDDINGS, HEAD = "embeddings", "head"
+Position = Union[int, str]  # a layer index, EMBEDDINGS (before layer 0) or HEAD (after the last layer)
 
 
 class CrossStageTimeout(OutOfOrderError):
@@ -48,11 +59,40 @@ def owning_stages(modules: dict[str, torch.nn.Module], group=None) -> dict[str, 
     return {name: stages[0] for name, stages in owners.items()}
 
 
+def local_layer_range(layers: Iterable[torch.nn.Module]) -> range:
+    """The contiguous slice of decoder layers this stage holds."""
+    held = [index for index, layer in enumerate(layers) if is_local(layer)]
+    if not held:
+        return range(0)
+    if held != list(range(held[0], held[-1] + 1)):
+        raise RuntimeError(f"a pipeline stage must hold a contiguous slice of the layers, this one holds {held}")
+    return range(held[0], held[-1] + 1)
+
+
+def _serialize(value: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(value.detach().cpu(), buffer)
+    return buffer.getvalue()
+
+
+def _deserialize(data: bytes, device: torch.device | str) -> torch.Tensor:
+    return torch.load(io.BytesIO(data), weights_only=True).to(device)
+
+
+def _timeout_error(where: str, timeout: float) -> CrossStageTimeout:
+    return CrossStageTimeout(
+        f"{where} is owned by another pipeline stage and was not published within {timeout:g} s. "
+        "Values must be read in forward order (a layer's value exists only once its stage has run it); "
+        "check that the trace reads modules in the order the model calls them."
+    )
+
+
 class StageChannel:
     """Publishes this stage's reads and fetches other stages' reads by key, through a shared store.
 
     Keys are ``<trace>/<where>#<occurrence>``: every stage runs the same body, so the n-th read of the same
-    accessor in the same trace has the same key on every stage.
+    value in the same trace has the same key on every stage. ``prefix`` separates traces that run at the
+    same time (the engine's request id).
     """
 
     def __init__(self, store: dist.Store | None = None, timeout: float = 60.0, prefix: str = "nnterp-pp") -> None:
@@ -60,6 +100,7 @@ class StageChannel:
         self.store = dist.PrefixStore(prefix, base)
         self.timeout = timeout
         self.trace = 0
+        self.published: list[str] = []
         self._occurrences: dict[str, int] = {}
 
     def new_trace(self) -> None:
@@ -73,50 +114,114 @@ class StageChannel:
         return f"{self.trace}/{where}#{occurrence}"
 
     def publish(self, key: str, value: torch.Tensor) -> None:
-        buffer = io.BytesIO()
-        torch.save(value.detach().cpu(), buffer)
-        self.store.set(key, buffer.getvalue())
+        self.store.set(key, _serialize(value))
+        self.published.append(key)
 
     def fetch(self, key: str, where: str, device: torch.device | str = "cpu") -> torch.Tensor:
         try:
             self.store.wait([key], timedelta(seconds=self.timeout))
         except Exception as error:  # the store raises its own timeout type (DistStoreError / RuntimeError)
-            raise CrossStageTimeout(
-                f"{where} is owned by another pipeline stage and was not published within {self.timeout:g} s. "
-                "Values must be read in forward order (a layer's value exists only once its stage has run it); "
-                "check that the trace reads modules in the order the model calls them."
-            ) from error
-        return torch.load(io.BytesIO(self.store.get(key)), weights_only=True).to(device)
+            raise _timeout_error(where, self.timeout) from error
+        return _deserialize(self.store.get(key), device)
+
+    def fetch_if_published(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The value if some stage published it, without waiting."""
+        return _deserialize(self.store.get(key), device) if self.store.check([key]) else None
+
+    def delete_published(self) -> None:
+        """Drop this stage's published values (once every stage is done with the trace)."""
+        for key in self.published:
+            self.store.delete_key(key)
+        self.published.clear()
+
+
+class ParameterShelf:
+    """Parameters another stage holds: the owner offers each one once per process, a reader fetches it once
+    and keeps it (parameters do not change between traces)."""
+
+    def __init__(self, store: dist.Store | None = None, timeout: float = 60.0) -> None:
+        base = store if store is not None else dist.distributed_c10d._get_default_store()
+        self.store = dist.PrefixStore("nnterp-pp-parameters", base)
+        self.timeout = timeout
+        self._offered: set[str] = set()
+        self._taken: dict[str, torch.Tensor] = {}
+
+    def offer(self, path: str, value: torch.Tensor) -> None:
+        if path not in self._offered:
+            self.store.set(path, _serialize(value))
+            self._offered.add(path)
+
+    def take(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        if path not in self._taken:
+            try:
+                self.store.wait([path], timedelta(seconds=self.timeout))
+            except Exception as error:
+                raise _timeout_error(f"parameter {path}", self.timeout) from error
+            self._taken[path] = _deserialize(self.store.get(path), device)
+        return self._taken[path]
 
 
 class RemoteValue:
-    """A value another pipeline stage owns: returned immediately, materialized on first consumption."""
+    """A value another pipeline stage owns: returned at once, fetched when something needs its contents.
 
-    def __init__(self, channel: StageChannel, key: str, where: str, device: torch.device | str = "cpu") -> None:
-        self._channel, self._key, self.where, self._device = channel, key, where, device
-        self._value: torch.Tensor | None = None
+    Tensor operations on it (arithmetic, indexing, methods such as ``.float()`` / ``.softmax()``, torch
+    functions) return new placeholders that record the operation instead of fetching, so a stage can run a
+    body whose results only the owning stage can compute (a logit lens on the first stage) without
+    waiting: such results are computed when saves are collected. Whatever needs the actual contents
+    (``.item()``, ``.shape``, ``bool``, iteration, writing it into this stage's model) fetches it.
+    """
+
+    def __init__(self, fetch: Callable[[], Any] | None, where: str, key: str | None = None,
+                 gate: Callable[[], None] | None = None) -> None:
+        self._fetch, self._gate, self._op = fetch, gate, None
+        self.where, self.key = where, key
+        self._value: Any = None
+        self._ready = False
+
+    @classmethod
+    def deferred(cls, function: Callable, args: tuple, kwargs: dict, where: str) -> "RemoteValue":
+        value = cls(None, where)
+        value._op = (function, args, kwargs)
+        return value
 
     @property
     def materialized(self) -> bool:
-        return self._value is not None
+        return self._ready
 
-    def materialize(self) -> torch.Tensor:
-        if self._value is None:
-            if self._channel is None:
+    def materialize(self) -> Any:
+        return self._evaluate(None)
+
+    def _evaluate(self, leaf: Callable[["RemoteValue"], Any] | None) -> Any:
+        """The value; ``leaf`` (when given) supplies each not yet fetched placeholder instead of waiting."""
+        if not self._ready:
+            if self._op is not None:
+                function, args, kwargs = self._op
+                self._value = function(*_evaluate(args, leaf), **_evaluate(kwargs, leaf))
+            elif leaf is not None:
+                self._value = leaf(self)
+                if self._value is None:
+                    raise LookupError(self.where)
+            elif self._fetch is None:
                 raise RuntimeError(f"{self.where}: this placeholder left its stage before being fetched; "
                                    "take the owning stage's saved value (merge_stage_saves).")
-            self._value = self._channel.fetch(self._key, self.where, self._device)
+            else:
+                if self._gate is not None:
+                    self._gate()
+                self._value = self._fetch()
+            self._ready, self._op, self._fetch, self._gate = True, None, None, None
         return self._value
 
     def __getstate__(self) -> dict:
-        """Pickles without its channel (saves are shipped between processes): only the fetched value, if any."""
-        return {"_key": self._key, "where": self.where, "_device": self._device, "_value": self._value, "_channel": None}
+        """Pickles without what it would fetch or compute (saves are shipped between processes): only the
+        value, if it has one."""
+        return {"where": self.where, "key": self.key, "_value": self._value, "_ready": self._ready,
+                "_fetch": None, "_gate": None, "_op": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
 
     def save(self) -> "RemoteValue":
-        """Keeps the placeholder past the trace without fetching it: the owner's save wins at merge time."""
+        """Keeps the placeholder past the trace without fetching it: it is resolved when saves are collected."""
         import nnsight
 
         return nnsight.save(self)
@@ -125,17 +230,26 @@ class RemoteValue:
         state = "materialized" if self.materialized else "not fetched yet"
         return f"RemoteValue({self.where}, {state})"
 
+    __hash__ = object.__hash__
+
     @classmethod
     def __torch_function__(cls, func: Callable, types: Iterable[type], args: tuple = (), kwargs: dict | None = None):
-        return func(*_materialize(args), **_materialize(kwargs or {}))
+        return cls.deferred(func, args, kwargs or {}, f"{getattr(func, '__name__', 'op')}(...)")
 
-    def __getattr__(self, name: str) -> Any:  # .shape, .item(), .float(), .sum(), ... all consume
+    def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
             raise AttributeError(name)
-        return getattr(self.materialize(), name)
+        method = getattr(torch.Tensor, name, None)
+        if name in _NEEDS_CONTENTS or not callable(method):  # .shape, .dtype, .item(), .tolist(), ...
+            return getattr(self.materialize(), name)
 
-    def __getitem__(self, index: Any) -> torch.Tensor:
-        return self.materialize()[_materialize(index)]
+        def call(*args: Any, **kwargs: Any) -> "RemoteValue":
+            return RemoteValue.deferred(_call_method, (self, name, *args), kwargs, f"{self.where}.{name}()")
+
+        return call
+
+    def __getitem__(self, index: Any) -> "RemoteValue":
+        return RemoteValue.deferred(_call_method, (self, "__getitem__", index), {}, f"{self.where}[...]")
 
     def __iter__(self):
         return iter(self.materialize())
@@ -149,6 +263,9 @@ class RemoteValue:
     def __int__(self) -> int:
         return int(self.materialize())
 
+    def __index__(self) -> int:
+        return int(self.materialize())
+
     def __bool__(self) -> bool:
         return bool(self.materialize())
 
@@ -157,9 +274,16 @@ class RemoteValue:
         return array if dtype is None else array.astype(dtype)
 
 
+_NEEDS_CONTENTS = {"item", "tolist", "numpy", "size", "dim", "numel", "data_ptr", "equal", "is_nonzero", "element_size"}
+
+
+def _call_method(value: Any, name: str, *args: Any, **kwargs: Any) -> Any:
+    return getattr(value, name)(*args, **kwargs)
+
+
 def _binary(name: str):
-    def operator(self: RemoteValue, other: Any) -> Any:
-        return getattr(self.materialize(), name)(_materialize(other))
+    def operator(self: RemoteValue, other: Any) -> RemoteValue:
+        return RemoteValue.deferred(_call_method, (self, name, other), {}, f"{self.where} {name}")
 
     operator.__name__ = name
     return operator
@@ -168,18 +292,35 @@ def _binary(name: str):
 for _name in ("add", "radd", "sub", "rsub", "mul", "rmul", "truediv", "rtruediv", "matmul", "rmatmul",
               "pow", "rpow", "eq", "ne", "lt", "le", "gt", "ge", "and", "or", "xor", "floordiv", "mod"):
     setattr(RemoteValue, f"__{_name}__", _binary(f"__{_name}__"))
-RemoteValue.__neg__ = lambda self: -self.materialize()  # type: ignore[attr-defined]
-RemoteValue.__abs__ = lambda self: abs(self.materialize())  # type: ignore[attr-defined]
+RemoteValue.__neg__ = lambda self: RemoteValue.deferred(_call_method, (self, "__neg__"), {}, f"-{self.where}")  # type: ignore[attr-defined]
+RemoteValue.__abs__ = lambda self: RemoteValue.deferred(_call_method, (self, "__abs__"), {}, f"abs({self.where})")  # type: ignore[attr-defined]
+
+
+def _evaluate(value: Any, leaf: Callable[[RemoteValue], Any] | None) -> Any:
+    if isinstance(value, RemoteValue):
+        return value._evaluate(leaf)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_evaluate(item, leaf) for item in value)
+    if isinstance(value, dict):
+        return {key: _evaluate(item, leaf) for key, item in value.items()}
+    return value
 
 
 def _materialize(value: Any) -> Any:
-    if isinstance(value, RemoteValue):
-        return value.materialize()
-    if isinstance(value, (list, tuple)):
-        return type(value)(_materialize(item) for item in value)
-    if isinstance(value, dict):
-        return {key: _materialize(item) for key, item in value.items()}
-    return value
+    return _evaluate(value, None)
+
+
+def resolve_saves(saves: dict[str, Any], fetch: Callable[[RemoteValue], Any]) -> dict[str, Any]:
+    """Saved values with every placeholder replaced by its value, computing recorded operations (``fetch``
+    gives a not yet fetched placeholder's value, or None where no stage published it); a name whose value
+    cannot be completed is left out."""
+    resolved = {}
+    for name, value in saves.items():
+        try:
+            resolved[name] = _evaluate(value, fetch)
+        except LookupError:
+            continue
+    return resolved
 
 
 def merge_stage_saves(per_stage: list[dict[str, Any]]) -> dict[str, Any]:
@@ -193,25 +334,151 @@ def merge_stage_saves(per_stage: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
-class PipelineStageBackend:
-    """Wraps a backend for one pipeline stage: reads of modules this stage owns are published for the
-    other stages; reads of modules it does not own are :class:`RemoteValue` placeholders; writes to them
-    are no-ops (the owning stage applies its own)."""
+def _current_mediator():
+    from greenlet import getcurrent
 
-    def __init__(self, inner: Any, channel: StageChannel) -> None:
-        self.inner, self.channel = inner, channel
+    reference = getattr(getcurrent(), "mediator", None)
+    return None if reference is None else reference()
+
+
+class PipelineStageBackend:
+    """Wraps a backend for one pipeline stage.
+
+    Reads of values this stage owns are published for the other stages; reads of values it does not own
+    are :class:`RemoteValue` placeholders, handed out once this stage reaches the point of the forward pass
+    where the owner's value exists or will without waiting on this stage (see the module docstring);
+    writes to them are no-ops. ``layers`` is the slice of decoder layers this stage holds, ``first`` /
+    ``last`` whether it runs the embeddings / the final norm, LM head and sampler. ``publishes`` is off
+    on all but one tensor-parallel rank of a stage (they hold the same values). ``boundaries``: the engine
+    serves ``STAGE_START`` / ``STAGE_END``; without them placeholders are handed out at once.
+    """
+
+    def __init__(
+        self,
+        inner: Any,
+        channel: StageChannel | None,
+        layers: range,
+        first: bool,
+        last: bool,
+        parameters: ParameterShelf | None = None,
+        publishes: bool = True,
+        boundaries: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.inner, self.channel, self.parameters = inner, channel, parameters
+        self.layers, self.first, self.last = layers, first, last
+        self.publishes, self.boundaries, self.device = publishes, boundaries, device
         self.name, self.batches_prompts = inner.name, inner.batches_prompts
 
-    def owns(self, module: torch.nn.Module) -> bool:
-        return is_local(module)
+    # -- ownership ---------------------------------------------------------------
 
-    def remote_read(self, where: str) -> RemoteValue:
-        return RemoteValue(self.channel, self.channel.key(where), where)
+    def owns(self, position: Position) -> bool:
+        if position == EMBEDDINGS:
+            return self.first
+        if position == HEAD:
+            return self.last
+        return position in self.layers
+
+    def _later(self, position: Position) -> bool:
+        """Whether a value this stage does not own comes after this stage's part of the forward pass."""
+        if position == EMBEDDINGS:
+            return False
+        return position == HEAD or position >= self.layers.stop
+
+    # -- reads -------------------------------------------------------------------
+
+    def _channel(self, where: str) -> StageChannel:
+        if self.channel is None:
+            raise NotImplementedError(
+                f"{where} is held by another pipeline stage; edits installed on the engine (model.edit / "
+                "registered blocks) cannot reach other stages. Read it inside a trace instead."
+            )
+        return self.channel
+
+    def _placeholder(self, where: str, gate: Callable[[], None] | None = None) -> RemoteValue:
+        channel = self._channel(where)
+        key = channel.key(where)
+        return RemoteValue(lambda: channel.fetch(key, where, self.device), where, key, gate)
+
+    def _publish(self, where: str, value: torch.Tensor) -> None:
+        key = self._channel(where).key(where)
+        if self.publishes:
+            self.channel.publish(key, value)
+
+    def _boundary(self, position: Position) -> str:
+        return STAGE_END if self._later(position) else STAGE_START
+
+    def remote_read(self, where: str, position: Position) -> RemoteValue:
+        """Parks until this stage reaches the boundary that follows (or precedes) the read module, as a read
+        in one process parks until its module runs, then hands out the placeholder."""
+        from nnsight.intervention.interleaver import Mediator
+
+        mediator = _current_mediator()
+        if mediator is not None and self.boundaries:
+            location = self._boundary(position)
+            step = mediator.iteration if mediator.iteration is not None else mediator.occurrence(location)
+            if mediator.occurrence(location) <= step:
+                Mediator.value(location)
+        return self._placeholder(where)
+
+    def _gate(self, position: Position) -> Callable[[], None] | None:
+        """For a value computed by another stage at the current point of the trace: what to do before
+        fetching it, i.e. park until this stage has passed the boundary after which that stage computes it
+        without waiting on this one (nothing, if it already has)."""
+        from nnsight.intervention.interleaver import Mediator
+
+        mediator = _current_mediator()
+        if mediator is None or not self.boundaries:
+            return None
+        location = self._boundary(position)
+        pinned = mediator.iteration
+        step = pinned if pinned is not None else max(mediator.occurrence(STAGE_START) - 1, 0)
+
+        def wait() -> None:
+            if mediator.occurrence(location) <= step:
+                Mediator.value(location)
+
+        return wait
 
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         value = self.inner.after_read(value, fresh, where)
-        self.channel.publish(self.channel.key(where), value)
+        self._publish(where, value)
         return value
 
     def before_write(self, value: Any) -> Any:
         return self.inner.before_write(_materialize(value))
+
+    def run_value(self, where: str, read: Callable[[], Any]) -> Any:
+        """A value the engine serves once per step after the forward pass (logits, sampled tokens): the
+        last stage's; the others are served a stand-in at the same point and hand out a placeholder."""
+        value = read()
+        if not self.last:
+            return self._placeholder(where)
+        self._publish(where, value)
+        return value
+
+    def run_write(self, write: Callable[[Any], None], value: Any) -> None:
+        if self.last:
+            write(_materialize(value))
+
+    def compute_at(self, where: str, position: Position, compute: Callable[..., torch.Tensor], *inputs: Any) -> Any:
+        """``compute(*inputs)`` where it needs modules held at ``position`` (e.g. the final norm and LM head):
+        computed and published by their stage, a placeholder elsewhere."""
+        if self.owns(position):
+            value = compute(*_materialize(inputs))
+            self._publish(where, value)
+            return value
+        return self._placeholder(where, self._gate(position))
+
+    def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Position) -> Any:
+        """The full parameter: gathered by the inner backend where this stage holds the module, otherwise
+        offered by the stage that does (once per process) and fetched once."""
+        if is_local(module):
+            value = self.inner.full_parameter(module, param_name, path, position)
+            if self.publishes and self.parameters is not None:
+                self.parameters.offer(path, value)
+            return value
+        if self.parameters is None:
+            raise NotImplementedError(f"parameter {path} is held by another pipeline stage and no shelf was given.")
+        shelf = self.parameters
+        return RemoteValue(lambda: shelf.take(path, self.device), f"parameter {path}", gate=self._gate(position))

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from ..accessors import LayerAccessor, ModuleListView
 from ..layout import ModelLayout, drift, load_snapshot
+from ..distributed.pp import EMBEDDINGS, HEAD
 from ..rename import ModuleNames
 
 logger = logging.getLogger("nnterp")
@@ -19,7 +20,8 @@ class LayoutDriftWarning(UserWarning):
 
 
 class Backend:
-    """Engine-specific policy hooks; the HuggingFace backend is the identity."""
+    """Engine-specific policy hooks; the HuggingFace backend is the identity. Positions in the forward
+    pass are a layer index, ``EMBEDDINGS`` or ``HEAD`` (see ``nnterp.distributed.pp``)."""
 
     name = "hf"
     batches_prompts = True  # a trace takes a list of prompts
@@ -30,16 +32,27 @@ class Backend:
     def before_write(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def full_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
+    def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Any) -> torch.Tensor:
         """The full logical parameter (HF holds it whole)."""
         return getattr(module, param_name).detach()
 
-    def owns(self, module: torch.nn.Module) -> bool:
-        """Whether this process runs ``module`` (always, except on a pipeline stage that does not hold it)."""
+    def owns(self, position: Any) -> bool:
+        """Whether this process runs the forward pass at ``position`` (always, except on a pipeline stage)."""
         return True
 
-    def remote_read(self, where: str) -> Any:
+    def remote_read(self, where: str, position: Any) -> Any:
         raise NotImplementedError(f"{where}: this backend runs every module itself.")
+
+    def run_value(self, where: str, read: Callable[[], Any]) -> Any:
+        """A value the engine serves outside any module (logits, sampled tokens)."""
+        return read()
+
+    def run_write(self, write: Callable[[Any], None], value: Any) -> None:
+        write(value)
+
+    def compute_at(self, where: str, position: Any, compute: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
+        """``compute(*inputs)`` with the modules at ``position`` (run here: this process holds every module)."""
+        return compute(*inputs)
 
 
 class StandardizedMixin:
@@ -111,7 +124,19 @@ class StandardizedMixin:
         ``"layers.3.mlp.down_proj.weight"``) or a native one. Under vLLM tensor parallelism the shards are
         gathered (call it inside a trace, where every rank runs it); vocabulary padding is stripped."""
         module_path, _, param_name = path.rpartition(".")
-        return self._backend.full_parameter(self._module.get_submodule(self._native_path(module_path)), param_name)
+        module = self._module.get_submodule(self._native_path(module_path))
+        return self._backend.full_parameter(module, param_name, path, self._position_of(module_path))
+
+    def _position_of(self, module_path: str) -> Any:
+        """Where a module (standard or native path) runs in the forward pass: a layer index, or before /
+        after the layers."""
+        native = self._native_path(module_path)
+        if native == self.names.embed_tokens or native.startswith(self.names.embed_tokens + "."):
+            return EMBEDDINGS
+        prefix = self.names.layers + "."
+        if native.startswith(prefix):
+            return int(native[len(prefix):].split(".")[0])
+        return HEAD
 
     def _native_path(self, path: str) -> str:
         """Translate the standard names in a dotted module path to the model's own."""
@@ -147,8 +172,8 @@ class StandardizedMixin:
     @property
     def token_embeddings(self) -> torch.Tensor:
         """The output of ``embed_tokens`` (read inside a trace)."""
-        if not self._backend.owns(self._torch_module("embed_tokens")):
-            return self._backend.remote_read("model.token_embeddings")
+        if not self._backend.owns(EMBEDDINGS):
+            return self._backend.remote_read("model.token_embeddings", EMBEDDINGS)
         scale = self._embedding_scale
         if scale is None:
             return self._backend.after_read(self.embed_tokens.output, fresh=False, where="model.token_embeddings")
@@ -158,8 +183,8 @@ class StandardizedMixin:
     def token_embeddings(self, value: torch.Tensor) -> None:
         from ..layout import check_same_shape
 
-        if not self._backend.owns(self._torch_module("embed_tokens")):
-            return
+        if not self._backend.owns(EMBEDDINGS):
+            return  # the stage that runs the embeddings applies the write
         check_same_shape(self.embed_tokens.output, value, "token_embeddings")
         scale = self._embedding_scale
         self.embed_tokens.output = self._backend.before_write(value if scale is None else value / scale)
@@ -189,8 +214,12 @@ class StandardizedMixin:
         last = self._check_layer_index(end, "skip_layers")
         if last < first:
             raise ValueError(f"skip_layers: end ({end}) comes before start ({start}).")
+        if not any(self._backend.owns(index) for index in range(first, last + 1)):
+            return  # all of them run on other pipeline stages
         stream = self.layers_input[first]
         for index in range(first, last + 1):
+            if not self._backend.owns(index):
+                continue  # another pipeline stage skips its own layers
             envoy = self.layers[index]
             layout = self.layout.for_module("layer", envoy._module)
             envoy.skip(layout.output.build(stream))
@@ -207,13 +236,18 @@ class StandardizedMixin:
     ) -> None:
         """Add ``factor * steering_vector`` to the output of each layer in ``layers`` (inside a trace)."""
         for layer in [layers] if isinstance(layers, int) else layers:
+            if not self._backend.owns(self._check_layer_index(layer, "steer")):
+                continue  # the pipeline stage that runs this layer steers it
             stream = self.layers_output[layer]
             self.layers_output[layer] = add_at_positions(stream, factor * steering_vector, positions, self.hidden_size)
 
     def project_on_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits of a residual-stream tensor: final norm, LM head, and the model's logit post-processing."""
-        normed = self._torch_module("ln_final")(hidden)
-        return self.postprocess_logits(self._lm_head_logits(normed))
+        def project(stream: torch.Tensor) -> torch.Tensor:
+            normed = self._torch_module("ln_final")(stream)
+            return self.postprocess_logits(self._lm_head_logits(normed))
+
+        return self._backend.compute_at("model.project_on_vocab", HEAD, project, hidden)
 
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         return self._torch_module("lm_head")(normed)

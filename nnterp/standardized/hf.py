@@ -75,11 +75,14 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
     @property
     def logits(self) -> torch.Tensor:
         """The model's output logits ``[batch, seq, vocab]`` (read inside a trace)."""
-        return self.output.logits
+        return self._backend.run_value("model.logits", lambda: self.output.logits)
 
     @logits.setter
     def logits(self, value: torch.Tensor) -> None:
-        self.output.logits = value
+        def write(new: torch.Tensor) -> None:
+            self.output.logits = new
+
+        self._backend.run_write(write, value)
 
     def greedy_generation_kwargs(self, max_new_tokens: int) -> dict:
         """``generate`` arguments for greedy decoding on the raw logits: the checkpoint's sampling settings and

@@ -27,7 +27,7 @@ class VLLMBackend(Backend):
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         return read_only(value if fresh else value.clone(), where)
 
-    def full_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
+    def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Any) -> torch.Tensor:
         """Gathered over tensor-parallel ranks, vocabulary padding stripped (see ``nnterp.distributed.tp``)."""
         from ..distributed.tp import gather_param
 
@@ -56,7 +56,10 @@ def _cpu_meta_build():
     return no_accelerator_cache()
 
 
-class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
+_VLLM = _vllm_class()
+
+
+class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     """A vLLM engine with standard module names and residual-stream accessors.
 
     Prefix caching is off (cached tokens skip the forward pass, so interventions would silently miss
@@ -93,12 +96,37 @@ class StandardizedVLLM(_vllm_class(), StandardizedMixin):  # type: ignore[misc]
         self._init_standard_surface()
         self._check_against_snapshot(check_layout)
 
-    _WORKER_CLS = "nnsight.modeling.vllm.workers.GPUWorker.NNsightGPUWorker"
+    _WORKER_CLS = "nnterp.standardized.vllm_worker.NNterpGPUWorker"
 
     def _load_sync(self, repo_id: str, **kwargs: Any) -> Any:
         if _no_accelerator():
             self._WORKER_CLS = "nnterp.standardized.vllm_cpu.NNsightCPUWorker"
         return super()._load_sync(repo_id, **kwargs)
+
+    def __setstate__(self, state: dict) -> None:
+        """Unpickled inside an engine worker: on a pipeline stage, reads and writes go through the stage."""
+        super().__setstate__(state)
+        from .vllm_worker import stage_backend
+
+        self._backend = stage_backend(self, self._backend)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """This step's logits, one row per request (on a pipeline stage other than the last: a placeholder)."""
+        return self._backend.run_value("model.logits", lambda: _VLLM.logits.__get__(self, type(self)))
+
+    @logits.setter
+    def logits(self, value: torch.Tensor) -> None:
+        self._backend.run_write(lambda new: _VLLM.logits.__set__(self, new), value)
+
+    @property
+    def samples(self) -> torch.Tensor:
+        """The token ids sampled this step, one per request."""
+        return self._backend.run_value("model.samples", lambda: _VLLM.samples.__get__(self, type(self)))
+
+    @samples.setter
+    def samples(self, value: torch.Tensor) -> None:
+        self._backend.run_write(lambda new: _VLLM.samples.__set__(self, new), value)
 
     def _load_meta(self, repo_id: str, **kwargs: Any):
         with _cpu_meta_build():

@@ -14,29 +14,11 @@ from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-
-class NNsightCPUModelRunner(NNsightGPUModelRunner, CPUModelRunner):
-    """vLLM's CPU model runner with nnsight's request interleaving."""
-
-    def load_model(self, *args, **kwargs) -> None:
-        from vllm.distributed.parallel_state import get_pp_group
-
-        super().load_model(*args, **kwargs)
-        if get_pp_group().world_size > 1:  # elsewhere an unknown module is a real mismatch and must raise
-            self.nnsight_persistent_objects = StageModules(self.nnsight_persistent_objects)
+from .vllm_worker import PipelineRunner
 
 
-class StageModules(dict):
-    """Persistent objects of one pipeline stage: a request names modules by their path in the whole model,
-    and a module another stage holds resolves to vLLM's stub for it."""
-
-    def __contains__(self, key) -> bool:
-        return super().__contains__(key) or str(key).startswith("Module:")
-
-    def __missing__(self, key):
-        from vllm.model_executor.models.utils import PPMissingLayer
-
-        return self.setdefault(key, PPMissingLayer())
+class NNsightCPUModelRunner(PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
+    """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages."""
 
 
 class NNsightCPUWorker(NNsightGPUWorker, CPUWorker):

@@ -162,7 +162,7 @@ def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from vllm.model_executor.models.utils import PPMissingLayer
 
-    from ..distributed.pp import PipelineStageBackend, StageChannel
+    from ..distributed.pp import STAGE_END, STAGE_START, PipelineStageBackend, StageChannel, local_layer_range
     from ..standardized import StandardizedTransformer
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(path))
@@ -180,7 +180,19 @@ def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float):
 
         layers[split].register_forward_pre_hook(receive, with_kwargs=True)
     model = StandardizedTransformer(hf_model, tokenizer=AutoTokenizer.from_pretrained(str(path)), check_layout=False)
-    model._backend = PipelineStageBackend(model._backend, channel)
+
+    def boundary(location: str):  # the step boundaries vLLM's runner serves, around this stage's forward
+        def serve(*_):
+            if model.interleaver.interleaving:
+                model.interleaver.handle(location, None)
+
+        return serve
+
+    hf_model.register_forward_pre_hook(boundary(STAGE_START))
+    if rank == 0:  # after the hand-off is sent
+        hf_model.model.norm.register_forward_pre_hook(boundary(STAGE_END))
+    model._backend = PipelineStageBackend(model._backend, channel, local_layer_range(layers), first=rank == 0,
+                                          last=rank == 1, parameters=None)
     channel.new_trace()  # the layout probe above ran a forward pass; traces start afresh on both stages
     return model
 
@@ -207,14 +219,16 @@ def pp_trace(rank: int, world_size: int, path: str, split: int) -> dict:
 
 
 def pp_out_of_order(rank: int, world_size: int, path: str, split: int, timeout: float) -> dict:
-    """Stage 0 consumes the last layer (stage 1's) before its own layers ran: both stages must fail
-    with the out-of-order error within the timeout instead of waiting on each other forever."""
+    """Stage 0 reads the last layer (stage 1's) and then writes its own layer 0: out of forward order,
+    as in one process. Stage 1, whose write is a no-op, then needs layer 0's value, which stage 0 never
+    published: it must time out rather than wait forever."""
     model = pp_stage_model(path, rank, split, timeout=timeout)
     start = time.time()
     try:
         with torch.no_grad(), model.trace(PP_PROMPT):
             late = model.layers_output[-1]
             model.layers_output[0] = model.layers_output[0] + 0 * late.sum()
+            model.layers_output[0].sum().item()
     except Exception as error:  # nnsight re-raises the intervention's error at the trace boundary
         return {"error": f"{type(error).__name__}: {error}", "seconds": time.time() - start}
     return {"error": None, "seconds": time.time() - start}

@@ -26,15 +26,26 @@ RESULT_PREFIX = "nnterp-parallel: "
 
 
 def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
-    """Helpers that read weights under TP (logit lens through the gathered LM head) and a steering write."""
+    """Helpers that read weights under TP (logit lens through the gathered LM head), a steering write,
+    arithmetic across the first and last layer (on a pipeline, values of two stages) consumed inside the
+    trace, and greedy generations, plain and steered at every step."""
+    import nnsight
+
     from ..interventions import logit_lens
+    from .equivalence import greedy_generations
 
     generator = torch.Generator().manual_seed(0)
     vector = torch.randn(model.hidden_size, generator=generator) * 4
     with torch.no_grad(), model.trace(prompt):
         model.steer(layers=[model.num_layers // 2], steering_vector=vector)
         steered = model.next_token_probs.save()
-    return {"logit_lens": [logit_lens(model, prompt).reshape(-1).cpu()], "steered_probs": [steered.reshape(-1).cpu()]}
+    with torch.no_grad(), model.trace(prompt):
+        first, last = model.layers_output[0], model.layers_output[-1]
+        norm_ratio = nnsight.save((last.norm() / first.norm()).item())
+    generations = greedy_generations(model, prompt, max_new_tokens=6)
+    return {"logit_lens": [logit_lens(model, prompt).reshape(-1).cpu()], "steered_probs": [steered.reshape(-1).cpu()],
+            "norm_ratio": [torch.tensor([norm_ratio])],
+            **{f"generation_{name}": [torch.tensor(tokens, dtype=torch.float32)] for name, tokens in generations.items()}}
 
 
 def dump_reads(path: str, out: str, tp: int, pp: int) -> None:
@@ -59,12 +70,16 @@ def reads_in_fresh_process(path: str, tp: int, pp: int, workdir: str) -> list[di
     return torch.load(out, weights_only=False)
 
 
-def compare_parallel(path: str, tp: int = 2, pp: int = 1) -> dict[str, dict[str, float]]:
-    """Max abs / relative differences per accessor between (tp, pp) and one rank."""
+def parallel_reads(path: str, tp: int, pp: int) -> list[dict]:
+    """Every accessor and tool on :data:`PROMPTS` from an engine at (tp, pp), in a fresh process."""
     with tempfile.TemporaryDirectory() as workdir:
-        single = reads_in_fresh_process(path, 1, 1, workdir)
-        parallel = reads_in_fresh_process(path, tp, pp, workdir)
-    return compare_reads(single, parallel)
+        return reads_in_fresh_process(path, tp, pp, workdir)
+
+
+def compare_parallel(path: str, tp: int = 2, pp: int = 1) -> dict[str, dict[str, float]]:
+    """Max abs / relative differences per accessor between (tp, pp) and one rank (a generation of
+    another length differs by inf)."""
+    return compare_reads(parallel_reads(path, 1, 1), parallel_reads(path, tp, pp))
 
 
 def main() -> None:
