@@ -67,3 +67,51 @@ def test_out_of_order_consumption_raises_the_single_process_error(reference):
     assert results[0]["error"] == f"{type(single.value).__name__}: {single.value}", results[0]
     assert results[1]["error"].startswith("CrossStageTimeout") and "forward order" in results[1]["error"], results[1]
     assert all(result["seconds"] < 30 for result in results)
+
+
+def test_operations_on_a_placeholder_wait_until_its_contents_are_needed():
+    from torch.distributed import HashStore
+
+    from nnterp.distributed.pp import RemoteValue, StageChannel
+
+    channel, value, fetches = StageChannel(HashStore(), timeout=1), torch.arange(6.0).reshape(2, 3), []
+    channel.publish("layer", value)
+
+    def fetch():
+        fetches.append(1)
+        return channel.fetch("layer", "layer")
+
+    placeholder = RemoteValue(fetch, "layer", "layer")
+    result = (placeholder.float() * 2 + 1)[:, 1].softmax(-1)
+    assert isinstance(result, RemoteValue) and not fetches  # recorded, nothing fetched
+    assert torch.equal(result.materialize(), (value * 2 + 1)[:, 1].softmax(-1)) and fetches == [1]
+    assert placeholder.shape == (2, 3) and fetches == [1]  # fetched once
+
+
+def test_saves_resolve_from_published_values_and_drop_what_nobody_published():
+    from torch.distributed import HashStore
+
+    from nnterp.distributed.pp import RemoteValue, StageChannel, resolve_saves
+
+    channel = StageChannel(HashStore(), timeout=1)
+    channel.publish("published", torch.ones(2))
+    saves = {"doubled": RemoteValue(None, "a", "published") * 2, "missing": [RemoteValue(None, "b", "never")],
+             "local": torch.zeros(1)}
+    resolved = resolve_saves(saves, lambda placeholder: channel.fetch_if_published(placeholder.key))
+    assert set(resolved) == {"doubled", "local"} and torch.equal(resolved["doubled"], torch.full((2,), 2.0))
+
+
+def test_values_larger_than_the_store_accepts_travel_in_chunks():
+    from datetime import timedelta
+
+    from torch.distributed import TCPStore
+
+    from nnterp.distributed.pp import CHUNK_BYTES, StageChannel
+    from nnterp.testing.distributed import free_port
+
+    channel = StageChannel(TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=30)), timeout=5)
+    large = torch.randn(6 * CHUNK_BYTES // 4)  # 24 MiB: one value of that size resets the store's connection
+    channel.publish("large", large)
+    assert torch.equal(channel.fetch("large", "large"), large)
+    channel.delete_published()
+    assert channel.fetch_if_published("large") is None

@@ -69,14 +69,32 @@ def local_layer_range(layers: Iterable[torch.nn.Module]) -> range:
     return range(held[0], held[-1] + 1)
 
 
-def _serialize(value: torch.Tensor) -> bytes:
+CHUNK_BYTES = 4 << 20  # the store refuses values of some 16 MiB and more: larger ones travel in chunks
+
+
+def _put(store: dist.Store, key: str, value: torch.Tensor) -> int:
+    """Stores ``value`` under ``key`` as chunks then a header naming their count (so a reader waiting on
+    ``key`` finds every chunk present); returns the count."""
     buffer = io.BytesIO()
     torch.save(value.detach().cpu(), buffer)
-    return buffer.getvalue()
+    data = buffer.getvalue()
+    count = max(1, -(-len(data) // CHUNK_BYTES))
+    for index in range(count):
+        store.set(f"{key}/chunk{index}", data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES])
+    store.set(key, str(count))
+    return count
 
 
-def _deserialize(data: bytes, device: torch.device | str) -> torch.Tensor:
+def _get(store: dist.Store, key: str, device: torch.device | str) -> torch.Tensor:
+    count = int(store.get(key))
+    data = b"".join(store.get(f"{key}/chunk{index}") for index in range(count))
     return torch.load(io.BytesIO(data), weights_only=True).to(device)
+
+
+def _delete(store: dist.Store, key: str, count: int) -> None:
+    store.delete_key(key)
+    for index in range(count):
+        store.delete_key(f"{key}/chunk{index}")
 
 
 def _timeout_error(where: str, timeout: float) -> CrossStageTimeout:
@@ -100,7 +118,7 @@ class StageChannel:
         self.store = dist.PrefixStore(prefix, base)
         self.timeout = timeout
         self.trace = 0
-        self.published: list[str] = []
+        self.published: list[tuple[str, int]] = []
         self._occurrences: dict[str, int] = {}
 
     def new_trace(self) -> None:
@@ -114,24 +132,23 @@ class StageChannel:
         return f"{self.trace}/{where}#{occurrence}"
 
     def publish(self, key: str, value: torch.Tensor) -> None:
-        self.store.set(key, _serialize(value))
-        self.published.append(key)
+        self.published.append((key, _put(self.store, key, value)))
 
     def fetch(self, key: str, where: str, device: torch.device | str = "cpu") -> torch.Tensor:
         try:
             self.store.wait([key], timedelta(seconds=self.timeout))
         except Exception as error:  # the store raises its own timeout type (DistStoreError / RuntimeError)
             raise _timeout_error(where, self.timeout) from error
-        return _deserialize(self.store.get(key), device)
+        return _get(self.store, key, device)
 
     def fetch_if_published(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The value if some stage published it, without waiting."""
-        return _deserialize(self.store.get(key), device) if self.store.check([key]) else None
+        return _get(self.store, key, device) if self.store.check([key]) else None
 
     def delete_published(self) -> None:
         """Drop this stage's published values (once every stage is done with the trace)."""
-        for key in self.published:
-            self.store.delete_key(key)
+        for key, count in self.published:
+            _delete(self.store, key, count)
         self.published.clear()
 
 
@@ -148,7 +165,7 @@ class ParameterShelf:
 
     def offer(self, path: str, value: torch.Tensor) -> None:
         if path not in self._offered:
-            self.store.set(path, _serialize(value))
+            _put(self.store, path, value)
             self._offered.add(path)
 
     def take(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -157,7 +174,7 @@ class ParameterShelf:
                 self.store.wait([path], timedelta(seconds=self.timeout))
             except Exception as error:
                 raise _timeout_error(f"parameter {path}", self.timeout) from error
-            self._taken[path] = _deserialize(self.store.get(path), device)
+            self._taken[path] = _get(self.store, path, device)
         return self._taken[path]
 
 
@@ -470,11 +487,14 @@ class PipelineStageBackend:
             return value
         return self._placeholder(where, self._gate(position))
 
+    def local_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
+        return self.inner.local_parameter(module, param_name)
+
     def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Position) -> Any:
         """The full parameter: gathered by the inner backend where this stage holds the module, otherwise
         offered by the stage that does (once per process) and fetched once."""
         if is_local(module):
-            value = self.inner.full_parameter(module, param_name, path, position)
+            value = self.inner.local_parameter(module, param_name)
             if self.publishes and self.parameters is not None:
                 self.parameters.offer(path, value)
             return value

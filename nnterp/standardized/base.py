@@ -32,9 +32,13 @@ class Backend:
     def before_write(self, value: torch.Tensor) -> torch.Tensor:
         return value
 
-    def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Any) -> torch.Tensor:
-        """The full logical parameter (HF holds it whole)."""
+    def local_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
+        """The full logical parameter of a module this process holds (HF holds it whole)."""
         return getattr(module, param_name).detach()
+
+    def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Any) -> torch.Tensor:
+        """The full logical parameter at ``path`` (``module`` runs at ``position`` of the forward pass)."""
+        return self.local_parameter(module, param_name)
 
     def owns(self, position: Any) -> bool:
         """Whether this process runs the forward pass at ``position`` (always, except on a pipeline stage)."""

@@ -27,7 +27,7 @@ class VLLMBackend(Backend):
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         return read_only(value if fresh else value.clone(), where)
 
-    def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Any) -> torch.Tensor:
+    def local_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
         """Gathered over tensor-parallel ranks, vocabulary padding stripped (see ``nnterp.distributed.tp``)."""
         from ..distributed.tp import gather_param
 
@@ -194,7 +194,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         # vLLM's LM head is only a weight holder for its logits processor: padded past the vocabulary, and
         # sharded under tensor parallelism; the full logical matrix is gathered.
-        weight = self.parameter("lm_head.weight")[: self.vocab_size]
+        weight = self._backend.local_parameter(self._torch_module("lm_head"), "weight")[: self.vocab_size]
         return torch.nn.functional.linear(normed, weight.to(normed.dtype))
 
 

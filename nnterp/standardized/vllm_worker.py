@@ -169,14 +169,21 @@ class PipelineRunner:
                     sequence["saves"] = resolve_saves(request.saves(), _published_by(channel))
                     if index == 0:
                         entry["saves"] = sequence["saves"]
-                entry["error"] = next((stage[(engine_id, index)] for stage in by_stage
-                                       if stage.get((engine_id, index)) is not None), None)
+                entry["error"] = first_cause([stage.get((engine_id, index)) for stage in by_stage])
             payload = dumps_compact(collected)
         dist.barrier(group=get_pp_group().cpu_group)  # every stage is done reading this request's values
         for request in tracked:
             if request.named(finished) and (channel := _STAGE.channels.pop(request.id, None)) is not None:
                 channel.delete_published()
         return payload
+
+
+def first_cause(errors: list[Optional[dict]]) -> Optional[dict]:
+    """The error to report among the stages' (in stage order): the first that is not a stage waiting in
+    vain for a value (which another stage's error usually explains), else the first."""
+    errors = [error for error in errors if error is not None]
+    causes = [error for error in errors if error.get("type_name") != "CrossStageTimeout"]
+    return (causes or errors or [None])[0]
 
 
 def _request_error(request) -> Any:
