@@ -95,9 +95,11 @@ def test_saves_resolve_from_published_values_and_drop_what_nobody_published():
 
     channel = StageChannel(HashStore(), timeout=1)
     channel.publish("published", torch.ones(2))
-    saves = {"doubled": RemoteValue(None, "a", "published") * 2, "missing": [RemoteValue(None, "b", "never")],
-             "local": torch.zeros(1)}
-    resolved = resolve_saves(saves, lambda placeholder: channel.fetch_if_published(placeholder.key))
+    def placeholder(key):
+        return RemoteValue(None, key, key, lookup=lambda: channel.fetch_if_published(key))
+
+    saves = {"doubled": placeholder("published") * 2, "missing": [placeholder("never")], "local": torch.zeros(1)}
+    resolved = resolve_saves(saves, RemoteValue.lookup)
     assert set(resolved) == {"doubled", "local"} and torch.equal(resolved["doubled"], torch.full((2,), 2.0))
 
 

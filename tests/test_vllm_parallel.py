@@ -12,7 +12,7 @@ from nnterp.testing.equivalence import compare_reads  # noqa: E402
 from nnterp.testing.parallel import parallel_reads  # noqa: E402
 
 CHECKED = {"layers_output", "attentions_input", "mlps_output", "token_embeddings", "next_token_probs", "logit_lens",
-           "steered_probs", "norm_ratio", "generation_plain", "generation_steered"}
+           "steered_probs", "unembedding_steered_probs", "norm_ratio", "generation_plain", "generation_steered"}
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +25,7 @@ def test_reads_are_meaningful(one_rank):
     """The reference itself: steering changed the generation, and the norm ratio is a real number."""
     _, reads = one_rank
     assert not torch.equal(reads[0]["generation_plain"][0], reads[0]["generation_steered"][0])
+    assert not torch.allclose(reads[0]["unembedding_steered_probs"][0], reads[0]["next_token_probs"][0], atol=1e-4)
     assert all(torch.isfinite(prompt["norm_ratio"][0]).all() and prompt["norm_ratio"][0].item() > 0 for prompt in reads)
 
 

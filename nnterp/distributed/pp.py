@@ -177,6 +177,9 @@ class ParameterShelf:
             self._taken[path] = _get(self.store, path, device)
         return self._taken[path]
 
+    def take_if_offered(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        return self.take(path, device) if path in self._taken or self.store.check([path]) else None
+
 
 class RemoteValue:
     """A value another pipeline stage owns: returned at once, fetched when something needs its contents.
@@ -189,8 +192,8 @@ class RemoteValue:
     """
 
     def __init__(self, fetch: Callable[[], Any] | None, where: str, key: str | None = None,
-                 gate: Callable[[], None] | None = None) -> None:
-        self._fetch, self._gate, self._op = fetch, gate, None
+                 gate: Callable[[], None] | None = None, lookup: Callable[[], Any] | None = None) -> None:
+        self._fetch, self._gate, self._op, self._lookup = fetch, gate, None, lookup
         self.where, self.key = where, key
         self._value: Any = None
         self._ready = False
@@ -225,14 +228,18 @@ class RemoteValue:
                 if self._gate is not None:
                     self._gate()
                 self._value = self._fetch()
-            self._ready, self._op, self._fetch, self._gate = True, None, None, None
+            self._ready, self._op, self._fetch, self._gate, self._lookup = True, None, None, None, None
         return self._value
+
+    def lookup(self) -> Any:
+        """The value if its owner has published it, without waiting (None otherwise)."""
+        return None if self._lookup is None else self._lookup()
 
     def __getstate__(self) -> dict:
         """Pickles without what it would fetch or compute (saves are shipped between processes): only the
         value, if it has one."""
         return {"where": self.where, "key": self.key, "_value": self._value, "_ready": self._ready,
-                "_fetch": None, "_gate": None, "_op": None}
+                "_fetch": None, "_gate": None, "_op": None, "_lookup": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
@@ -415,7 +422,8 @@ class PipelineStageBackend:
     def _placeholder(self, where: str, gate: Callable[[], None] | None = None) -> RemoteValue:
         channel = self._channel(where)
         key = channel.key(where)
-        return RemoteValue(lambda: channel.fetch(key, where, self.device), where, key, gate)
+        return RemoteValue(lambda: channel.fetch(key, where, self.device), where, key, gate,
+                           lookup=lambda: channel.fetch_if_published(key, self.device))
 
     def _publish(self, where: str, value: torch.Tensor) -> None:
         key = self._channel(where).key(where)
@@ -501,4 +509,5 @@ class PipelineStageBackend:
         if self.parameters is None:
             raise NotImplementedError(f"parameter {path} is held by another pipeline stage and no shelf was given.")
         shelf = self.parameters
-        return RemoteValue(lambda: shelf.take(path, self.device), f"parameter {path}", gate=self._gate(position))
+        return RemoteValue(lambda: shelf.take(path, self.device), f"parameter {path}", gate=self._gate(position),
+                           lookup=lambda: shelf.take_if_offered(path, self.device))

@@ -160,13 +160,13 @@ class PipelineRunner:
         if get_pp_group().rank == 0 and payload is not None:  # nnsight's reporting rank
             collected = pickle.loads(payload)
             for request in tracked:
-                (engine_id, index), channel = request.key(wanted), _STAGE.channels.get(request.id)
+                engine_id, index = request.key(wanted)
                 entry = collected.get(engine_id)
                 if entry is None:
                     continue
                 sequence = entry["sequences"].get(index)
                 if sequence is not None:  # from the live values: what a placeholder would compute is not pickled
-                    sequence["saves"] = resolve_saves(request.saves(), _published_by(channel))
+                    sequence["saves"] = resolve_saves(request.saves(), RemoteValue.lookup)
                     if index == 0:
                         entry["saves"] = sequence["saves"]
                 entry["error"] = first_cause([stage.get((engine_id, index)) for stage in by_stage])
@@ -194,15 +194,6 @@ def _request_error(request) -> Any:
 
         error = capture_exception(mediator.exception)
     return error
-
-
-def _published_by(channel: Optional[StageChannel]):
-    def fetch(placeholder: RemoteValue):
-        if channel is None or placeholder.key is None:
-            return None
-        return channel.fetch_if_published(placeholder.key, _STAGE.device)
-
-    return fetch
 
 
 class NNterpGPUModelRunner(PipelineRunner, NNsightGPUModelRunner):

@@ -26,8 +26,8 @@ RESULT_PREFIX = "nnterp-parallel: "
 
 
 def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
-    """Helpers that read weights under TP (logit lens through the gathered LM head), a steering write,
-    arithmetic across the first and last layer (on a pipeline, values of two stages) consumed inside the
+    """Helpers that read weights under TP (logit lens through the gathered LM head), steering writes (one
+    along an LM-head row read inside the trace), arithmetic across the first and last layer (on a pipeline, values of two stages) consumed inside the
     trace, and greedy generations, plain and steered at every step."""
     import nnsight
 
@@ -39,12 +39,16 @@ def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
     with torch.no_grad(), model.trace(prompt):
         model.steer(layers=[model.num_layers // 2], steering_vector=vector)
         steered = model.next_token_probs.save()
+    with torch.no_grad(), model.trace(prompt):  # a direction read from the (sharded / last stage's) LM head
+        direction = model.parameter("lm_head.weight")[model.tokenizer.encode(" Paris", add_special_tokens=False)[0]]
+        model.steer(layers=[model.num_layers - 1], steering_vector=direction, factor=4.0)
+        unembedding_steered = model.next_token_probs.save()
     with torch.no_grad(), model.trace(prompt):
         first, last = model.layers_output[0], model.layers_output[-1]
         norm_ratio = nnsight.save((last.norm() / first.norm()).item())
     generations = greedy_generations(model, prompt, max_new_tokens=6)
     return {"logit_lens": [logit_lens(model, prompt).reshape(-1).cpu()], "steered_probs": [steered.reshape(-1).cpu()],
-            "norm_ratio": [torch.tensor([norm_ratio])],
+            "unembedding_steered_probs": [unembedding_steered.reshape(-1).cpu()], "norm_ratio": [torch.tensor([norm_ratio])],
             **{f"generation_{name}": [torch.tensor(tokens, dtype=torch.float32)] for name, tokens in generations.items()}}
 
 
