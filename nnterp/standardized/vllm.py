@@ -59,6 +59,20 @@ def _cpu_meta_build():
 _VLLM = _vllm_class()
 
 
+def _served_by_engine(name: str, doc: str) -> property:
+    """nnsight's value the engine serves outside any module (``logits``, ``samples``), read and written
+    through the backend (on a pipeline stage other than the last: a placeholder, and writes are no-ops)."""
+    served = getattr(_VLLM, name)
+
+    def read(self) -> torch.Tensor:
+        return self._backend.run_value(f"model.{name}", lambda: served.__get__(self, type(self)))
+
+    def write(self, value: torch.Tensor) -> None:
+        self._backend.run_write(lambda new: served.__set__(self, new), value)
+
+    return property(read, write, doc=doc)
+
+
 class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     """A vLLM engine with standard module names and residual-stream accessors.
 
@@ -110,23 +124,8 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
 
         self._backend = stage_backend(self, self._backend)
 
-    @property
-    def logits(self) -> torch.Tensor:
-        """This step's logits, one row per request (on a pipeline stage other than the last: a placeholder)."""
-        return self._backend.run_value("model.logits", lambda: _VLLM.logits.__get__(self, type(self)))
-
-    @logits.setter
-    def logits(self, value: torch.Tensor) -> None:
-        self._backend.run_write(lambda new: _VLLM.logits.__set__(self, new), value)
-
-    @property
-    def samples(self) -> torch.Tensor:
-        """The token ids sampled this step, one per request."""
-        return self._backend.run_value("model.samples", lambda: _VLLM.samples.__get__(self, type(self)))
-
-    @samples.setter
-    def samples(self, value: torch.Tensor) -> None:
-        self._backend.run_write(lambda new: _VLLM.samples.__set__(self, new), value)
+    logits = _served_by_engine("logits", "This step's logits, one row per request.")
+    samples = _served_by_engine("samples", "The token ids sampled this step, one per request.")
 
     def _load_meta(self, repo_id: str, **kwargs: Any):
         with _cpu_meta_build():
