@@ -117,3 +117,11 @@ def test_values_larger_than_the_store_accepts_travel_in_chunks():
     assert torch.equal(channel.fetch("large", "large"), large)
     channel.delete_published()
     assert channel.fetch_if_published("large") is None
+
+
+def test_the_reported_stage_error_is_the_first_that_is_not_a_timeout():
+    from nnterp.standardized.vllm_worker import first_cause
+
+    timeout, shape = {"type_name": "CrossStageTimeout"}, {"type_name": "ValueError"}
+    assert first_cause([timeout, None, shape]) is shape  # stage 1's real error explains stage 0's wait
+    assert first_cause([timeout, None]) is timeout and first_cause([None, None]) is None
