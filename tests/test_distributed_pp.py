@@ -81,7 +81,7 @@ def test_operations_on_a_placeholder_wait_until_its_contents_are_needed():
         fetches.append(1)
         return channel.fetch("layer", "layer")
 
-    placeholder = RemoteValue(fetch, "layer", "layer")
+    placeholder = RemoteValue(fetch, "layer")
     result = (placeholder.float() * 2 + 1)[:, 1].softmax(-1)
     assert isinstance(result, RemoteValue) and not fetches  # recorded, nothing fetched
     assert torch.equal(result.materialize(), (value * 2 + 1)[:, 1].softmax(-1)) and fetches == [1]
@@ -96,7 +96,7 @@ def test_saves_resolve_from_published_values_and_drop_what_nobody_published():
     channel = StageChannel(HashStore(), timeout=1)
     channel.publish("published", torch.ones(2))
     def placeholder(key):
-        return RemoteValue(None, key, key, lookup=lambda: channel.fetch_if_published(key))
+        return RemoteValue(None, key, lookup=lambda: channel.fetch_if_published(key))
 
     saves = {"doubled": placeholder("published") * 2, "missing": [placeholder("never")], "local": torch.zeros(1)}
     resolved = resolve_saves(saves, RemoteValue.lookup)

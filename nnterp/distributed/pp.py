@@ -191,10 +191,10 @@ class RemoteValue:
     (``.item()``, ``.shape``, ``bool``, iteration, writing it into this stage's model) fetches it.
     """
 
-    def __init__(self, fetch: Callable[[], Any] | None, where: str, key: str | None = None,
-                 gate: Callable[[], None] | None = None, lookup: Callable[[], Any] | None = None) -> None:
+    def __init__(self, fetch: Callable[[], Any] | None, where: str, gate: Callable[[], None] | None = None,
+                 lookup: Callable[[], Any] | None = None) -> None:
         self._fetch, self._gate, self._op, self._lookup = fetch, gate, None, lookup
-        self.where, self.key = where, key
+        self.where = where
         self._value: Any = None
         self._ready = False
 
@@ -238,7 +238,7 @@ class RemoteValue:
     def __getstate__(self) -> dict:
         """Pickles without what it would fetch or compute (saves are shipped between processes): only the
         value, if it has one."""
-        return {"where": self.where, "key": self.key, "_value": self._value, "_ready": self._ready,
+        return {"where": self.where, "_value": self._value, "_ready": self._ready,
                 "_fetch": None, "_gate": None, "_op": None, "_lookup": None}
 
     def __setstate__(self, state: dict) -> None:
@@ -358,6 +358,14 @@ def merge_stage_saves(per_stage: list[dict[str, Any]]) -> dict[str, Any]:
     return merged
 
 
+def _park_until_past(mediator: Any, location: str, step: int) -> None:
+    """Park the running trace until ``location`` has been served for ``step`` (at once if it has)."""
+    from nnsight.intervention.interleaver import Mediator
+
+    if mediator.occurrence(location) <= step:
+        Mediator.value(location)
+
+
 def _current_mediator():
     from greenlet import getcurrent
 
@@ -373,8 +381,8 @@ class PipelineStageBackend:
     where the owner's value exists or will without waiting on this stage (see the module docstring);
     writes to them are no-ops. ``layers`` is the slice of decoder layers this stage holds, ``first`` /
     ``last`` whether it runs the embeddings / the final norm, LM head and sampler. ``publishes`` is off
-    on all but one tensor-parallel rank of a stage (they hold the same values). ``boundaries``: the engine
-    serves ``STAGE_START`` / ``STAGE_END``; without them placeholders are handed out at once.
+    on all but one tensor-parallel rank of a stage (they hold the same values). The engine serves the
+    ``STAGE_START`` / ``STAGE_END`` boundaries that placeholders wait for.
     """
 
     def __init__(
@@ -386,12 +394,11 @@ class PipelineStageBackend:
         last: bool,
         parameters: ParameterShelf | None = None,
         publishes: bool = True,
-        boundaries: bool = True,
         device: torch.device | str = "cpu",
     ) -> None:
         self.inner, self.channel, self.parameters = inner, channel, parameters
         self.layers, self.first, self.last = layers, first, last
-        self.publishes, self.boundaries, self.device = publishes, boundaries, device
+        self.publishes, self.device = publishes, device
         self.name, self.batches_prompts = inner.name, inner.batches_prompts
 
     # -- ownership ---------------------------------------------------------------
@@ -422,7 +429,7 @@ class PipelineStageBackend:
     def _placeholder(self, where: str, gate: Callable[[], None] | None = None) -> RemoteValue:
         channel = self._channel(where)
         key = channel.key(where)
-        return RemoteValue(lambda: channel.fetch(key, where, self.device), where, key, gate,
+        return RemoteValue(lambda: channel.fetch(key, where, self.device), where, gate,
                            lookup=lambda: channel.fetch_if_published(key, self.device))
 
     def _publish(self, where: str, value: torch.Tensor) -> None:
@@ -436,34 +443,24 @@ class PipelineStageBackend:
     def remote_read(self, where: str, position: Position) -> RemoteValue:
         """Parks until this stage reaches the boundary that follows (or precedes) the read module, as a read
         in one process parks until its module runs, then hands out the placeholder."""
-        from nnsight.intervention.interleaver import Mediator
-
         mediator = _current_mediator()
-        if mediator is not None and self.boundaries:
+        if mediator is not None:
             location = self._boundary(position)
             step = mediator.iteration if mediator.iteration is not None else mediator.occurrence(location)
-            if mediator.occurrence(location) <= step:
-                Mediator.value(location)
+            _park_until_past(mediator, location, step)
         return self._placeholder(where)
 
     def _gate(self, position: Position) -> Callable[[], None] | None:
         """For a value computed by another stage at the current point of the trace: what to do before
         fetching it, i.e. park until this stage has passed the boundary after which that stage computes it
         without waiting on this one (nothing, if it already has)."""
-        from nnsight.intervention.interleaver import Mediator
-
         mediator = _current_mediator()
-        if mediator is None or not self.boundaries:
+        if mediator is None:
             return None
         location = self._boundary(position)
         pinned = mediator.iteration
         step = pinned if pinned is not None else max(mediator.occurrence(STAGE_START) - 1, 0)
-
-        def wait() -> None:
-            if mediator.occurrence(location) <= step:
-                Mediator.value(location)
-
-        return wait
+        return lambda: _park_until_past(mediator, location, step)
 
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         value = self.inner.after_read(value, fresh, where)
@@ -509,5 +506,5 @@ class PipelineStageBackend:
         if self.parameters is None:
             raise NotImplementedError(f"parameter {path} is held by another pipeline stage and no shelf was given.")
         shelf = self.parameters
-        return RemoteValue(lambda: shelf.take(path, self.device), f"parameter {path}", gate=self._gate(position),
+        return RemoteValue(lambda: shelf.take(path, self.device), f"parameter {path}", self._gate(position),
                            lookup=lambda: shelf.take_if_offered(path, self.device))

@@ -128,13 +128,13 @@ class StandardizedMixin:
         ``"layers.3.mlp.down_proj.weight"``) or a native one. Under vLLM tensor parallelism the shards are
         gathered (call it inside a trace, where every rank runs it); vocabulary padding is stripped."""
         module_path, _, param_name = path.rpartition(".")
-        module = self._module.get_submodule(self._native_path(module_path))
-        return self._backend.full_parameter(module, param_name, path, self._position_of(module_path))
-
-    def _position_of(self, module_path: str) -> Any:
-        """Where a module (standard or native path) runs in the forward pass: a layer index, or before /
-        after the layers."""
         native = self._native_path(module_path)
+        module = self._module.get_submodule(native)
+        return self._backend.full_parameter(module, param_name, path, self._position_of(native))
+
+    def _position_of(self, native: str) -> Any:
+        """Where the module at a native path runs in the forward pass: a layer index, or before / after the
+        layers."""
         if native == self.names.embed_tokens or native.startswith(self.names.embed_tokens + "."):
             return EMBEDDINGS
         prefix = self.names.layers + "."
