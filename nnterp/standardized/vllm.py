@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
+import logging
 import os
 from typing import Any
 
@@ -37,7 +39,17 @@ class VLLMBackend(Backend):
 CPU_KV_CACHE_BYTES = 2**30
 
 
+def _quiet_vllm_logging() -> None:
+    """vLLM logs ~45 INFO lines per engine start: WARNING unless the user set ``VLLM_LOGGING_LEVEL``. The
+    variable reaches vLLM's logging config and the engine's worker processes; the logger's own level also
+    covers what vLLM logs before it applies that config, and a vllm imported before nnterp."""
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    if level in logging.getLevelNamesMapping():
+        logging.getLogger("vllm").setLevel(level)
+
+
 def _vllm_class():
+    _quiet_vllm_logging()
     from nnsight.modeling.vllm import VLLM
 
     return VLLM
@@ -78,7 +90,8 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
 
     Prefix caching is off (cached tokens skip the forward pass, so interventions would silently miss
     them); pass ``unsafe_enable_prefix_caching=True`` to turn it on anyway. Activations are flat
-    ``[tokens, hidden]``; each ``tracer.invoke`` is one prompt.
+    ``[tokens, hidden]``; each ``tracer.invoke`` is one prompt. vLLM's per-call progress bars ("Rendering
+    prompts", "Processed prompts") are off unless ``use_tqdm=True``.
     """
 
     def __init__(
@@ -87,9 +100,11 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         rename: RenameConfig | None = None,
         check_layout: bool = True,
         unsafe_enable_prefix_caching: bool = False,
+        use_tqdm: bool = False,
         **vllm_kwargs: Any,
     ) -> None:
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        object.__setattr__(self, "_use_tqdm", use_tqdm)  # read by _load_sync, inside super().__init__
         vllm_kwargs = _translate_hf_kwargs(vllm_kwargs)
         for key, value in json.loads(os.environ.get("NNTERP_VLLM_ARGS", "{}")).items():
             vllm_kwargs.setdefault(key, value)  # machine-wide engine defaults, e.g. an attention backend
@@ -115,7 +130,10 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     def _load_sync(self, repo_id: str, **kwargs: Any) -> Any:
         if _no_accelerator():
             self._WORKER_CLS = "nnterp.standardized.vllm_cpu.NNsightCPUWorker"
-        return super()._load_sync(repo_id, **kwargs)
+        llm = super()._load_sync(repo_id, **kwargs)
+        # nnsight calls llm.generate without use_tqdm, and vLLM's default draws two bars per trace.
+        llm.generate = functools.partial(llm.generate, use_tqdm=self._use_tqdm)
+        return llm
 
     def __setstate__(self, state: dict) -> None:
         """Unpickled inside an engine worker: on a pipeline stage, reads and writes go through the stage."""
