@@ -160,6 +160,10 @@ def test_patchscope_lens_with_latents_and_default_target(llama):
     latents = get_token_activations(llama, PROMPTS, layers=[1, 2])
     from_latents = patchscope_lens(llama, target_patch_prompts=repeat_prompt(), layers=[1, 2], latents=latents, tqdm=None)
     assert torch.allclose(from_latents, patchscope_lens(llama, PROMPTS, layers=[1, 2], tqdm=None), atol=1e-6)
+    every_layer = get_token_activations(llama, PROMPTS)  # one row per model layer, layers picked from it
+    assert torch.allclose(patchscope_lens(llama, None, repeat_prompt(), layers=[1, 2], latents=every_layer, tqdm=None), from_latents, atol=1e-6)
+    with pytest.raises(ValueError, match="latents must be"):
+        patchscope_lens(llama, None, repeat_prompt(), layers=[1, 2], latents=every_layer[:1])
     with pytest.raises(ValueError, match="both source_prompts and latents"):
         patchscope_lens(llama, PROMPTS, layers=[1, 2], latents=latents)
     with pytest.raises(ValueError, match="Number of sources"):

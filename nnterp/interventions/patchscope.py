@@ -151,8 +151,8 @@ def patchscope_lens(
     tqdm: Callable | None = auto_tqdm,
 ) -> torch.Tensor:
     """For each layer: each target prompt's hidden state at its ``index_to_patch`` is replaced by its source's
-    hidden state at the source's last token (or by ``latents[layer index, source]``, ``[layers, sources,
-    hidden]``), and the target's next-token probabilities are read. Returns ``[sources, layers, vocab]``
+    hidden state at the source's last token (or by ``latents``: ``[layers, sources, hidden]``, one row per
+    entry of ``layers`` or per model layer), and the target's next-token probabilities are read. Returns ``[sources, layers, vocab]``
     on CPU. One trace per layer (``tqdm=None`` hides the bar); the default target is :func:`repeat_prompt`.
     """
     target_patch_prompts = repeat_prompt() if target_patch_prompts is None else target_patch_prompts
@@ -160,8 +160,12 @@ def patchscope_lens(
     if latents is not None:
         if source_prompts is not None:
             raise ValueError("You cannot provide both source_prompts and latents")
-        if latents.ndim != 3 or latents.shape[0] != len(layers):
-            raise ValueError(f"latents must be [layers ({len(layers)}), sources, hidden], got shape {tuple(latents.shape)}.")
+        num_layers = get_num_layers(nn_model)
+        if latents.ndim != 3 or latents.shape[0] not in (len(layers), num_layers):
+            raise ValueError(f"latents must be [layers ({len(layers)}, or all {num_layers}), sources, hidden], "
+                             f"got shape {tuple(latents.shape)}.")
+        if latents.shape[0] != len(layers):  # one row per model layer: keep the requested ones
+            latents = latents[[layer_index(nn_model, layer) for layer in layers]]
         num_sources = latents.shape[1]
     elif source_prompts is None:
         raise ValueError("Either source_prompts or latents must be provided")
