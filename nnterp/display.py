@@ -1,8 +1,9 @@
-"""Heatmaps for logit-lens and activation-patching results (matplotlib figures).
+"""Plots: logit-lens and activation-patching heatmaps (matplotlib), the top tokens per layer (plotly) and
+prompt tables (pandas); plotly and pandas are optional (the ``display`` extra).
 
-Each function returns a ``matplotlib.figure.Figure`` closed from pyplot: it displays once in a notebook when it
-is a cell's value, never pops up on its own, and ``figure.savefig(...)`` (or ``path=``) writes it. The backend
-is left as the user set it.
+Each matplotlib function returns a ``matplotlib.figure.Figure`` closed from pyplot: it displays once in a notebook
+when it is a cell's value, never pops up on its own, and ``figure.savefig(...)`` (or ``path=``) writes it. The
+backend is left as the user set it.
 """
 
 from __future__ import annotations
@@ -125,3 +126,91 @@ def plot_patching(
         result, tokens, [str(layer) for layer in layers], title=f"Patching clean into corrupt: p({target})",
         x_title=f"patched position of {prompt!r}", colorbar=f"p({target})", log_scale=log_scale, path=path,
     )
+
+
+def _optional(module: str, feature: str):
+    """Import an optional dependency of the ``display`` extra, or say how to install it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ImportError(
+            f"{feature} needs {module.split('.')[0]}, an optional dependency: pip install 'nnterp[display]' "
+            f"(or pip install plotly pandas)."
+        ) from error
+
+
+def plot_topk_tokens(
+    next_token_probs: torch.Tensor,
+    tokenizer,
+    k: int = 4,
+    title: str | None = None,
+    use_token_ids: bool = False,
+    file: str | Path | None = None,
+    save_html: bool = True,
+    height: int = 300,
+    width: int = 400,
+):
+    """A plotly heatmap of the ``k`` most probable tokens per layer, one panel per prompt (3 per row).
+
+    ``next_token_probs``: ``[prompts, layers, vocab]`` (e.g. from ``logit_lens``), ``[layers, vocab]`` or
+    ``[vocab]``. Cells show the token (or its id with ``use_token_ids``) and are coloured by probability.
+    ``file``: where to write it: ``.html`` as HTML; another suffix as an image (needs kaleido) plus, with
+    ``save_html``, an HTML copy. The figure is shown in notebooks and returned.
+    """
+    go = _optional("plotly.graph_objects", "plot_topk_tokens")
+    subplots = _optional("plotly.subplots", "plot_topk_tokens")
+    probs = next_token_probs.detach().float().cpu()
+    probs = probs.reshape((1,) * (3 - probs.ndim) + tuple(probs.shape)) if probs.ndim < 3 else probs
+    if probs.ndim != 3:
+        raise ValueError(f"next_token_probs must be [vocab], [layers, vocab] or [prompts, layers, vocab], got {tuple(next_token_probs.shape)}.")
+    num_prompts, num_layers, _ = probs.shape
+    columns = min(3, num_prompts)
+    rows = -(-num_prompts // columns)
+    figure = subplots.make_subplots(rows=rows, cols=columns, vertical_spacing=0.1, horizontal_spacing=0.05)
+    for prompt, prompt_probs in enumerate(probs):
+        top = prompt_probs.topk(k, dim=-1)
+        ids = [[str(int(token)) for token in layer] for layer in top.indices]
+        names = [[repr(tokenizer.convert_ids_to_tokens(int(token))) for token in layer] for layer in top.indices]
+        hover = [[f"ID: {i}<br>Token: {n}" for i, n in zip(layer_ids, layer_names)] for layer_ids, layer_names in zip(ids, names)]
+        row, column = prompt // columns + 1, prompt % columns + 1
+        figure.add_trace(
+            go.Heatmap(
+                z=top.values.tolist(), x=list(range(k)), y=list(range(num_layers)),
+                text=ids if use_token_ids else names, texttemplate="%{text}", colorscale="RdBu_r", zmin=0, zmax=1,
+                colorbar=dict(title="Probability", thickness=15, len=0.9), hovertext=hover,
+                hovertemplate="Layer: %{y}<br>%{hovertext}<br>Probability: %{z}<extra></extra>",
+            ),
+            row=row, col=column,
+        )
+        figure.update_xaxes(title_text="Tokens", row=row, col=column)
+        figure.update_yaxes(title_text="Layers", row=row, col=column)
+    figure.update_layout(title=title or f"Top {k} Tokens Heatmap", height=height * rows, width=width * columns, showlegend=False)
+    if file is not None:
+        file = Path(file)
+        if file.suffix != ".html":
+            _optional("kaleido", "plot_topk_tokens(file=<image>)")
+            figure.write_image(file, scale=3)
+        if save_html or file.suffix == ".html":
+            figure.write_html(file if file.suffix == ".html" else file.with_suffix(".html"))
+    from .utils import is_notebook
+
+    if is_notebook():  # outside a notebook plotly would open a browser, or show nothing
+        figure.show()
+    return figure
+
+
+def prompts_to_df(prompts, tokenizer=None):
+    """A pandas DataFrame with one column per prompt: its text, each target's strings and, with a
+    tokenizer, each target's tokens."""
+    pandas = _optional("pandas", "prompts_to_df")
+    table = {}
+    for i, prompt in enumerate(prompts):
+        table[i] = {"prompt": prompt.prompt}
+        for target, strings in (prompt.target_strings or {}).items():
+            table[i][target + "_string"] = strings
+        if tokenizer is not None:
+            for target, tokens in prompt.target_tokens.items():
+                table[i][target + "_tokens"] = tokenizer.convert_ids_to_tokens(tokens)
+    return pandas.DataFrame.from_dict(table)
