@@ -45,7 +45,7 @@ class AttentionProbabilities:
     def __init__(self, model: "StandardizedMixin", source: Callable | None = None) -> None:
         self._model = model
         self._source = source
-        self._calls: dict[type, str | AttentionProbabilitiesUnavailable] = {}
+        self._calls: dict[type, str | None | AttentionProbabilitiesUnavailable] = {}
         self._disabled = False
 
     @property
@@ -80,13 +80,14 @@ class AttentionProbabilities:
         cls = type(attention._module)
         if cls not in self._calls:
             try:
-                self._calls[cls] = attention_call(attention.source.compiled, cls.__name__)
+                self._calls[cls] = softmax_function(attention.source.compiled, attention._module)
             except AttentionProbabilitiesUnavailable as error:
                 self._calls[cls] = error
         call = self._calls[cls]
         if isinstance(call, AttentionProbabilitiesUnavailable):
             raise call
-        inner = getattr(attention.source, call).source  # the function is resolved when the call runs
+        # the function is resolved when the call runs
+        inner = attention.source if call is None else getattr(attention.source, call).source
         if module_source:
             return inner
         softmax = [name for name in inner.names if "softmax" in name]
@@ -157,16 +158,33 @@ class AttentionProbabilities:
         print(texts[1])
 
 
-def attention_call(compiled: Any, class_name: str) -> str:
-    """The label of the attention-function call in an attention module's forward: an operation on a line
-    where a function whose name mentions attention is called (not assigned), from the forward's syntax tree."""
-    tree = ast.parse(compiled.source)
-    call_lines = {node.lineno for node in ast.walk(tree)
-                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and "attention" in node.func.id}
-    labels = [name for name in compiled.names if "attention" in name and compiled.lines.get(name) in call_lines]
-    if not labels:
-        raise AttentionProbabilitiesUnavailable(
-            f"{class_name}.forward calls no attention function nnterp can drill into "
-            f"(its operations: {list(compiled.names)})."
-        )
-    return labels[0]
+def softmax_function(compiled: Any, module: torch.nn.Module) -> str | None:
+    """Where an attention module's forward computes its softmax: the label of the call to the function that
+    does (a function whose name mentions attention, e.g. transformers' attention interface; else a method
+    whose name mentions attn, e.g. GPT-J's ``self._attn``), or None when the forward computes it inline
+    (Bloom). Read from the forward's syntax tree and nnsight's operation labels."""
+    calls = [(ast.unparse(node.func), range(node.lineno, node.end_lineno + 1))
+             for node in ast.walk(ast.parse(compiled.source)) if isinstance(node, ast.Call)]
+
+    def labels(mentioning: str) -> list[str]:
+        """Labels of calls (not of assignments to the same name) to non-module callables named so."""
+        found = []
+        for callee, lines in calls:
+            name = callee.rpartition(".")[2]
+            if mentioning not in name or callee.startswith("self.") and isinstance(getattr(module, name, None), torch.nn.Module):
+                continue
+            prefix = callee.replace(".", "_") + "_"
+            found += [label for label in compiled.names
+                      if label.startswith(prefix) and label[len(prefix):].isdigit() and compiled.lines.get(label) in lines]
+        return sorted(found, key=list(compiled.names).index)  # source order
+
+    if labels("attention"):
+        return labels("attention")[0]
+    if any("softmax" in name for name in compiled.names):
+        return None
+    if labels("attn"):
+        return labels("attn")[0]
+    raise AttentionProbabilitiesUnavailable(
+        f"{type(module).__name__}.forward computes no softmax and calls no attention function nnterp can drill into "
+        f"(its operations: {list(compiled.names)})."
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Callable, Union
@@ -173,22 +174,38 @@ def _as_list(value: Names) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def split_rename(rename: "RenameConfig | dict | None", rename_config: RenameConfig | None) -> tuple[RenameConfig, dict[str, list[str]], dict]:
+# Keyword arguments nnterp 1.x's error messages asked for (``attn_rename="..."``): aliases, as ``rename`` entries.
+RENAME_KEYWORDS = {"attn_rename": "self_attn", "mlp_rename": "mlp", "ln_final_rename": "ln_final",
+                   "lm_head_rename": "lm_head", "layers_rename": "layers"}
+
+
+def split_rename(
+    rename: "RenameConfig | dict | None", rename_config: RenameConfig | None, loader_kwargs: dict | None = None
+) -> tuple[RenameConfig, dict[str, list[str]], dict]:
     """The constructor's ``rename`` / ``rename_config`` as (config, hints, extra aliases).
 
     ``rename`` is a ``RenameConfig`` or, as in nnterp 1.x, a dict ``{native name: alias}`` merged over the
     defaults: an entry whose alias is a standard name is a hint (tried before the alias tables, skipped
     where the model has no such module); any other entry is passed on to nnsight as a plain alias.
+    ``attn_rename=...``-style keywords are taken out of ``loader_kwargs`` as hints too (deprecated).
     """
+    entries = {}
+    for keyword, standard in RENAME_KEYWORDS.items():
+        if loader_kwargs is not None and keyword in loader_kwargs:
+            warnings.warn(f"`{keyword}` is deprecated: pass rename_config=RenameConfig(...) or rename={{...}}.",
+                          DeprecationWarning, stacklevel=3)
+            for native in _as_list(loader_kwargs.pop(keyword)):
+                entries[native] = standard
     if isinstance(rename, RenameConfig):
         if rename_config is not None:
             raise ValueError("Pass the RenameConfig once, as rename=... or rename_config=..., not both.")
-        return rename, {}, {}
+        rename_config, rename = rename, None
     if rename is not None and not isinstance(rename, dict):
         raise TypeError(f"rename takes a RenameConfig or a dict {{native name: alias}}, got {type(rename).__name__}.")
+    entries.update(rename or {})
     hints: dict[str, list[str]] = {}
     extra: dict = {}
-    for native, alias in (rename or {}).items():
+    for native, alias in entries.items():
         if alias in STANDARD_NAMES or alias == CONTAINER:
             hints.setdefault(alias, []).append(native)
         else:

@@ -13,45 +13,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nnterp import AttnProbFunction, RenameConfig, RenamingError, StandardizedTransformer
 from nnterp.rename import UnknownArchitectureError
 
+from hf_reference import add_at, stream_of
+from hf_reference import hooked_logits as raw_hooked_logits
+
 PROMPTS = ["The capital of France is", "Hi", "One two three four"]
 
 
 # -- references ---------------------------------------------------------------------------------------------
 
 
-def stream_of(output):
-    return output[0] if isinstance(output, tuple) else output
-
-
-def with_stream(output, stream):
-    return (stream,) + tuple(output[1:]) if isinstance(output, tuple) else stream
-
-
 def hooked_logits(model, prompt: str, edits: dict) -> torch.Tensor:
-    """Logits ``[tokens, vocab]`` of a plain forward of the raw model on one prompt alone, with
-    ``edits[layer](stream) -> stream`` applied to layer outputs by forward hooks."""
-    layers = model._torch_module("layers")
-    handles = [layers[i].register_forward_hook(lambda m, a, out, fn=fn: with_stream(out, fn(stream_of(out))))
-               for i, fn in edits.items()]
-    try:
-        ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
-        with torch.no_grad():
-            return model._module(input_ids=ids).logits[0]
-    finally:
-        for handle in handles:
-            handle.remove()
+    """The raw model's logits on ``prompt`` alone, ``edits`` applied to layer outputs by hooks."""
+    ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    return raw_hooked_logits(model._module, model._torch_module("layers"), ids, edits)
 
 
 def prompt_length(model, prompt: str) -> int:
     return len(model.tokenizer(prompt)["input_ids"])
-
-
-def add_at(vector, positions):
-    def edit(stream):
-        stream = stream.clone()
-        stream[0, positions] += vector
-        return stream
-    return edit
 
 
 def real_rows(mask: torch.Tensor, row: int) -> torch.Tensor:
@@ -250,20 +228,16 @@ def test_project_on_vocab_and_topk_closest_tokens_equal_manual_unembedding(llama
 # -- attention probabilities ----------------------------------------------------------------------------------
 
 
-class DropoutSite(AttnProbFunction):
-    """The probabilities as Llama's eager attention passes them through dropout (what nnterp 1.x read)."""
+class SiteInAttentionFunction(AttnProbFunction):
+    """An operation of Llama's eager attention function: its dropout of the probabilities (what nnterp 1.x
+    read), or a wrong site such as the scores before the softmax."""
+
+    def __init__(self, operation: str):
+        self.operation = operation
 
     def get_attention_prob_source(self, attention_module, return_module_source=False):
         inner = attention_module.source.attention_interface_1.source
-        return inner if return_module_source else inner.nn_functional_dropout_0
-
-
-class ScoresSite(AttnProbFunction):
-    """A wrong site: the scores before the softmax."""
-
-    def get_attention_prob_source(self, attention_module, return_module_source=False):
-        inner = attention_module.source.attention_interface_1.source
-        return inner if return_module_source else inner.torch_matmul_0
+        return inner if return_module_source else getattr(inner, self.operation)
 
 
 def test_enable_attention_probs_gives_eager_probabilities_that_drive_the_output(tiny_path, capsys):
@@ -294,7 +268,7 @@ def test_enable_attention_probs_gives_eager_probabilities_that_drive_the_output(
 
 def test_attn_prob_source_from_rename_config_is_used_and_checked(tiny_path):
     path = str(tiny_path("llama"))
-    model = StandardizedTransformer(path, enable_attention_probs=True, rename_config=RenameConfig(attn_prob_source=DropoutSite()))
+    model = StandardizedTransformer(path, enable_attention_probs=True, rename_config=RenameConfig(attn_prob_source=SiteInAttentionFunction("nn_functional_dropout_0")))
     ids = model.tokenizer(PROMPTS[0], return_tensors="pt")
     with torch.no_grad():
         reference = model._module(**ids, output_attentions=True).attentions[2]
@@ -302,7 +276,18 @@ def test_attn_prob_source_from_rename_config_is_used_and_checked(tiny_path):
         probs = model.attention_probabilities[2].save()
     assert torch.allclose(probs, reference, atol=1e-6)
     with pytest.raises(RenamingError, match="do not sum to 1"):
-        StandardizedTransformer(path, enable_attention_probs=True, rename_config=RenameConfig(attn_prob_source=ScoresSite()))
+        StandardizedTransformer(path, enable_attention_probs=True, rename_config=RenameConfig(attn_prob_source=SiteInAttentionFunction("torch_matmul_0")))
+
+
+def test_probabilities_computed_inline_in_the_attention_forward(tiny_path):
+    """Bloom's attention computes its softmax in its own forward, not in an attention function."""
+    model = StandardizedTransformer(str(tiny_path("bloom")), enable_attention_probs=True)  # checked at load
+    ids = model.tokenizer(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        reference = model._module(**ids, output_attentions=True).attentions[1]
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        probs = model.attention_probabilities[1].save()
+    assert torch.allclose(probs, reference, atol=1e-6)
 
 
 def test_attention_probability_arguments_are_checked(tiny_path):
@@ -439,6 +424,16 @@ def test_nnterp_1x_constructor_arguments_are_accepted(tiny_path):
     assert model.num_layers == 3 and next(model._module.parameters()).device.type == "cpu"
     with pytest.raises(NotImplementedError, match="remote execution on NDIF is not available"):
         StandardizedTransformer(str(tiny_path("gpt2")), remote=True)
+
+
+def test_rename_keywords_are_deprecated_aliases_and_unknown_keywords_are_named(tiny_path):
+    path = str(tiny_path("gpt2"))
+    with pytest.warns(DeprecationWarning, match="`attn_rename` is deprecated"):
+        model = StandardizedTransformer(path, attn_rename="nonexistent_attn", mlp_rename="mlp", check_renaming=False)
+    assert (model.names.self_attn, model.names.mlp) == ("attn", "mlp")  # an alias the model lacks is skipped
+    assert model._model is model._module
+    with pytest.raises(TypeError, match="got 'no_such_argument', which is neither its own argument nor one that from_pretrained"):
+        StandardizedTransformer(path, no_such_argument=1)
 
 
 def test_bad_model_arguments_get_specific_errors(tmp_path, llama):

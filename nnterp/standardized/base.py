@@ -12,6 +12,7 @@ from ..accessors import LayerAccessor, ModuleListView
 from ..layout import LayoutError, ModelLayout, check_same_shape, drift, infer_model_layout, load_snapshot
 from ..distributed.pp import EMBEDDINGS, HEAD
 from ..rename import ModuleNames, RenameConfig, RenamingError
+from .checks import check_renaming as check_standard_modules
 
 logger = logging.getLogger("nnterp")
 
@@ -85,10 +86,8 @@ def refuse_remote(remote: bool, loader: str) -> None:
 
 
 class StandardizedMixin:
-    """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend`` / ``self._rename_config``.
-
-    Subclasses set those four, then call ``_init_standard_surface()``.
-    """
+    """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend`` / ``self._rename_config``,
+    which subclasses set through ``_init_standard_surface`` once their model is loaded."""
 
     names: ModuleNames
     layout: ModelLayout
@@ -96,7 +95,11 @@ class StandardizedMixin:
     _rename_config: RenameConfig
     _tokenizer_source: str | None = None
 
-    def _init_standard_surface(self) -> None:
+    def _init_standard_surface(
+        self, names: ModuleNames, rename_config: RenameConfig, backend: Backend, layout: ModelLayout, tokenizer_source: str | None
+    ) -> None:
+        self.names, self._rename_config, self._backend, self.layout = names, rename_config, backend, layout
+        self._tokenizer_source = tokenizer_source
         self.layers_input = LayerAccessor(self, "layer", "input")
         self.layers_output = LayerAccessor(self, "layer", "output")
         self.attentions_input = LayerAccessor(self, "self_attn", "input")
@@ -105,6 +108,17 @@ class StandardizedMixin:
         self.mlps_output = LayerAccessor(self, "mlp", "output")
         self.attentions = ModuleListView(self, "self_attn", "attentions")
         self.mlps = ModuleListView(self, "mlp", "mlps")
+
+    def _check_loaded(self, check_layout: bool, check_renaming: bool, allow_multimodal: bool) -> None:
+        """The load-time checks: layout against the reviewed snapshot, then the renaming (``checks``)."""
+        self._check_against_snapshot(check_layout)
+        if check_renaming:
+            check_standard_modules(self, allow_multimodal)
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped torch model (nnterp 1.x's name for nnsight's ``_module``)."""
+        return self._module
 
     # -- sizes -------------------------------------------------------------
 

@@ -12,7 +12,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from ..attention import AttentionProbabilities, eager_for_probabilities
 from ..rename import RenameConfig, resolve_names, split_rename
 from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
-from .checks import check_renaming as check_renaming_at_load
 from .source import check_model_source
 
 PROBE_TOKENS = 6
@@ -56,7 +55,7 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
     ) -> None:
         refuse_remote(remote, "StandardizedTransformer")
         attn_implementation = eager_for_probabilities(enable_attention_probs, attn_implementation)
-        config, hints, extra = split_rename(rename, rename_config)
+        config, hints, extra = split_rename(rename, rename_config, from_pretrained_kwargs)
         tokenizer_kwargs = dict(tokenizer_kwargs or {})
         source = check_model_source(model, "StandardizedTransformer")
         if isinstance(source, str):
@@ -66,7 +65,7 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
             if attn_implementation is not None:
                 from_pretrained_kwargs["attn_implementation"] = attn_implementation
             from_pretrained_kwargs.setdefault("device_map", "auto")
-            model = AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **from_pretrained_kwargs)
+            model = _from_pretrained(source, trust_remote_code, from_pretrained_kwargs)
         else:
             if from_pretrained_kwargs:
                 raise TypeError(
@@ -82,18 +81,12 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
             tokenizer.pad_token = tokenizer.eos_token
         names = resolve_names(model, config, hints, extra)
         super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename(), tokenizer_kwargs=tokenizer_kwargs)
-        self.names = names
-        self._rename_config = config
-        self._tokenizer_source = tokenizer_source
-        self._backend = Backend()
-        self.layout = infer_layout(model, names, self._probe_hidden_size(model), "hf", self._probe_run(model))
-        self._init_standard_surface()
+        layout = infer_layout(model, names, self._probe_hidden_size(model), "hf", self._probe_run(model))
+        self._init_standard_surface(names, config, Backend(), layout, tokenizer_source)
         self.attention_probabilities = AttentionProbabilities(self, config.attn_prob_source)
-        self._check_against_snapshot(check_layout)
-        if check_renaming:
-            check_renaming_at_load(self, allow_multimodal)
-            if enable_attention_probs:
-                self.attention_probabilities.check_source(use_trace=check_attn_probs_with_trace)
+        self._check_loaded(check_layout, check_renaming, allow_multimodal)
+        if check_renaming and enable_attention_probs:
+            self.attention_probabilities.check_source(use_trace=check_attn_probs_with_trace)
 
     @property
     def _text_config(self):
@@ -152,4 +145,19 @@ def _tokenizer_of(model: PreTrainedModel, tokenizer_kwargs: dict) -> Any:
         raise ValueError(
             f"Pass tokenizer=... together with an already loaded model (no tokenizer could be loaded from "
             f"its name_or_path {source!r}: {error})."
+        ) from error
+
+
+def _from_pretrained(source: str, trust_remote_code: bool, kwargs: dict) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``, with an argument nobody takes named as such (transformers
+    reports it from deep inside the model class)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except TypeError as error:
+        unknown = [key for key in kwargs if f"unexpected keyword argument '{key}'" in str(error)]
+        if not unknown:
+            raise
+        raise TypeError(
+            f"StandardizedTransformer got {unknown[0]!r}, which is neither its own argument nor one that "
+            f"from_pretrained or the model's config takes ({error})."
         ) from error

@@ -13,7 +13,6 @@ import torch
 
 from ..rename import RenameConfig, resolve_names, split_rename
 from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
-from .checks import check_renaming as check_renaming_at_load
 from .readonly import read_only
 from .source import check_model_source
 
@@ -114,7 +113,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             from ..attention import AttentionProbabilitiesUnavailable
 
             raise AttentionProbabilitiesUnavailable(VLLM_NO_PROBABILITIES)
-        config, hints, extra = split_rename(rename, rename_config)
+        config, hints, extra = split_rename(rename, rename_config, vllm_kwargs)
         model = check_model_source(model, "StandardizedVLLM", loaded_ok=False)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         vllm_kwargs = _translate_hf_kwargs(vllm_kwargs)
@@ -131,19 +130,13 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         with _cpu_meta_build():
             super().__init__(model, **vllm_kwargs)
         names = resolve_names(self._module, config, hints, extra)
-        self.names = names
-        self._rename_config = config
-        self._tokenizer_source = model
-        self._backend = VLLMBackend()
         width = self._module.get_submodule(names.embed_tokens).embedding_dim
-        self.layout = infer_layout(self._module, names, width, "vllm", run=None)
+        layout = infer_layout(self._module, names, width, "vllm", run=None)
         _bind_aliases(self, names.nnsight_rename())
-        self._init_standard_surface()
+        self._init_standard_surface(names, config, VLLMBackend(), layout, model)
         for key, value in (tokenizer_kwargs or {}).items():
             setattr(self.tokenizer, key, value)
-        self._check_against_snapshot(check_layout)
-        if check_renaming:
-            check_renaming_at_load(self, allow_multimodal)
+        self._check_loaded(check_layout, check_renaming, allow_multimodal)
 
     _WORKER_CLS = "nnterp.standardized.vllm_worker.NNterpGPUWorker"
 
