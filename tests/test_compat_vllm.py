@@ -51,9 +51,10 @@ def test_inputs_are_per_invoke(pair):
     _, model = pair
     with torch.no_grad(), model.trace() as tracer:
         with tracer.invoke(PROMPTS[0]):
-            first = (model.input_ids.save(), model.attention_mask.save(), nnsight.save(tuple(model.input_size)))
+            ids_0, mask_0, size_0 = model.input_ids.save(), model.attention_mask.save(), nnsight.save(tuple(model.input_size))
         with tracer.invoke(PROMPTS[1]):
-            second = (model.input_ids.save(), model.attention_mask.save(), nnsight.save(tuple(model.input_size)))
+            ids_1, mask_1, size_1 = model.input_ids.save(), model.attention_mask.save(), nnsight.save(tuple(model.input_size))
+    first, second = (ids_0, mask_0, size_0), (ids_1, mask_1, size_1)
     for prompt, (ids, mask, size) in zip(PROMPTS, (first, second)):
         expected = model.tokenizer(prompt)["input_ids"]
         assert ids.tolist() == [expected] and mask.tolist() == [[1] * len(expected)] and tuple(size) == (1, len(expected))
@@ -75,7 +76,7 @@ def test_steer_positions_are_each_invokes_own_tokens(pair):
     assert torch.allclose(first[0], hooked_probs(raw, first_ids, {0: twice, 2: twice}), atol=1e-5)
     assert torch.allclose(second[0], hooked_probs(raw, second_ids, {1: add_at(vector, [1, 2])}), atol=1e-5)
     assert not torch.allclose(second[0], hooked_probs(raw, second_ids, {}), atol=1e-4)
-    with pytest.raises(IndexError, match=r"batch_index=\[1\] is out of range for a batch of 1 prompt.*each invoke is one prompt"):
+    with pytest.raises(RuntimeError, match=r"batch_index=\[1\] is out of range for a batch of 1 prompt.*each invoke is one prompt"):
         with model.trace(PROMPTS[0]):
             model.steer(0, vector, batch_index=1)
 
