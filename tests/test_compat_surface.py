@@ -97,9 +97,14 @@ def test_returns_tuple_matches_what_the_raw_modules_return(gpt2, llama):
 # -- inputs and tokenizers ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
-def test_input_ids_attention_mask_and_input_size_equal_the_tokenizer(side, tiny_path):
-    model = StandardizedTransformer(str(tiny_path("llama")), tokenizer_kwargs={"padding_side": side})
+@pytest.fixture(scope="module", params=["left", "right"])
+def padded(request, tiny_path):
+    """The tiny Llama with its tokenizer padding on one side, and that side."""
+    return StandardizedTransformer(str(tiny_path("llama")), tokenizer_kwargs={"padding_side": request.param}), request.param
+
+
+def test_input_ids_attention_mask_and_input_size_equal_the_tokenizer(padded, tiny_path):
+    model, side = padded
     expected = AutoTokenizer.from_pretrained(str(tiny_path("llama")), padding_side=side)(PROMPTS, padding=True, return_tensors="pt")
     with torch.no_grad(), model.trace(PROMPTS):
         ids, mask, size = model.input_ids.save(), model.attention_mask.save(), nnsight.save(tuple(model.input_size))
@@ -118,11 +123,10 @@ def test_add_prefix_false_tokenizer(llama, tiny_path):
 # -- steering -------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("token_positions", [0, -1, [0, 1], slice(1, None)])
-def test_steer_positions_are_each_prompts_own_tokens(side, token_positions, tiny_path):
+def test_steer_positions_are_each_prompts_own_tokens(padded, token_positions):
     """A padded batch steers each prompt as that prompt alone is steered (plain forward with a hook)."""
-    model = StandardizedTransformer(str(tiny_path("llama")), tokenizer_kwargs={"padding_side": side})
+    model, _ = padded
     vector = torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(0)) * 4
     with torch.no_grad(), model.trace(PROMPTS):
         mask = model.attention_mask.save()
@@ -420,7 +424,7 @@ def test_layers_that_do_not_run_on_text_need_allow_multimodal(tiny_path):
 def test_nnterp_1x_constructor_arguments_are_accepted(tiny_path):
     model = StandardizedTransformer(str(tiny_path("gpt2")), trust_remote_code=False, check_renaming=True, remote=False,
                                     allow_dispatch=False, enable_attention_probs=False, check_attn_probs_with_trace=False,
-                                    allow_multimodal=False, rename_config=None, device_map="cpu", tokenizer_kwargs={})
+                                    allow_multimodal=False, rename_config=None, device_map="cpu", tokenizer_kwargs={}, dispatch=True)
     assert model.num_layers == 3 and next(model._module.parameters()).device.type == "cpu"
     with pytest.raises(NotImplementedError, match="remote execution on NDIF is not available"):
         StandardizedTransformer(str(tiny_path("gpt2")), remote=True)

@@ -13,6 +13,7 @@ from ..layout import LayoutError, ModelLayout, check_same_shape, drift, infer_mo
 from ..distributed.pp import EMBEDDINGS, HEAD
 from ..rename import ModuleNames, RenameConfig, RenamingError
 from .checks import check_renaming as check_standard_modules
+from .positions import Positions, chosen_tokens
 
 logger = logging.getLogger("nnterp")
 
@@ -59,9 +60,6 @@ class Backend:
     def compute_at(self, where: str, position: Any, compute: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
         """``compute(*inputs)`` with the modules at ``position`` (run here: this process holds every module)."""
         return compute(*inputs)
-
-
-Positions = int | Sequence[int] | slice | torch.Tensor | None
 
 
 def infer_layout(module: torch.nn.Module, names: ModuleNames, hidden_size: int, backend: str, run: Any) -> ModelLayout:
@@ -341,16 +339,8 @@ class StandardizedMixin:
 
     def _steering_mask(self, token_positions: Positions, batch_index: Positions) -> torch.Tensor:
         """``[batch, tokens]``: True at the chosen prompts' chosen real tokens of this forward pass."""
-        real = self._real_tokens()
-        prompts = f"a batch of {real.shape[0]} prompt(s)"
-        if not self._backend.batches_prompts:
-            prompts += " (on vLLM each invoke is one prompt: call steer inside the invoke of the prompt to steer)"
-        mask = torch.zeros(real.shape, dtype=torch.bool, device=real.device)
-        for row in _select(torch.arange(real.shape[0]), batch_index, "batch_index", prompts).tolist():
-            own = real[row].nonzero().flatten()
-            where = f"prompt {row}, which has {len(own)} token(s) in this forward pass"
-            mask[row, own if token_positions is None else _select(own, token_positions, "token_positions", where)] = True
-        return mask
+        note = "" if self._backend.batches_prompts else " (on vLLM each invoke is one prompt: call steer inside the invoke of the prompt to steer)"
+        return chosen_tokens(self._real_tokens(), token_positions, batch_index, note)
 
     def _real_tokens(self) -> torch.Tensor:
         """``[batch, tokens]``: which of the tokens this forward pass processes are real (not padding); after
@@ -369,21 +359,22 @@ class StandardizedMixin:
 
     # -- inputs ---------------------------------------------------------------
 
-    def _input_ids_read(self) -> torch.Tensor:
+    def _forward_input(self, name: str, position: int | None = None) -> torch.Tensor | None:
+        """An argument of the model's own forward call this pass (inside a trace)."""
         args, kwargs = self.inputs
-        ids = kwargs["input_ids"] if kwargs.get("input_ids") is not None else args[0]
-        return self._backend.after_read(ids, fresh=False, where="model.input_ids")
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return args[position] if position is not None and len(args) > position else None
 
     @property
     def input_ids(self) -> torch.Tensor:
         """The token ids of this forward pass, ``[batch, tokens]`` (inside a trace)."""
-        return self._input_ids_read()
+        return self._forward_input("input_ids", 0)
 
     @property
     def attention_mask(self) -> torch.Tensor:
         """``[batch, tokens]``, 1 for real tokens and 0 for padding (inside a trace)."""
-        args, kwargs = self.inputs
-        mask = kwargs.get("attention_mask")
+        mask = self._forward_input("attention_mask")
         return torch.ones_like(self.input_ids) if mask is None else mask
 
     @property
@@ -457,17 +448,3 @@ class StandardizedMixin:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
-
-
-def _select(values: torch.Tensor, index: Positions, name: str, where: str) -> torch.Tensor:
-    """``values[index]`` (None: all; int, list, slice or tensor; negative counts from the end), as a 1-D tensor;
-    an index out of range names ``where``."""
-    if index is None:
-        return values
-    if isinstance(index, slice):
-        return values[index]
-    picks = torch.as_tensor(index).flatten().tolist()
-    bad = [i for i in picks if not -len(values) <= i < len(values)]
-    if bad:
-        raise IndexError(f"{name}={bad} is out of range for {where}.")
-    return values[torch.as_tensor(picks, dtype=torch.long, device=values.device)]

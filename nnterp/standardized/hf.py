@@ -26,11 +26,12 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
 
     nnterp 1.x's arguments keep their meaning: ``trust_remote_code``; ``check_renaming`` (on a short prompt,
     every standard module reads a tensor of the right shape and every layer runs, else ``RenamingError``);
-    ``allow_dispatch`` (accepted; the weights are always loaded); ``enable_attention_probs`` (eager attention,
-    ``attention_probabilities`` checked with ``check_attn_probs_with_trace``); ``allow_multimodal`` (load
-    models whose layers do not all run on text); ``rename_config`` (a ``RenameConfig``); ``rename`` (a
-    ``RenameConfig``, or a dict ``{native name: alias}`` merged over the defaults); ``tokenizer_kwargs``;
-    ``remote`` (NDIF remote execution is not available: an error). ``check_layout`` warns when the inferred
+    ``allow_dispatch`` and nnsight's ``dispatch`` (accepted; the weights are always loaded);
+    ``enable_attention_probs`` (eager attention, ``attention_probabilities`` checked with
+    ``check_attn_probs_with_trace``); ``allow_multimodal`` (load models whose layers do not all run on text);
+    ``rename_config`` (a ``RenameConfig``); ``rename`` (a ``RenameConfig``, or a dict ``{native name: alias}``
+    merged over the defaults); ``tokenizer_kwargs``; ``remote`` (NDIF remote execution is not available: an
+    error). ``check_layout`` warns when the inferred
     layout differs from the reviewed one under ``layouts/hf/``.
     """
 
@@ -57,6 +58,7 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         attn_implementation = eager_for_probabilities(enable_attention_probs, attn_implementation)
         config, hints, extra = split_rename(rename, rename_config, from_pretrained_kwargs)
         tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        from_pretrained_kwargs.pop("dispatch", None)  # nnsight's "load the weights now": they always are
         source = check_model_source(model, "StandardizedTransformer")
         if isinstance(source, str):
             tokenizer_source = source

@@ -175,9 +175,9 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
 
     @property
     def input_ids(self) -> torch.Tensor:
-        """This request's token ids, ``[1, tokens]`` (each invoke is one unpadded prompt)."""
-        ids = super().input_ids.long()
-        return ids if ids.ndim == 2 else ids.reshape(1, -1)
+        """This request's token ids, ``[1, tokens]`` (each invoke is one unpadded prompt); a copy, as the engine
+        reuses its input buffer."""
+        return self._forward_input("input_ids", 0).to(torch.long, copy=True).reshape(1, -1)
 
     @property
     def engine_kind(self) -> str:
