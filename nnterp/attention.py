@@ -129,10 +129,14 @@ class AttentionProbabilities:
             clean = self._model.logits.save()
         expected = (size[0], heads, size[1], size[1])
         if tuple(probs.shape) != expected:
-            raise RenamingError(f"attention_probabilities[{layer}] has shape {tuple(probs.shape)}, expected {expected} (batch, heads, query, key).")
+            raise RenamingError(
+                f"attention_probabilities[{layer}] has shape {tuple(probs.shape)}, expected {expected} (batch, heads, query, key)."
+            )
         sums = probs.float().sum(-1)
         if not torch.allclose(sums, torch.ones_like(sums), atol=1e-4):
-            raise RenamingError(f"attention_probabilities[{layer}] do not sum to 1 over the keys (sums range {sums.min():.4f}..{sums.max():.4f}).")
+            raise RenamingError(
+                f"attention_probabilities[{layer}] do not sum to 1 over the keys (sums range {sums.min():.4f}..{sums.max():.4f})."
+            )
         if not use_trace:
             return
         with torch.no_grad(), self._model.trace(CHECK_PROMPT):
@@ -141,7 +145,9 @@ class AttentionProbabilities:
             self[layer] = first_key_only
             edited = self._model.logits.save()
         if torch.allclose(edited, clean):
-            raise RenamingError(f"Editing attention_probabilities[{layer}] does not change the logits: they are not the ones the model uses.")
+            raise RenamingError(
+                f"Editing attention_probabilities[{layer}] does not change the logits: they are not the ones the model uses."
+            )
 
     def print_source(self, layer: int = 0, allow_dispatch: bool = True) -> None:
         """Print the operation the probabilities are read from, then the source of the function it lives in

@@ -232,6 +232,15 @@ def test_project_on_vocab_and_topk_closest_tokens_equal_manual_unembedding(llama
 # -- attention probabilities ----------------------------------------------------------------------------------
 
 
+def read_probabilities_and_reference(model, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_probabilities[layer]`` on one prompt, and HF's ``output_attentions`` for the same layer."""
+    with torch.no_grad():
+        reference = model._module(**model.tokenizer(PROMPTS[0], return_tensors="pt"), output_attentions=True).attentions[layer]
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        probs = model.attention_probabilities[layer].save()
+    return probs, reference
+
+
 class SiteInAttentionFunction(AttnProbFunction):
     """An operation of Llama's eager attention function: its dropout of the probabilities (what nnterp 1.x
     read), or a wrong site such as the scores before the softmax."""
@@ -247,11 +256,7 @@ class SiteInAttentionFunction(AttnProbFunction):
 def test_enable_attention_probs_gives_eager_probabilities_that_drive_the_output(tiny_path, capsys):
     model = StandardizedTransformer(str(tiny_path("llama")), enable_attention_probs=True)
     assert model._module.config._attn_implementation == "eager" and model.attn_probs_available
-    ids = model.tokenizer(PROMPTS[0], return_tensors="pt")
-    with torch.no_grad():
-        reference = model._module(**ids, output_attentions=True).attentions[1]
-    with torch.no_grad(), model.trace(PROMPTS[0]):
-        probs = model.attention_probabilities[1].save()
+    probs, reference = read_probabilities_and_reference(model, 1)
     assert torch.allclose(probs, reference, atol=1e-6)
     assert torch.allclose(probs.sum(-1), torch.ones(probs.shape[:-1]), atol=1e-5)
     with torch.no_grad(), model.trace(PROMPTS[0]):
@@ -272,25 +277,18 @@ def test_enable_attention_probs_gives_eager_probabilities_that_drive_the_output(
 
 def test_attn_prob_source_from_rename_config_is_used_and_checked(tiny_path):
     path = str(tiny_path("llama"))
-    model = StandardizedTransformer(path, enable_attention_probs=True, rename_config=RenameConfig(attn_prob_source=SiteInAttentionFunction("nn_functional_dropout_0")))
-    ids = model.tokenizer(PROMPTS[0], return_tensors="pt")
-    with torch.no_grad():
-        reference = model._module(**ids, output_attentions=True).attentions[2]
-    with torch.no_grad(), model.trace(PROMPTS[0]):
-        probs = model.attention_probabilities[2].save()
+    at = lambda operation: RenameConfig(attn_prob_source=SiteInAttentionFunction(operation))  # noqa: E731
+    model = StandardizedTransformer(path, enable_attention_probs=True, rename_config=at("nn_functional_dropout_0"))
+    probs, reference = read_probabilities_and_reference(model, 2)
     assert torch.allclose(probs, reference, atol=1e-6)
     with pytest.raises(RenamingError, match="do not sum to 1"):
-        StandardizedTransformer(path, enable_attention_probs=True, rename_config=RenameConfig(attn_prob_source=SiteInAttentionFunction("torch_matmul_0")))
+        StandardizedTransformer(path, enable_attention_probs=True, rename_config=at("torch_matmul_0"))
 
 
 def test_probabilities_computed_inline_in_the_attention_forward(tiny_path):
     """Bloom's attention computes its softmax in its own forward, not in an attention function."""
     model = StandardizedTransformer(str(tiny_path("bloom")), enable_attention_probs=True)  # checked at load
-    ids = model.tokenizer(PROMPTS[0], return_tensors="pt")
-    with torch.no_grad():
-        reference = model._module(**ids, output_attentions=True).attentions[1]
-    with torch.no_grad(), model.trace(PROMPTS[0]):
-        probs = model.attention_probabilities[1].save()
+    probs, reference = read_probabilities_and_reference(model, 1)
     assert torch.allclose(probs, reference, atol=1e-6)
 
 

@@ -83,6 +83,9 @@ def refuse_remote(remote: bool, loader: str) -> None:
         )
 
 
+VLLM_ONE_PROMPT = " (on vLLM each invoke is one prompt: call steer inside the invoke of the prompt to steer)"
+
+
 class StandardizedMixin:
     """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend`` / ``self._rename_config``,
     which subclasses set through ``_init_standard_surface`` once their model is loaded."""
@@ -339,7 +342,7 @@ class StandardizedMixin:
 
     def _steering_mask(self, token_positions: Positions, batch_index: Positions) -> torch.Tensor:
         """``[batch, tokens]``: True at the chosen prompts' chosen real tokens of this forward pass."""
-        note = "" if self._backend.batches_prompts else " (on vLLM each invoke is one prompt: call steer inside the invoke of the prompt to steer)"
+        note = "" if self._backend.batches_prompts else VLLM_ONE_PROMPT
         return chosen_tokens(self._real_tokens(), token_positions, batch_index, note)
 
     def _real_tokens(self) -> torch.Tensor:
