@@ -369,6 +369,20 @@ def test_check_renaming_refuses_a_rename_that_reads_the_wrong_module(odd_llama):
     assert issubclass(UnknownArchitectureError, RenamingError)
 
 
+def test_missing_submodules_are_reported_unless_ignored(odd_llama, caplog):
+    raw, tokenizer = odd_llama
+    with caplog.at_level("WARNING", logger="nnterp"):
+        model = StandardizedTransformer(raw, tokenizer=tokenizer, check_layout=False)
+    assert "no attention module found in layer 0" in caplog.text and "RenameConfig(attn_name='<child>')" in caplog.text
+    with pytest.raises(AttributeError, match="has no self_attn module.*token_mixer"):
+        with model.trace(PROMPTS[0]):
+            model.attentions_output[0].save()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="nnterp"):
+        StandardizedTransformer(raw, tokenizer=tokenizer, check_layout=False, rename_config=RenameConfig(ignore_attn=True, ignore_mlp=True))
+    assert "module found" not in caplog.text
+
+
 def test_rename_dict_is_merged_over_the_defaults(llama, tiny_path):
     """Entries naming standard modules win over the alias tables (missing ones are skipped); others are aliases."""
     model = StandardizedTransformer(str(tiny_path("llama")), check_layout=False,
