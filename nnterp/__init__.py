@@ -1,7 +1,8 @@
 """nnterp: one standardized interface to the residual stream of any causal language model.
 
 Exports are imported on first use: ``import nnterp`` (and ``python -m nnterp ...``) stays fast, and vllm,
-an optional heavy dependency, is imported only by ``StandardizedVLLM``.
+an optional heavy dependency, is imported only by ``StandardizedVLLM``. ``get_rename_dict`` and
+``ModuleAccessor`` are nnterp 1.x's top-level names.
 """
 
 from __future__ import annotations
@@ -10,15 +11,21 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
+    "AttnProbFunction": ".rename",
     "RenameConfig": ".rename",
+    "RenamingError": ".rename",
     "StandardizedTransformer": ".standardized",
     "StandardizedVLLM": ".standardized.vllm",
+    "get_rename_dict": ".rename_utils",
+    "ModuleAccessor": ".nnsight_utils",
 }
 
 __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
-    from .rename import RenameConfig
+    from .nnsight_utils import ModuleAccessor
+    from .rename import AttnProbFunction, RenameConfig, RenamingError
+    from .rename_utils import get_rename_dict
     from .standardized import StandardizedTransformer
     from .standardized.vllm import StandardizedVLLM
 

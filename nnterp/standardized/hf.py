@@ -9,10 +9,10 @@ import torch
 from nnsight import LanguageModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..attention import AttentionProbabilities
-from ..layout import infer_model_layout
-from ..rename import RenameConfig, resolve_names
-from .base import Backend, StandardizedMixin
+from ..attention import AttentionProbabilities, eager_for_probabilities
+from ..rename import RenameConfig, resolve_names, split_rename
+from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
+from .source import check_model_source
 
 PROBE_TOKENS = 6
 
@@ -20,41 +20,75 @@ PROBE_TOKENS = 6
 class StandardizedTransformer(LanguageModel, StandardizedMixin):
     """A causal LM with standard module names and residual-stream accessors.
 
-    ``model`` is a path or hub-style name (loaded with ``AutoModelForCausalLM``) or a loaded
-    ``PreTrainedModel``; extra keyword arguments go to ``from_pretrained``. ``rename`` overrides
-    where standard modules live. ``check_layout`` warns when the inferred layout differs from the
-    reviewed one under ``layouts/hf/``.
+    ``model`` is a model directory or hub id (loaded with ``AutoModelForCausalLM``; other keyword arguments,
+    e.g. ``device_map`` (default ``"auto"``) or ``dtype``, go to ``from_pretrained``) or a loaded
+    ``PreTrainedModel`` (then pass ``tokenizer=`` unless its ``name_or_path`` has one).
+
+    nnterp 1.x's arguments keep their meaning: ``trust_remote_code``; ``check_renaming`` (on a short prompt,
+    every standard module reads a tensor of the right shape and every layer runs, else ``RenamingError``);
+    ``allow_dispatch`` and nnsight's ``dispatch`` (accepted; the weights are always loaded);
+    ``enable_attention_probs`` (eager attention, ``attention_probabilities`` checked with
+    ``check_attn_probs_with_trace``); ``allow_multimodal`` (load models whose layers do not all run on text);
+    ``rename_config`` (a ``RenameConfig``); ``rename`` (a ``RenameConfig``, or a dict ``{native name: alias}``
+    merged over the defaults); ``tokenizer_kwargs``; ``remote`` (NDIF remote execution is not available: an
+    error). ``check_layout`` warns when the inferred
+    layout differs from the reviewed one under ``layouts/hf/``.
     """
 
     def __init__(
         self,
         model: str | Path | PreTrainedModel,
-        rename: RenameConfig | None = None,
+        trust_remote_code: bool = False,
+        check_renaming: bool = True,
+        remote: bool = False,
+        allow_dispatch: bool = True,
+        enable_attention_probs: bool = False,
+        check_attn_probs_with_trace: bool = True,
+        allow_multimodal: bool = False,
+        rename_config: RenameConfig | None = None,
+        *,
+        rename: RenameConfig | dict | None = None,
         tokenizer: Any = None,
+        tokenizer_kwargs: dict | None = None,
         check_layout: bool = True,
         attn_implementation: str | None = None,
         **from_pretrained_kwargs: Any,
     ) -> None:
-        if isinstance(model, (str, Path)):
+        refuse_remote(remote, "StandardizedTransformer")
+        attn_implementation = eager_for_probabilities(enable_attention_probs, attn_implementation)
+        config, hints, extra = split_rename(rename, rename_config, from_pretrained_kwargs)
+        tokenizer_kwargs = dict(tokenizer_kwargs or {})
+        from_pretrained_kwargs.pop("dispatch", None)  # nnsight's "load the weights now": they always are
+        source = check_model_source(model, "StandardizedTransformer")
+        if isinstance(source, str):
+            tokenizer_source = source
+            if tokenizer is None:
+                tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, **tokenizer_kwargs)
             if attn_implementation is not None:
                 from_pretrained_kwargs["attn_implementation"] = attn_implementation
-            tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
-            model = AutoModelForCausalLM.from_pretrained(str(model), **from_pretrained_kwargs)
-        elif tokenizer is None:
-            raise ValueError("Pass tokenizer=... together with an already loaded model.")
+            from_pretrained_kwargs.setdefault("device_map", "auto")
+            model = _from_pretrained(source, trust_remote_code, from_pretrained_kwargs)
+        else:
+            if from_pretrained_kwargs:
+                raise TypeError(
+                    f"StandardizedTransformer got {sorted(from_pretrained_kwargs)} with an already loaded model; "
+                    "those are loading arguments: pass them to from_pretrained, or pass the model's path instead."
+                )
+            tokenizer_source = getattr(model, "name_or_path", None) or None
+            tokenizer = tokenizer or _tokenizer_of(model, tokenizer_kwargs)
+            if attn_implementation is not None and model.config._attn_implementation != attn_implementation:
+                model.set_attn_implementation(attn_implementation)
         model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        names = resolve_names(model, rename)
-        super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename())
-        self.names = names
-        self._backend = Backend()
-        self.layout = infer_model_layout(
-            model, names, self._probe_hidden_size(model), "hf", type(model).__name__, self._probe_run(model)
-        )
-        self._init_standard_surface()
-        self.attention_probabilities = AttentionProbabilities(self)
-        self._check_against_snapshot(check_layout)
+        names = resolve_names(model, config, hints, extra)
+        super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename(), tokenizer_kwargs=tokenizer_kwargs)
+        layout = infer_layout(model, names, self._probe_hidden_size(model), "hf", self._probe_run(model))
+        self._init_standard_surface(names, config, Backend(), layout, tokenizer_source)
+        self.attention_probabilities = AttentionProbabilities(self, config.attn_prob_source)
+        self._check_loaded(check_layout, check_renaming, allow_multimodal)
+        if check_renaming and enable_attention_probs:
+            self.attention_probabilities.check_source(use_trace=check_attn_probs_with_trace)
 
     @property
     def _text_config(self):
@@ -100,3 +134,32 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
     def step_token(self) -> torch.Tensor:
         """Inside a greedy generation step: the token it picks, ``[batch]``."""
         return self.logits[:, -1].argmax(-1)
+
+
+def _tokenizer_of(model: PreTrainedModel, tokenizer_kwargs: dict) -> Any:
+    """The tokenizer saved with a loaded model, or an error asking for one."""
+    source = getattr(model, "name_or_path", None)
+    try:
+        if not source:
+            raise OSError("the model has no name_or_path")
+        return AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+    except (OSError, ValueError) as error:
+        raise ValueError(
+            f"Pass tokenizer=... together with an already loaded model (no tokenizer could be loaded from "
+            f"its name_or_path {source!r}: {error})."
+        ) from error
+
+
+def _from_pretrained(source: str, trust_remote_code: bool, kwargs: dict) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained``, with an argument nobody takes named as such (transformers
+    reports it from deep inside the model class)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, trust_remote_code=trust_remote_code, **kwargs)
+    except TypeError as error:
+        unknown = [key for key in kwargs if f"unexpected keyword argument '{key}'" in str(error)]
+        if not unknown:
+            raise
+        raise TypeError(
+            f"StandardizedTransformer got {unknown[0]!r}, which is neither its own argument nor one that "
+            f"from_pretrained or the model's config takes ({error})."
+        ) from error

@@ -8,14 +8,15 @@ import inspect
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..layout import infer_model_layout
-from ..rename import RenameConfig, resolve_names
-from .base import Backend, StandardizedMixin
+from ..rename import RenameConfig, resolve_names, split_rename
+from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
 from .readonly import read_only
+from .source import check_model_source
 
 
 class VLLMBackend(Backend):
@@ -37,6 +38,10 @@ class VLLMBackend(Backend):
 
 
 CPU_KV_CACHE_BYTES = 2**30
+VLLM_NO_PROBABILITIES = (
+    "vLLM's attention kernels (paged / flash) never materialize attention probabilities; use "
+    "StandardizedTransformer(..., enable_attention_probs=True) on the same weights for them."
+)
 
 
 def _quiet_vllm_logging() -> None:
@@ -92,20 +97,43 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     them); pass ``unsafe_enable_prefix_caching=True`` to turn it on anyway. Activations are flat
     ``[tokens, hidden]``; each ``tracer.invoke`` is one prompt. vLLM's per-call progress bars ("Rendering
     prompts", "Processed prompts") are off unless ``use_tqdm=True``.
+
+    ``model`` is a model directory, hub id or GGUF file; other keyword arguments go to the engine. nnterp
+    1.x's arguments mean what they mean on ``StandardizedTransformer``, except ``enable_attention_probs=True``
+    (vLLM never materializes the probabilities: an error) and ``check_attn_probs_with_trace`` (unused).
     """
 
     def __init__(
         self,
-        model: str,
-        rename: RenameConfig | None = None,
+        model: str | Path,
+        trust_remote_code: bool = False,
+        check_renaming: bool = True,
+        remote: bool = False,
+        allow_dispatch: bool = True,
+        enable_attention_probs: bool = False,
+        check_attn_probs_with_trace: bool = True,
+        allow_multimodal: bool = False,
+        rename_config: RenameConfig | None = None,
+        *,
+        rename: RenameConfig | dict | None = None,
+        tokenizer_kwargs: dict | None = None,
         check_layout: bool = True,
         unsafe_enable_prefix_caching: bool = False,
         use_tqdm: bool = False,
         **vllm_kwargs: Any,
     ) -> None:
+        refuse_remote(remote, "StandardizedVLLM")
+        if enable_attention_probs:
+            from ..attention import AttentionProbabilitiesUnavailable
+
+            raise AttentionProbabilitiesUnavailable(VLLM_NO_PROBABILITIES)
+        config, hints, extra = split_rename(rename, rename_config, vllm_kwargs)
+        model = check_model_source(model, "StandardizedVLLM", loaded_ok=False)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         object.__setattr__(self, "_use_tqdm", use_tqdm)  # read by _load_sync, inside super().__init__
         vllm_kwargs = _translate_hf_kwargs(vllm_kwargs)
+        if trust_remote_code:
+            vllm_kwargs["trust_remote_code"] = True
         for key, value in json.loads(os.environ.get("NNTERP_VLLM_ARGS", "{}")).items():
             vllm_kwargs.setdefault(key, value)  # machine-wide engine defaults, e.g. an attention backend
         vllm_kwargs["enable_prefix_caching"] = unsafe_enable_prefix_caching
@@ -116,14 +144,14 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             vllm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
         with _cpu_meta_build():
             super().__init__(model, **vllm_kwargs)
-        names = resolve_names(self._module, rename)
-        self.names = names
-        self._backend = VLLMBackend()
+        names = resolve_names(self._module, config, hints, extra)
         width = self._module.get_submodule(names.embed_tokens).embedding_dim
-        self.layout = infer_model_layout(self._module, names, width, "vllm", type(self._module).__name__, run=None)
-        _mount_standard_names(self, names)
-        self._init_standard_surface()
-        self._check_against_snapshot(check_layout)
+        layout = infer_layout(self._module, names, width, "vllm", run=None)
+        _bind_aliases(self, names.nnsight_rename())
+        self._init_standard_surface(names, config, VLLMBackend(), layout, model)
+        for key, value in (tokenizer_kwargs or {}).items():
+            setattr(self.tokenizer, key, value)
+        self._check_loaded(check_layout, check_renaming, allow_multimodal)
 
     _WORKER_CLS = "nnterp.standardized.vllm_worker.NNterpGPUWorker"
 
@@ -159,10 +187,15 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     def attention_probabilities(self):
         from ..attention import AttentionProbabilitiesUnavailable
 
-        raise AttentionProbabilitiesUnavailable(
-            "vLLM's attention kernels (paged / flash) never materialize attention probabilities; use "
-            "StandardizedTransformer(..., attn_implementation='eager') on the same weights for them."
-        )
+        raise AttentionProbabilitiesUnavailable(VLLM_NO_PROBABILITIES)
+
+    attn_probs_available = False
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """This request's token ids, ``[1, tokens]`` (each invoke is one unpadded prompt); a copy, as the engine
+        reuses its input buffer."""
+        return self._forward_input("input_ids", 0).to(torch.long, copy=True).reshape(1, -1)
 
     @property
     def engine_kind(self) -> str:
@@ -208,6 +241,14 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         """Inside a generation step: the token the engine sampled, ``[requests]``."""
         return self.samples
 
+    def _project_now(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """The weights live in the engine: project inside a short request."""
+        from .checks import CHECK_PROMPT
+
+        with torch.no_grad(), self.trace(CHECK_PROMPT):
+            logits = self.project_on_vocab(hidden_state).save()
+        return logits
+
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         # vLLM's LM head is only a weight holder for its logits processor: padded past the vocabulary, and
         # sharded under tensor parallelism; the full logical matrix is gathered.
@@ -215,18 +256,14 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         return torch.nn.functional.linear(normed, weight.to(normed.dtype))
 
 
-def _mount_standard_names(model, names) -> None:
-    """Bind standard names as aliases of the native envoys (the tree is built before names are known)."""
-    for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
-        native = getattr(names, standard)
-        if native != standard:
-            object.__setattr__(model, standard, model.get(native))
-    for standard in ("self_attn", "mlp"):
-        native = getattr(names, standard)
-        if native is not None and native != standard:
-            for layer in model.layers:
-                if hasattr(layer._module, native):
-                    object.__setattr__(layer, standard, getattr(layer, native))
+def _bind_aliases(root, rename: dict) -> None:
+    """Mount ``rename`` aliases on an envoy tree built before the names were known, as nnsight binds them at
+    construction: children first."""
+    from nnsight.intervention import aliasing
+
+    for envoy in root.modules():
+        object.__setattr__(envoy, "_rename", rename)
+        aliasing.bind(envoy)
 
 
 def _translate_hf_kwargs(kwargs: dict) -> dict:
