@@ -1,0 +1,73 @@
+"""One prompt's extracted activations, and how they are put together from captured rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .plan import ExtractionPlan
+from .transfer import InFlight
+
+
+@dataclass
+class Activations:
+    """One prompt's activations. ``values[accessor]`` is ``[len(layers), tokens, width]`` in host memory, row
+    ``t`` the stream at ``token_ids[t]``: the prompt's tokens, then every generated token but the last (the
+    engine never runs the model on the last one)."""
+
+    index: int  # position in the prompts given to extract
+    token_ids: list[int]
+    layers: tuple[int, ...]
+    values: dict[str, torch.Tensor]
+    generated: list[int] = field(default_factory=list)
+
+    def __getitem__(self, accessor: str) -> torch.Tensor:
+        return self.values[accessor]
+
+
+class PromptRows:
+    """Where one prompt's rows sit in captured buffers: chunks ``(buffer, start, count)`` in token order."""
+
+    __slots__ = ("chunks", "length")
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[InFlight, int, int]] = []
+        self.length = 0
+
+    def add(self, buffer: InFlight, start: int, count: int, position: int, where: str) -> None:
+        """Rows for tokens ``position .. position + count - 1``. An engine that recomputes a request (after
+        preempting it) starts again from an earlier position: the rows from there on are replaced."""
+        if position > self.length:
+            raise RuntimeError(
+                f"{where}: tokens {self.length}..{position - 1} were never run through the model (served from "
+                "a prefix cache?), so their activations cannot be extracted. Disable prefix caching."
+            )
+        while position < self.length:
+            buffer_, start_, count_ = self.chunks.pop()
+            self.length -= count_
+            if position > self.length:  # keep the part of the chunk before the recomputed tokens
+                keep = position - self.length
+                self.chunks.append((buffer_, start_, keep))
+                self.length += keep
+        self.chunks.append((buffer, start, count))
+        self.length += count
+
+    def assemble(self) -> torch.Tensor:
+        """``[taps, tokens, width]``, a tensor of its own (not a view of a shared buffer)."""
+        with torch.inference_mode(False):
+            parts = [buffer.host()[:, start:start + count] for buffer, start, count in self.chunks]
+            return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def activations(plan: ExtractionPlan, index: int, rows: torch.Tensor, token_ids: list[int],
+                generated: list[int] | None = None) -> Activations:
+    """Split ``[taps, tokens, width]`` rows into one ``[layers, tokens, width]`` tensor per accessor."""
+    if rows.shape[1] != len(token_ids):
+        raise RuntimeError(
+            f"prompt {index}: {rows.shape[1]} activation rows for {len(token_ids)} tokens; the capture lost track "
+            "of this prompt's tokens."
+        )
+    by_accessor = rows.view(len(plan.accessors), len(plan.layers), *rows.shape[1:])
+    values = {name: by_accessor[position] for position, name in enumerate(plan.accessors)}
+    return Activations(index, list(token_ids), plan.layers, values, list(generated or []))
