@@ -3,10 +3,10 @@ layer, extract all layers), plain HF forward with a hook, StandardizedTransforme
 
     uv run --extra vllm python scratch/bench_throughput.py                      # CPU: tiny random Llama, ratios
     uv run --extra vllm python scratch/bench_throughput.py --quick              # the CI command (fewer prompts)
-    python3 scratch/bench_throughput.py --model random-1b --prompts 256 4096 --max-new-tokens 0 32 --out r.jsonl
+    python3 scratch/bench_throughput.py --model random-1b --scenarios 256:0 4096:0 256:32 --out r.jsonl   # GPU
 
-Each group of modes runs in a fresh process (one engine at a time); each measurement (the best of
-``--repeats`` runs) prints one JSON line (mode, prompts, tokens, seconds, tokens_per_s, cpu_seconds, device)
+Each group of modes runs in a fresh process (one engine at a time), its modes taking turns ``--repeats`` times;
+each measurement (the best of its runs) prints one JSON line (mode, prompts, tokens, seconds, tokens_per_s, cpu_seconds, device)
 as soon as it exists, and a table of
 ratios closes the run: vLLM modes against vanilla vLLM with the same engine settings (eager, same batch and
 scheduler limits, chunked prefill off, in-process engine core), HF modes against the plain forward with a hook.
@@ -38,7 +38,7 @@ GROUPS = {  # modes that share one process (one model or engine)
     "nnterp-vllm": ["nnterp-vllm-generate", "nnterp-vllm-trace", "nnterp-vllm-extract", "nnterp-vllm-extract-all"],
     "hf": ["hf-hooks", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
 }
-TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "hf-nnterp-trace"}  # measured at the first prompt count only
+TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "hf-nnterp-trace"}  # measured in the first scenario only
 BASELINE = {"vllm": "vllm", "hf": "hf-hooks"}
 WORDS = ("The capital of France is Paris . Germany Berlin Italy Rome Eiffel Tower Hello world this is a tiny model "
          "used to test interpretability tools A cat sat on the mat ; the dog ran in park One two three four five "
@@ -238,33 +238,32 @@ def run_group(args) -> None:
     modes = builders[args.group]()
     modes = {mode: run for mode, run in modes.items() if mode in args.modes}
     layer = args.layer if args.layer is not None else len(range(_num_layers(path))) // 2
-    largest = max(args.prompts)
-    prompts = make_prompts(tokenizer, largest, args.prompt_tokens)
+    scenarios = [tuple(int(part) for part in scenario.split(":")) for scenario in args.scenarios]
+    prompts = make_prompts(tokenizer, max(count for count, _ in scenarios), args.prompt_tokens)
     prompt_tokens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
-    for mode, run in modes.items():
+    for run in modes.values():
         run(prompts[:4], 0, layer)  # warm-up
-        for count in args.prompts:
-            if mode in TRACE_MODES and count != args.prompts[0]:
-                continue
-            for max_new_tokens in args.max_new_tokens:
-                if mode.startswith("hf") and max_new_tokens > 0:
-                    continue  # HF modes measure the forward pass only
-                wall, cpu = best_of(args.repeats, lambda: run(prompts[:count], max_new_tokens, layer))
-                tokens = sum(prompt_tokens[:count]) + count * max_new_tokens
-                record = {"mode": mode, "model": args.model, "prompts": count, "max_new_tokens": max_new_tokens,
-                          "tokens": tokens, "seconds": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
-                          "cpu_seconds": round(cpu, 4), "layer": layer, "device": device_name()}
-                print("RESULT " + json.dumps(record), flush=True)
+    for position, (count, max_new_tokens) in enumerate(scenarios):
+        wanted = {mode: run for mode, run in modes.items()
+                  if not (mode in TRACE_MODES and position > 0) and not (mode.startswith("hf") and max_new_tokens > 0)}
+        times = {mode: [] for mode in wanted}  # traces are measured once; HF modes measure the forward pass only
+        for _ in range(args.repeats):  # modes take turns, so a drift of the machine reaches them all alike
+            for mode, run in wanted.items():
+                times[mode].append(timed(lambda: run(prompts[:count], max_new_tokens, layer)))
+        for mode, measured in times.items():
+            wall, cpu = min(wall for wall, _ in measured), min(cpu for _, cpu in measured)
+            tokens = sum(prompt_tokens[:count]) + count * max_new_tokens
+            record = {"mode": mode, "model": args.model, "prompts": count, "max_new_tokens": max_new_tokens,
+                      "tokens": tokens, "seconds": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
+                      "cpu_seconds": round(cpu, 4), "layer": layer, "device": device_name()}
+            print("RESULT " + json.dumps(record), flush=True)
 
 
-def best_of(repeats: int, run: Callable[[], None]) -> tuple[float, float]:
-    """The shortest wall and CPU times of ``repeats`` runs."""
-    times = []
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
-        run()
-        times.append((time.perf_counter() - wall, time.process_time() - cpu))
-    return min(wall for wall, _ in times), min(cpu for _, cpu in times)
+def timed(run: Callable[[], None]) -> tuple[float, float]:
+    """Wall and CPU seconds of one run."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run()
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def _num_layers(path: str) -> int:
@@ -299,23 +298,25 @@ def drive(args, argv: list[str]) -> int:
 
 
 def table(records: list[dict]) -> str:
-    def key(record):
-        return record["prompts"], record["max_new_tokens"]
+    """Throughput per mode and its ratio to the baseline: vanilla vLLM (another process) and, for
+    StandardizedVLLM's modes, the same engine with nothing extracted; the plain forward with a hook for HF."""
+    def baseline(record, mode):
+        return next((other for other in records if other["mode"] == mode and other["prompts"] == record["prompts"]
+                     and other["max_new_tokens"] == record["max_new_tokens"]), None)
 
-    baselines = {}
+    def ratio(base, record, key):
+        return base[key] / record[key] if base else float("nan")
+
+    lines = ["", f"{'mode':26} {'prompts':>7} {'new':>4} {'tokens':>8} {'tok/s':>10} {'x base':>7} {'x engine':>8} "
+                 f"{'cpu s':>7} {'x base cpu':>10}"]
     for record in records:
-        for family, mode in BASELINE.items():
-            if record["mode"] == mode:
-                baselines[(family, *key(record))] = record
-    lines = ["", f"{'mode':26} {'prompts':>7} {'new':>4} {'tokens':>8} {'tok/s':>10} {'cpu s':>8} "
-                 f"{'x base (wall)':>13} {'x base (cpu)':>12}"]
-    for record in records:
-        family = "hf" if record["mode"].startswith("hf") else "vllm"
-        base = baselines.get((family, *key(record)))
-        wall = base["seconds"] / record["seconds"] if base else float("nan")
-        cpu = base["cpu_seconds"] / record["cpu_seconds"] if base else float("nan")
+        hf = record["mode"].startswith("hf")
+        base = baseline(record, BASELINE["hf" if hf else "vllm"])
+        engine = baseline(record, "nnterp-vllm-generate") if record["mode"].startswith("nnterp-vllm") else None
         lines.append(f"{record['mode']:26} {record['prompts']:>7} {record['max_new_tokens']:>4} {record['tokens']:>8} "
-                     f"{record['tokens_per_s']:>10.0f} {record['cpu_seconds']:>8.2f} {wall:>13.2f} {cpu:>12.2f}")
+                     f"{record['tokens_per_s']:>10.0f} {ratio(base, record, 'seconds'):>7.2f} "
+                     f"{ratio(engine, record, 'seconds'):>8.2f} {record['cpu_seconds']:>7.2f} "
+                     f"{ratio(base, record, 'cpu_seconds'):>10.2f}")
     if records:
         lines.append(f"device: {records[0]['device']}; model: {records[0]['model']}")
     return "\n".join(lines)
@@ -324,9 +325,9 @@ def table(records: list[dict]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--prompts", type=int, nargs="+", default=[256])
+    parser.add_argument("--scenarios", nargs="+", default=["256:0", "256:32"],
+                        help="PROMPTS:NEW_TOKENS pairs (0 new tokens: one forward pass per prompt)")
     parser.add_argument("--prompt-tokens", type=int, default=101)
-    parser.add_argument("--max-new-tokens", type=int, nargs="+", default=[0])
     parser.add_argument("--layer", type=int, default=None, help="the layer saved (default: the middle one)")
     parser.add_argument("--modes", nargs="+", default=[mode for modes in GROUPS.values() for mode in modes])
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")
@@ -338,7 +339,7 @@ def main() -> int:
     parser.add_argument("--cache", default=os.environ.get("NNTERP_BENCH_CACHE", "/tmp/nnterp-bench"))
     parser.add_argument("--out", default=None, help="append the JSON lines to this file")
     parser.add_argument("--group-timeout", type=int, default=1800)
-    parser.add_argument("--quick", action="store_true", help="the CI run: 64 prompts, no CUDA-graph mode")
+    parser.add_argument("--quick", action="store_true", help="the CI run: 128 prompts, 8 generated tokens")
     parser.add_argument("--group", default=None, help=argparse.SUPPRESS)
     argv = sys.argv[1:]
     args = parser.parse_args()
@@ -349,7 +350,7 @@ def main() -> int:
     if not torch.cuda.is_available():
         args.modes = [mode for mode in args.modes if mode != "vllm-graphs"]  # no CUDA graphs on CPU
     if args.quick:
-        args.prompts = [64]
+        args.scenarios = ["128:0", "128:8"]
     if args.group is not None:
         run_group(args)
         return 0

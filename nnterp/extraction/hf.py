@@ -2,8 +2,9 @@
 
 Prompts are padded on the right, so every real token sits at the position it has when the prompt runs alone
 (causal attention never looks at the padding after it), and the hooks keep only real tokens' rows. The forward
-pass stops as soon as every tap is captured (nothing after the last tapped module is computed). The copy of a
-batch to host memory overlaps the next batch's forward pass.
+pass stops as soon as every tap is captured (nothing after the last tapped module is computed). A batch's copy to
+host memory and its assembly into one tensor per prompt (on background threads) overlap the next batch's
+forward pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 
 from .capture import Capture
 from .plan import ExtractionPlan
-from .result import Activations, PromptRows, activations
+from .result import Activations, Assembler, PromptRows, activations
 from .transfer import HostTransfer
 
 
@@ -42,8 +43,9 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
     device = next(torch_model.parameters()).device
     capture = Capture(torch_model, plan.taps, after_fill=_stop)
     transfer = HostTransfer()
+    assembler = Assembler()
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    pending: list[tuple[int, list[int], list[int], PromptRows]] = []
+    pending: list[tuple[int, list[int], list[int], Any]] = []
     try:
         for start in range(0, len(prompts), batch_size):
             indices = range(start, min(start + batch_size, len(prompts)))
@@ -66,12 +68,13 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
             for index, tokens, new in zip(indices, token_ids, generated):
                 prompt_rows = PromptRows()
                 prompt_rows.add(buffer, offset, len(tokens), 0, f"prompt {index}")
-                pending.append((index, tokens, new, prompt_rows))
+                pending.append((index, tokens, new, assembler.submit(prompt_rows)))
                 offset += len(tokens)
             yield from _finish(plan, finished)  # the previous batch, while this one computes
         yield from _finish(plan, pending)
     finally:
         capture.remove()
+        assembler.close()
 
 
 def _stop() -> None:
@@ -79,8 +82,8 @@ def _stop() -> None:
 
 
 def _finish(plan: ExtractionPlan, pending: list) -> Iterator[Activations]:
-    for index, tokens, new, prompt_rows in pending:
-        yield activations(plan, index, prompt_rows.assemble(), tokens, new)
+    for index, tokens, new, rows in pending:
+        yield activations(plan, index, rows.result(), tokens, new)
 
 
 def _right_padded(token_ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .plan import ExtractionPlan
@@ -55,9 +58,35 @@ class PromptRows:
 
     def assemble(self) -> torch.Tensor:
         """``[taps, tokens, width]``, a tensor of its own (not a view of a shared buffer)."""
+        first = self.chunks[0][0].host()
         with torch.inference_mode(False):
-            parts = [buffer.host()[:, start:start + count] for buffer, start, count in self.chunks]
-            return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=1)
+            rows = torch.empty((first.shape[0], self.length, first.shape[2]), dtype=first.dtype)
+        position = 0
+        for buffer, start, count in self.chunks:
+            copy_rows(rows[:, position:position + count], buffer.host()[:, start:start + count])
+            position += count
+        return rows
+
+
+def copy_rows(target: torch.Tensor, source: torch.Tensor) -> None:
+    """``target[...] = source`` for host tensors, on this thread alone. (A torch copy fans out to every core,
+    whose threads then spin and compete with the engine's own thread for the CPU.)"""
+    np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
+
+
+class Assembler:
+    """Assembles prompts' rows on a few background threads, so the thread that drives the model is free to
+    queue the next forward pass meanwhile."""
+
+    def __init__(self, threads: int | None = None) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=threads or max(1, min(4, (os.cpu_count() or 2) // 2)),
+                                        thread_name_prefix="nnterp-extract")
+
+    def submit(self, rows: PromptRows) -> Future:
+        return self._pool.submit(rows.assemble)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
 
 
 def activations(plan: ExtractionPlan, index: int, rows: torch.Tensor, token_ids: list[int],

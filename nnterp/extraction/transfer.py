@@ -1,8 +1,9 @@
 """Device-to-host copies of captured buffers that overlap the next forward pass.
 
 On a GPU the copy runs on a side stream into pinned memory as soon as the forward pass that filled the
-buffer is queued; :meth:`InFlight.host` waits for it (usually long done) and hands out pageable memory, so
-the pinned block returns to PyTorch's host cache for the next copy. On CPU the buffer already is host memory.
+buffer is queued; :meth:`InFlight.host` waits for it (usually long done). Prompts' rows are then copied out of
+it into tensors of their own, and once no prompt refers to it the pinned block returns to PyTorch's host cache
+for a later copy. On CPU the buffer already is host memory.
 """
 
 from __future__ import annotations
@@ -35,12 +36,10 @@ class InFlight:
         buffer.record_stream(stream)  # the allocator must not hand the buffer out before the copy has read it
 
     def host(self) -> torch.Tensor:
-        """The buffer's contents in (pageable) host memory."""
-        if self._host is None:
+        """The buffer's contents in host memory (safe to call from several threads)."""
+        if self._event is not None:
             self._event.synchronize()
-            with torch.inference_mode(False):
-                self._host = self._pinned.clone()
-            self._pinned = self._event = None
+            return self._pinned
         return self._host
 
 

@@ -1,9 +1,9 @@
 """Extraction on a vLLM engine: requests that carry no intervention, served by the worker's hooks.
 
 The engine is stepped here (rather than through ``LLM.generate``) so results stream out as prompts finish,
-in prompt order, and so at most ``window`` prompts are queued ahead of the consumer. A prompt's rows are
-taken from the worker one step after it finishes: by then the worker has moved them to host memory while
-that next step computed.
+in prompt order, and so at most ``window`` prompts are queued ahead of the consumer. When a prompt finishes
+the worker is told to assemble its rows (in the background), and they are taken one step later, so the
+copies overlap that step's forward pass.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
     engine = model.vllm_entrypoint.llm_engine
     extraction_id = uuid.uuid4().hex
     settings = {**model.greedy_generation_kwargs(max(1, max_new_tokens)), **sampling, "n": 1}
+    if sampling.get("ignore_eos") and "stop_token_ids" not in sampling:
+        settings["stop_token_ids"] = []  # generate max_new_tokens whatever the model emits
     engine.collective_rpc("nnterp_begin_extraction", args=(extraction_id, plan.to_json()))
     model._extractions_running += 1
     by_request: dict[str, int] = {}
@@ -52,12 +54,13 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
                     outputs[index] = output
                     finished_now.append(index)
             idle = not engine.has_unfinished_requests()
-            # Take what finished a step ago (its rows reached host memory during this step), or everything
-            # once the engine has nothing left to run.
+            # Take what finished a step ago (assembled while this step ran), or everything once the engine
+            # has nothing left to run.
             take = finished_last_step + (finished_now if idle else [])
-            finished_last_step = [] if idle else finished_now
-            if take:
-                done.update(_take(engine, plan, extraction_id, take, outputs))
+            prepare = [] if idle else finished_now
+            finished_last_step = prepare
+            if take or prepare:
+                done.update(_take(engine, plan, extraction_id, take, prepare, outputs))
             if idle and not take and yielded not in done and submitted == len(prompts):
                 raise RuntimeError(f"the engine finished without running prompt {yielded}.")
             while yielded in done:
@@ -70,10 +73,10 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
         engine.collective_rpc("nnterp_end_extraction", args=(extraction_id,))
 
 
-def _take(engine: Any, plan: ExtractionPlan, extraction_id: str, indices: list[int],
+def _take(engine: Any, plan: ExtractionPlan, extraction_id: str, indices: list[int], prepare: list[int],
           outputs: dict[int, Any]) -> dict[int, Activations]:
-    replies = [reply for reply in engine.collective_rpc("nnterp_take_extracted", args=(extraction_id, indices))
-               if reply is not None]
+    replies = engine.collective_rpc("nnterp_take_extracted", args=(extraction_id, indices, prepare))
+    replies = [reply for reply in replies if reply is not None]
     for reply in replies:
         if "error" in reply:
             raise RuntimeError(f"extraction failed in the engine: {reply['error']}")
@@ -83,6 +86,9 @@ def _take(engine: Any, plan: ExtractionPlan, extraction_id: str, indices: list[i
         generated = list(output.outputs[0].token_ids)
         token_ids = list(output.prompt_token_ids) + generated[:-1]
         rows = _stitch(plan, [(reply["slots"], reply["rows"].get(index)) for reply in replies], index)
+        # An engine that schedules ahead (async scheduling) may run one more step for a request than it keeps:
+        # rows past the last kept token belong to tokens the engine discarded.
+        rows = rows[:, :len(token_ids)]
         taken[index] = activations(plan, index, rows, token_ids, generated)
     return taken
 

@@ -4,7 +4,8 @@ A trace ships an intervention per request (pickled, unpickled and run as its own
 ships nothing per request but two numbers in the request's ``extra_args`` (which extraction, which prompt):
 the plan (taps and their layouts) is installed once per extraction as hooks on the real modules. Each step,
 the hooks copy the tapped streams' rows of the extraction's requests into one buffer, which is sent to host
-memory while the next step computes; a finished request's rows are assembled into one tensor of its own.
+memory while the next step computes. The client names the prompts it saw finish: their rows are assembled
+into one tensor each on background threads, and handed over at the client's next call.
 
 Under pipeline parallelism each stage captures the taps of the layers it holds; under tensor parallelism
 (where every rank holds the whole stream) the first rank of each stage does.
@@ -12,6 +13,7 @@ Under pipeline parallelism each stage captures the taps of the layers it holds; 
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -20,7 +22,7 @@ import torch
 from ..distributed.pp import is_local
 from .capture import Capture
 from .plan import ExtractionPlan
-from .result import PromptRows
+from .result import Assembler, PromptRows
 from .transfer import HostTransfer, InFlight
 
 REQUEST_KEY = "nnterp_extraction"  # SamplingParams.extra_args[REQUEST_KEY] = [extraction id, prompt index]
@@ -43,7 +45,8 @@ class Extraction:
     slots: list[int]  # positions in plan.taps of the taps captured here
     capture: Optional[Capture]
     prompts: dict[int, PromptRows] = field(default_factory=dict)
-    ready: dict[int, torch.Tensor] = field(default_factory=dict)
+    ready: dict[int, Future] = field(default_factory=dict)  # rows being assembled, by prompt index
+    finished: set[int] = field(default_factory=set)  # prompts whose rows are complete
     error: Optional[str] = None
     share: Optional[StepShare] = None
 
@@ -56,8 +59,8 @@ class ExtractionRunner:
         if state is None:
             state = self.__dict__["_nnterp_extractions"] = {}
             self.__dict__["_nnterp_requests"] = {}  # engine request id -> (extraction id, prompt index)
-            self.__dict__["_nnterp_finished"] = []  # (extraction id, prompt index) finished, to assemble
             self.__dict__["_nnterp_transfer"] = HostTransfer()
+            self.__dict__["_nnterp_assembler"] = Assembler()
         return state
 
     def nnterp_begin_extraction(self, extraction_id: str, plan_json: str) -> None:
@@ -70,21 +73,27 @@ class ExtractionRunner:
         capture = Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True) if slots else None
         self._nnterp_state()[extraction_id] = Extraction(plan, slots, capture)
 
-    def nnterp_take_extracted(self, extraction_id: str, indices: list[int]) -> Optional[dict]:
-        """The named prompts' rows ``[taps held here, tokens, width]`` by prompt index (and which taps they
-        are), dropped from this worker; None where this worker captures nothing."""
+    def nnterp_take_extracted(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
+        """Starts assembling the rows of the prompts in ``prepare`` (finished), and returns those of the prompts
+        in ``take`` as ``[taps held here, tokens, width]`` by prompt index (with which taps they are), dropped
+        from this worker; None where this worker captures nothing."""
         extraction = self._nnterp_state().get(extraction_id)
         if extraction is None or extraction.capture is None:
             return None
         if extraction.error is not None:
             return {"error": extraction.error}
+        assembler: Assembler = self.__dict__["_nnterp_assembler"]
+        for index in (*prepare, *take):
+            extraction.finished.add(index)
+            if index in extraction.prompts:
+                extraction.ready[index] = assembler.submit(extraction.prompts.pop(index))
         rows = {}
-        for index in indices:
-            ready = extraction.ready.pop(index, None)
-            if ready is None:
-                prompt = extraction.prompts.pop(index, None)
-                ready = prompt.assemble() if prompt is not None else None
-            rows[index] = ready
+        try:
+            for index in take:
+                ready = extraction.ready.pop(index, None)
+                rows[index] = None if ready is None else ready.result()
+        except Exception as error:
+            return {"error": f"{type(error).__name__}: {error}"}
         return {"slots": extraction.slots, "rows": rows}
 
     def nnterp_end_extraction(self, extraction_id: str) -> None:
@@ -113,11 +122,8 @@ class ExtractionRunner:
 
     def _nnterp_plan_step(self, scheduler_output, extractions: dict[str, Extraction]) -> None:
         requests = self.__dict__["_nnterp_requests"]
-        finished = self.__dict__["_nnterp_finished"]
         for request_id in scheduler_output.finished_req_ids:
-            key = requests.pop(request_id, None)
-            if key is not None:
-                finished.append(key)
+            requests.pop(request_id, None)
         for data in scheduler_output.scheduled_new_reqs:
             extra = getattr(data.sampling_params, "extra_args", None) or {}
             key = extra.get(REQUEST_KEY)
@@ -168,18 +174,12 @@ class ExtractionRunner:
             try:
                 buffer: InFlight = transfer.start(extraction.capture.disarm())
                 for index, offset, count, position in share.prompts:
+                    if index in extraction.finished:
+                        continue  # a step run ahead for a request that had already finished: discarded
                     prompt = extraction.prompts.setdefault(index, PromptRows())
                     prompt.add(buffer, offset, count, position, f"prompt {index}")
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
                 extraction.error = f"{type(error).__name__}: {error}"
-        # Requests the scheduler reported finished: their rows are complete, assemble them while the step
-        # just queued computes.
-        finished = self.__dict__["_nnterp_finished"]
-        for extraction_id, index in finished:
-            extraction = extractions.get(extraction_id)
-            if extraction is not None and extraction.error is None and index in extraction.prompts:
-                extraction.ready[index] = extraction.prompts.pop(index).assemble()
-        finished.clear()
 
 
 class ExtractionWorker:
@@ -188,8 +188,8 @@ class ExtractionWorker:
     def nnterp_begin_extraction(self, extraction_id: str, plan_json: str) -> None:
         return self.model_runner.nnterp_begin_extraction(extraction_id, plan_json)
 
-    def nnterp_take_extracted(self, extraction_id: str, indices: list[int]) -> Optional[dict]:
-        return self.model_runner.nnterp_take_extracted(extraction_id, indices)
+    def nnterp_take_extracted(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
+        return self.model_runner.nnterp_take_extracted(extraction_id, take, prepare)
 
     def nnterp_end_extraction(self, extraction_id: str) -> None:
         return self.model_runner.nnterp_end_extraction(extraction_id)
