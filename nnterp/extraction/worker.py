@@ -69,7 +69,7 @@ class ExtractionRunner:
         plan = ExtractionPlan.from_json(plan_json)
         model = self.get_model()
         reports = get_tp_group().rank_in_group == 0  # every tensor-parallel rank holds the same streams
-        slots = [slot for slot, tap in enumerate(plan.taps) if reports and is_local(model.get_submodule(tap.path))]
+        slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
         capture = Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True) if slots else None
         self._nnterp_state()[extraction_id] = Extraction(plan, slots, capture)
 
@@ -180,6 +180,17 @@ class ExtractionRunner:
                     prompt.add(buffer, offset, count, position, f"prompt {index}")
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
                 extraction.error = f"{type(error).__name__}: {error}"
+
+
+def _held(model: torch.nn.Module, path: str) -> bool:
+    """Whether this pipeline stage holds the module at ``path`` (another stage's layer is a stub without
+    children)."""
+    module = model
+    for name in path.split("."):
+        if not is_local(module):
+            return False
+        module = module.get_submodule(name)
+    return is_local(module)
 
 
 class ExtractionWorker:
