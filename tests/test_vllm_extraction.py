@@ -79,7 +79,7 @@ def worker_state(model):
     """(extractions, requests nnsight tracks) on the engine's worker."""
     def read(worker):
         runner = worker.model_runner
-        return len(runner.__dict__.get("_nnterp_extractions", {})), len(runner.nnsight_requests.requests)
+        return len(runner.nnterp_extractions.running), len(runner.nnsight_requests.requests)
 
     return model.vllm_entrypoint.llm_engine.collective_rpc(read)[0]
 

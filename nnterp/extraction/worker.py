@@ -51,42 +51,31 @@ class Extraction:
     share: Optional[StepShare] = None
 
 
-class ExtractionRunner:
-    """Model-runner behaviour, mixed in before nnsight's runner."""
+class WorkerExtractions:
+    """The extractions running on one engine worker, and which engine requests belong to them."""
 
-    def _nnterp_state(self) -> dict[str, Extraction]:
-        state = self.__dict__.get("_nnterp_extractions")
-        if state is None:
-            state = self.__dict__["_nnterp_extractions"] = {}
-            self.__dict__["_nnterp_requests"] = {}  # engine request id -> (extraction id, prompt index)
-            self.__dict__["_nnterp_transfer"] = HostTransfer()
-            self.__dict__["_nnterp_assembler"] = Assembler()
-        return state
+    def __init__(self, device: torch.device) -> None:
+        self.running: dict[str, Extraction] = {}
+        self.requests: dict[str, tuple[str, int]] = {}  # engine request id -> (extraction id, prompt index)
+        self.device = device
+        self.transfer = HostTransfer()
+        self.assembler = Assembler()
 
-    def nnterp_begin_extraction(self, extraction_id: str, plan_json: str) -> None:
-        from vllm.distributed.parallel_state import get_tp_group
-
-        plan = ExtractionPlan.from_json(plan_json)
-        model = self.get_model()
-        reports = get_tp_group().rank_in_group == 0  # every tensor-parallel rank holds the same streams
+    def begin(self, extraction_id: str, plan: ExtractionPlan, model: torch.nn.Module, reports: bool) -> None:
         slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
         capture = Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True) if slots else None
-        self._nnterp_state()[extraction_id] = Extraction(plan, slots, capture)
+        self.running[extraction_id] = Extraction(plan, slots, capture)
 
-    def nnterp_take_extracted(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
-        """Starts assembling the rows of the prompts in ``prepare`` (finished), and returns those of the prompts
-        in ``take`` as ``[taps held here, tokens, width]`` by prompt index (with which taps they are), dropped
-        from this worker; None where this worker captures nothing."""
-        extraction = self._nnterp_state().get(extraction_id)
+    def take(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
+        extraction = self.running.get(extraction_id)
         if extraction is None or extraction.capture is None:
             return None
         if extraction.error is not None:
             return {"error": extraction.error}
-        assembler: Assembler = self.__dict__["_nnterp_assembler"]
         for index in (*prepare, *take):
             extraction.finished.add(index)
             if index in extraction.prompts:
-                extraction.ready[index] = assembler.submit(extraction.prompts.pop(index))
+                extraction.ready[index] = self.assembler.submit(extraction.prompts.pop(index))
         rows = {}
         try:
             for index in take:
@@ -96,83 +85,62 @@ class ExtractionRunner:
             return {"error": f"{type(error).__name__}: {error}"}
         return {"slots": extraction.slots, "rows": rows}
 
-    def nnterp_end_extraction(self, extraction_id: str) -> None:
-        extraction = self._nnterp_state().pop(extraction_id, None)
+    def end(self, extraction_id: str) -> None:
+        extraction = self.running.pop(extraction_id, None)
         if extraction is not None and extraction.capture is not None:
             extraction.capture.remove()
-        requests = self.__dict__["_nnterp_requests"]
-        for request_id in [rid for rid, (owner, _) in requests.items() if owner == extraction_id]:
-            del requests[request_id]
+        for request_id in [rid for rid, (owner, _) in self.requests.items() if owner == extraction_id]:
+            del self.requests[request_id]
 
-    # -- per step ---------------------------------------------------------------------------------------
-
-    def _update_states(self, scheduler_output) -> Any:
-        result = super()._update_states(scheduler_output)
-        extractions = self._nnterp_state()
-        if extractions:
-            self._nnterp_plan_step(scheduler_output, extractions)
-        return result
-
-    def execute_model(self, scheduler_output, *args, **kwargs) -> Any:
-        output = super().execute_model(scheduler_output, *args, **kwargs)
-        extractions = self.__dict__.get("_nnterp_extractions")
-        if extractions:
-            self._nnterp_collect_step(extractions)
-        return output
-
-    def _nnterp_plan_step(self, scheduler_output, extractions: dict[str, Extraction]) -> None:
-        requests = self.__dict__["_nnterp_requests"]
+    def plan_step(self, scheduler_output, batch_order: list[str], request_states: dict) -> None:
+        """Arms each extraction's hooks on the rows of its requests in this step's flat batch (in
+        ``batch_order``, the order of the forward pass's rows)."""
         for request_id in scheduler_output.finished_req_ids:
-            requests.pop(request_id, None)
+            self.requests.pop(request_id, None)
         for data in scheduler_output.scheduled_new_reqs:
-            extra = getattr(data.sampling_params, "extra_args", None) or {}
-            key = extra.get(REQUEST_KEY)
-            if key is not None and key[0] in extractions:
-                requests[data.req_id] = (key[0], int(key[1]))
-        for extraction in extractions.values():
+            key = (getattr(data.sampling_params, "extra_args", None) or {}).get(REQUEST_KEY)
+            if key is not None and key[0] in self.running:
+                self.requests[data.req_id] = (key[0], int(key[1]))
+        for extraction in self.running.values():
             extraction.share = None
-        if not requests:
+        if not self.requests:
             return
         tokens = scheduler_output.num_scheduled_tokens
         start = 0
-        for request_id in self.input_batch.req_ids:
+        for request_id in batch_order:
             count = tokens.get(request_id)
             if count is None:
                 continue
-            key = requests.get(request_id)
-            if key is not None:
-                extraction = extractions[key[0]]
-                if extraction.capture is not None and extraction.error is None:
-                    if extraction.share is None:
-                        extraction.share = StepShare()
-                    share = extraction.share
-                    position = self.requests[request_id].num_computed_tokens
-                    share.prompts.append((key[1], share.count, count, position))
-                    if share.ranges and share.ranges[-1][1] == start:
-                        share.ranges[-1] = (share.ranges[-1][0], start + count)
-                    else:
-                        share.ranges.append((start, start + count))
-                    share.count += count
+            key = self.requests.get(request_id)
+            extraction = self.running[key[0]] if key is not None else None
+            if extraction is not None and extraction.capture is not None and extraction.error is None:
+                share = extraction.share = extraction.share or StepShare()
+                position = request_states[request_id].num_computed_tokens
+                share.prompts.append((key[1], share.count, count, position))
+                if share.ranges and share.ranges[-1][1] == start:
+                    share.ranges[-1] = (share.ranges[-1][0], start + count)
+                else:
+                    share.ranges.append((start, start + count))
+                share.count += count
             start += count
-        for extraction in extractions.values():
-            share = extraction.share
-            if share is not None:
-                extraction.capture.arm(self._nnterp_rows(share.ranges), share.count)
+        for extraction in self.running.values():
+            if extraction.share is not None:
+                extraction.capture.arm(self._rows(extraction.share.ranges), extraction.share.count)
 
-    def _nnterp_rows(self, ranges: list[tuple[int, int]]) -> torch.Tensor | slice:
+    def _rows(self, ranges: list[tuple[int, int]]) -> torch.Tensor | slice:
         if len(ranges) == 1:
             return slice(*ranges[0])
-        rows = torch.cat([torch.arange(start, end) for start, end in ranges])
-        return rows.to(self.device, non_blocking=True)
+        return torch.cat([torch.arange(start, end) for start, end in ranges]).to(self.device, non_blocking=True)
 
-    def _nnterp_collect_step(self, extractions: dict[str, Extraction]) -> None:
-        transfer: HostTransfer = self.__dict__["_nnterp_transfer"]
-        for extraction_id, extraction in extractions.items():
+    def collect_step(self) -> None:
+        """After the forward pass is queued: starts each extraction's buffer on its way to host memory and
+        records where its prompts' rows sit in it."""
+        for extraction in self.running.values():
             share, extraction.share = extraction.share, None
             if share is None:
                 continue
             try:
-                buffer: InFlight = transfer.start(extraction.capture.disarm())
+                buffer: InFlight = self.transfer.start(extraction.capture.disarm())
                 for index, offset, count, position in share.prompts:
                     if index in extraction.finished:
                         continue  # a step run ahead for a request that had already finished: discarded
@@ -180,6 +148,45 @@ class ExtractionRunner:
                     prompt.add(buffer, offset, count, position, f"prompt {index}")
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
                 extraction.error = f"{type(error).__name__}: {error}"
+
+
+class ExtractionRunner:
+    """Model-runner behaviour, mixed in before nnsight's runner (whose class is swapped in, without an
+    ``__init__``: the state is made on first use)."""
+
+    @property
+    def nnterp_extractions(self) -> WorkerExtractions:
+        state = self.__dict__.get("_nnterp_extractions")
+        if state is None:
+            state = self.__dict__["_nnterp_extractions"] = WorkerExtractions(self.device)
+        return state
+
+    def nnterp_begin_extraction(self, extraction_id: str, plan_json: str) -> None:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        reports = get_tp_group().rank_in_group == 0  # every tensor-parallel rank holds the same streams
+        self.nnterp_extractions.begin(extraction_id, ExtractionPlan.from_json(plan_json), self.get_model(), reports)
+
+    def nnterp_take_extracted(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
+        """Starts assembling the rows of the prompts in ``prepare`` (finished), and returns those of the prompts
+        in ``take`` as ``[taps held here, tokens, width]`` by prompt index (with which taps they are), dropped
+        from this worker; None where this worker captures nothing."""
+        return self.nnterp_extractions.take(extraction_id, take, prepare)
+
+    def nnterp_end_extraction(self, extraction_id: str) -> None:
+        self.nnterp_extractions.end(extraction_id)
+
+    def _update_states(self, scheduler_output) -> Any:
+        result = super()._update_states(scheduler_output)
+        if self.nnterp_extractions.running:
+            self.nnterp_extractions.plan_step(scheduler_output, self.input_batch.req_ids, self.requests)
+        return result
+
+    def execute_model(self, scheduler_output, *args, **kwargs) -> Any:
+        output = super().execute_model(scheduler_output, *args, **kwargs)
+        if self.nnterp_extractions.running:
+            self.nnterp_extractions.collect_step()
+        return output
 
 
 def _held(model: torch.nn.Module, path: str) -> bool:
