@@ -3,8 +3,7 @@
 Prompts are padded on the right, so every real token sits at the position it has when the prompt runs alone
 (causal attention never looks at the padding after it), and the hooks keep only real tokens' rows. The forward
 pass stops as soon as every tap is captured (nothing after the last tapped module is computed). A batch's copy to
-host memory and its assembly into one tensor per prompt (on background threads) overlap the next batch's
-forward pass.
+host memory and its assembly into one tensor per prompt overlap the next batch's forward pass.
 """
 
 from __future__ import annotations
@@ -15,7 +14,7 @@ import torch
 
 from .capture import Capture
 from .plan import ExtractionPlan
-from .result import Activations, Assembler, PromptRows, activations
+from .result import Activations, Pending, PromptRows, activations
 from .transfer import HostTransfer
 
 
@@ -43,7 +42,6 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
     device = next(torch_model.parameters()).device
     capture = Capture(torch_model, plan.taps, after_fill=_stop)
     transfer = HostTransfer()
-    assembler = Assembler()
     pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
     pending: list[tuple[int, list[int], list[int], Any]] = []
     try:
@@ -68,13 +66,12 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
             for index, tokens, new in zip(indices, token_ids, generated):
                 prompt_rows = PromptRows()
                 prompt_rows.add(buffer, offset, len(tokens), 0, f"prompt {index}")
-                pending.append((index, tokens, new, assembler.submit(prompt_rows)))
+                pending.append((index, tokens, new, Pending(prompt_rows)))
                 offset += len(tokens)
             yield from _finish(plan, finished)  # the previous batch, while this one computes
         yield from _finish(plan, pending)
     finally:
         capture.remove()
-        assembler.close()
 
 
 def _stop() -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 import torch
@@ -68,25 +67,35 @@ class PromptRows:
         return rows
 
 
+PARALLEL_COPY_BYTES = 4 << 20
+
+
 def copy_rows(target: torch.Tensor, source: torch.Tensor) -> None:
-    """``target[...] = source`` for host tensors, on this thread alone. (A torch copy fans out to every core,
-    whose threads then spin and compete with the engine's own thread for the CPU.)"""
-    np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
+    """``target[...] = source`` for host tensors. Below ``PARALLEL_COPY_BYTES`` on this thread alone: a torch
+    copy wakes a thread per core, which then spin and slow the thread that drives the model (on an H100 the
+    copies of one layer cost 0.75x of the engine's throughput that way, nothing on one thread). Larger copies
+    (every layer of a prompt) need the cores' bandwidth."""
+    if source.numel() * source.element_size() >= PARALLEL_COPY_BYTES:
+        target.copy_(source)
+    else:
+        np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
 
 
-class Assembler:
-    """Assembles prompts' rows on a few background threads, so the thread that drives the model is free to
-    queue the next forward pass meanwhile."""
+class Pending:
+    """A prompt's rows, assembled on first demand: a caller arranges for that to happen while the device
+    computes the next forward pass (background threads were slower: they compete with the thread that drives
+    the model for the interpreter and the cores)."""
 
-    def __init__(self, threads: int | None = None) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=threads or max(1, min(4, (os.cpu_count() or 2) // 2)),
-                                        thread_name_prefix="nnterp-extract")
+    __slots__ = ("_rows", "_result")
 
-    def submit(self, rows: PromptRows) -> Future:
-        return self._pool.submit(rows.assemble)
+    def __init__(self, rows: PromptRows) -> None:
+        self._rows: Optional[PromptRows] = rows
+        self._result: Optional[torch.Tensor] = None
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
+    def result(self) -> torch.Tensor:
+        if self._result is None:
+            self._result, self._rows = self._rows.assemble(), None
+        return self._result
 
 
 def activations(plan: ExtractionPlan, index: int, rows: torch.Tensor, token_ids: list[int],

@@ -5,7 +5,8 @@ ships nothing per request but two numbers in the request's ``extra_args`` (which
 the plan (taps and their layouts) is installed once per extraction as hooks on the real modules. Each step,
 the hooks copy the tapped streams' rows of the extraction's requests into one buffer, which is sent to host
 memory while the next step computes. The client names the prompts it saw finish: their rows are assembled
-into one tensor each on background threads, and handed over at the client's next call.
+into one tensor each once the next step's forward pass is queued (while the device computes it), and handed
+over at the client's next call.
 
 Under pipeline parallelism each stage captures the taps of the layers it holds; under tensor parallelism
 (where every rank holds the whole stream) the first rank of each stage does.
@@ -13,7 +14,6 @@ Under pipeline parallelism each stage captures the taps of the layers it holds; 
 
 from __future__ import annotations
 
-from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,7 +22,7 @@ import torch
 from ..distributed.pp import is_local
 from .capture import Capture
 from .plan import ExtractionPlan
-from .result import Assembler, PromptRows
+from .result import Pending, PromptRows
 from .transfer import HostTransfer, InFlight
 
 REQUEST_KEY = "nnterp_extraction"  # SamplingParams.extra_args[REQUEST_KEY] = [extraction id, prompt index]
@@ -45,7 +45,7 @@ class Extraction:
     slots: list[int]  # positions in plan.taps of the taps captured here
     capture: Optional[Capture]
     prompts: dict[int, PromptRows] = field(default_factory=dict)
-    ready: dict[int, Future] = field(default_factory=dict)  # rows being assembled, by prompt index
+    ready: dict[int, Pending] = field(default_factory=dict)  # finished prompts' rows, by prompt index
     finished: set[int] = field(default_factory=set)  # prompts whose rows are complete
     error: Optional[str] = None
     share: Optional[StepShare] = None
@@ -59,7 +59,6 @@ class WorkerExtractions:
         self.requests: dict[str, tuple[str, int]] = {}  # engine request id -> (extraction id, prompt index)
         self.device = device
         self.transfer = HostTransfer()
-        self.assembler = Assembler()
 
     def begin(self, extraction_id: str, plan: ExtractionPlan, model: torch.nn.Module, reports: bool) -> None:
         slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
@@ -75,7 +74,7 @@ class WorkerExtractions:
         for index in (*prepare, *take):
             extraction.finished.add(index)
             if index in extraction.prompts:
-                extraction.ready[index] = self.assembler.submit(extraction.prompts.pop(index))
+                extraction.ready[index] = Pending(extraction.prompts.pop(index))
         rows = {}
         try:
             for index in take:
@@ -147,6 +146,12 @@ class WorkerExtractions:
                     prompt = extraction.prompts.setdefault(index, PromptRows())
                     prompt.add(buffer, offset, count, position, f"prompt {index}")
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
+                extraction.error = f"{type(error).__name__}: {error}"
+        for extraction in self.running.values():  # the finished prompts' rows, while the device computes
+            try:
+                for pending in extraction.ready.values():
+                    pending.result()
+            except Exception as error:
                 extraction.error = f"{type(error).__name__}: {error}"
 
 
