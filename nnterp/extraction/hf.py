@@ -42,7 +42,7 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
     device = next(torch_model.parameters()).device
     capture = Capture(torch_model, plan.taps, after_fill=_stop)
     transfer = HostTransfer()
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
+    pad = _pad_id(model.tokenizer)
     pending: list[tuple[int, list[int], list[int], Any]] = []
     try:
         for start in range(0, len(prompts), batch_size):
@@ -52,7 +52,7 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
             if max_new_tokens > 0:
                 generated = _generate(model, token_ids, max_new_tokens, generation_kwargs, device)
                 token_ids = [prompt + new[:-1] for prompt, new in zip(token_ids, generated)]
-            input_ids, mask = _right_padded(token_ids, pad)
+            input_ids, mask = _padded(token_ids, pad, left=False)
             rows = mask.flatten().nonzero().squeeze(1).to(device, non_blocking=True)
             capture.arm(rows, int(mask.sum()))
             try:
@@ -83,26 +83,27 @@ def _finish(plan: ExtractionPlan, pending: list) -> Iterator[Activations]:
         yield activations(plan, index, rows.result(), tokens, new)
 
 
-def _right_padded(token_ids: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def _padded(token_ids: list[list[int]], pad: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``attention_mask`` of a batch padded on the left or the right."""
     width = max(len(tokens) for tokens in token_ids)
     input_ids = torch.full((len(token_ids), width), pad, dtype=torch.long)
     mask = torch.zeros((len(token_ids), width), dtype=torch.long)
     for row, tokens in enumerate(token_ids):
-        input_ids[row, :len(tokens)] = torch.tensor(tokens)
-        mask[row, :len(tokens)] = 1
+        columns = slice(width - len(tokens), width) if left else slice(0, len(tokens))
+        input_ids[row, columns] = torch.tensor(tokens)
+        mask[row, columns] = 1
     return input_ids, mask
 
 
 def _generate(model: Any, token_ids: list[list[int]], max_new_tokens: int, generation_kwargs: dict,
               device: torch.device) -> list[list[int]]:
     """Greedy continuations (left-padded batch, as generation needs), up to end of sequence."""
-    width = max(len(tokens) for tokens in token_ids)
-    pad = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    input_ids = torch.full((len(token_ids), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(token_ids), width), dtype=torch.long)
-    for row, tokens in enumerate(token_ids):
-        input_ids[row, width - len(tokens):] = torch.tensor(tokens)
-        mask[row, width - len(tokens):] = 1
+    input_ids, mask = _padded(token_ids, _pad_id(model.tokenizer), left=True)
+    width = input_ids.shape[1]
     kwargs = {**model.greedy_generation_kwargs(max_new_tokens), **generation_kwargs}
     with torch.inference_mode():
         output = model._module.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
