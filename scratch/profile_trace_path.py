@@ -94,12 +94,13 @@ def main() -> None:
     def trace_carrying_the_model():
         share = StandardizedVLLM._share_with_workers
         StandardizedVLLM._share_with_workers = lambda self: None
-        shared = model.__dict__.pop("_persistent_id")
+        shared = model.__dict__.pop("_persistent_id", None)
         try:
             trace()
         finally:
             StandardizedVLLM._share_with_workers = share
-            model.__dict__["_persistent_id"] = shared
+            if shared is not None:
+                model.__dict__["_persistent_id"] = shared
 
     def extract():
         for _ in model.extract(prompts, layers=layer, progress=False):
