@@ -89,6 +89,12 @@ def test_readme_python_blocks_run_and_say_the_truth(tmp_path, monkeypatch, capfd
     assert torch.allclose(ns["steered"][0], expected_steered, atol=1e-5)
     assert decode(ns["steered"][0].argmax()) == " London"
 
+    for index, text in enumerate(ns["prompts"]):  # each prompt alone, unpadded
+        ids = model.tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            alone = hf(ids, output_hidden_states=True).hidden_states
+        assert torch.allclose(ns["extracted"][index], torch.stack([alone[5][0], alone[9][0]]), atol=1e-4)
+
     if HAS_VLLM:
         stream = ns["stream"][0]
         assert (ns["vllm_stream"] - stream).abs().max() <= 1e-4 * stream.abs().max()

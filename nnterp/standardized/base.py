@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -14,6 +14,9 @@ from ..distributed.pp import EMBEDDINGS, HEAD
 from ..rename import ModuleNames, RenameConfig, RenamingError
 from .checks import check_renaming as check_standard_modules
 from .positions import Positions, chosen_tokens
+
+if TYPE_CHECKING:
+    from ..extraction import Activations
 
 logger = logging.getLogger("nnterp")
 
@@ -208,6 +211,42 @@ class StandardizedMixin:
                     for i, part in enumerate(parts[1:], start=1)]
             return ".".join([self.names.layers, *rest])
         return path
+
+    # -- extraction --------------------------------------------------------------
+
+    def extract(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        layers: int | Sequence[int] | None = None,
+        accessors: str | Sequence[str] = ("layers_output",),
+        batch_size: int | None = None,
+        max_new_tokens: int = 0,
+        progress: bool = True,
+        **generation_kwargs: Any,
+    ) -> Iterator["Activations"]:
+        """Activations of many prompts, one :class:`~nnterp.extraction.Activations` per prompt, in prompt
+        order, as they are computed (``save_activations`` writes them to safetensors shards).
+
+        ``values[accessor]`` is ``[len(layers), tokens, hidden]`` on the CPU: the same values the accessor
+        reads in a trace of that prompt alone (``as_batch(...)[0]``), read through plain forward hooks over
+        whole batches. ``layers=None`` is every layer. ``batch_size``: prompts per forward pass on HF (default
+        32); prompts queued in the engine ahead of the consumer on vLLM (default: all). ``max_new_tokens``
+        generates greedily (extra keyword arguments go to the engine's sampling / ``generate``) and adds the
+        rows of the generated tokens but the last (the model never runs on it)."""
+        from ..extraction import plan_extraction
+
+        plan = plan_extraction(self, accessors, layers)
+        if not prompts or isinstance(prompts, str):
+            raise TypeError("extract takes a list of prompts (strings or token-id lists), e.g. extract([prompt]).")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}.")
+        results = self._run_extraction(plan, prompts, batch_size, max_new_tokens, generation_kwargs)
+        return _with_progress(results, len(prompts), progress)
+
+    def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs) -> Iterator["Activations"]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement extraction.")
 
     # -- layout ---------------------------------------------------------------
 
@@ -451,3 +490,15 @@ class StandardizedMixin:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _with_progress(results: Iterator, total: int, progress: bool) -> Iterator:
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, disable=not progress, desc="extract", unit="prompt") as bar:
+        try:
+            for item in results:
+                yield item
+                bar.update()
+        finally:
+            results.close()  # an abandoned extraction releases the engine's requests and hooks

@@ -130,6 +130,11 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         )
         return {"generation_config": config}
 
+    def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs):
+        from ..extraction.hf import run
+
+        return run(self, plan, prompts, batch_size or 32, max_new_tokens, generation_kwargs)
+
     @property
     def step_token(self) -> torch.Tensor:
         """Inside a greedy generation step: the token it picks, ``[batch]``."""

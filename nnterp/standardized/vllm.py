@@ -9,6 +9,7 @@ import json
 import logging
 import os
 from pathlib import Path
+import uuid
 from typing import Any
 
 import torch
@@ -221,11 +222,46 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         models vLLM runs through its Transformers backend already have the leading 1."""
         return activation if activation.ndim == 3 else activation[None]
 
+    _extractions_running = 0  # extract() generators stepping the engine right now
+
     def trace(self, *inputs: Any, **kwargs: Any):
         """A forward pass: greedy and one token unless ``temperature``/``max_tokens`` say otherwise."""
+        if self._extractions_running:
+            raise RuntimeError(
+                "An extract() generator is still running on this engine, and a trace would run its requests "
+                "too. Consume or close it (`results.close()`) before tracing."
+            )
         kwargs.setdefault("temperature", 0.0)
         kwargs.setdefault("max_tokens", 1)
+        self._share_with_workers()
         return super().trace(*inputs, **kwargs)
+
+    def _share_with_workers(self) -> None:
+        """Ship this model to the engine's workers once, and make trace requests refer to that copy.
+
+        Each request otherwise pickles the whole envoy tree (one envoy per module) and the worker unpickles it:
+        most of a trace request's fixed cost. The copy is shipped again when the model's attributes change
+        (a trace body may read them). Off under pipeline parallelism, where each request's copy gets a stage
+        backend of its own."""
+        engine = getattr(self.vllm_entrypoint, "llm_engine", None)
+        if engine is None or engine.vllm_config.parallel_config.pipeline_parallel_size > 1:
+            return
+        fingerprint = tuple((name, id(value)) for name, value in self.__dict__.items() if name not in _SHARING_STATE)
+        shared = self.__dict__.get("_persistent_id")
+        if shared is not None and self.__dict__.get("_shared_fingerprint") == fingerprint:
+            return
+        from nnsight.intervention.serialization import dumps
+
+        self.__dict__.pop("_persistent_id", None)  # pickle the model itself this once
+        key = f"nnterp:StandardizedVLLM:{uuid.uuid4().hex}"
+        engine.collective_rpc("nnterp_share_model", args=(key, dumps(self), shared))
+        self.__dict__["_persistent_id"] = key
+        self.__dict__["_shared_fingerprint"] = fingerprint
+
+    def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs):
+        from ..extraction.vllm import run
+
+        return run(self, plan, prompts, batch_size or len(prompts), max_new_tokens, generation_kwargs)
 
     def greedy_generation_kwargs(self, max_new_tokens: int) -> dict:
         """Sampling parameters for greedy decoding on the raw logits (the checkpoint's penalties overridden),
@@ -254,6 +290,9 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         # sharded under tensor parallelism; the full logical matrix is gathered.
         weight = self._backend.local_parameter(self._torch_module("lm_head"), "weight")[: self.vocab_size]
         return torch.nn.functional.linear(normed, weight.to(normed.dtype))
+
+
+_SHARING_STATE = ("_persistent_id", "_shared_fingerprint")
 
 
 def _bind_aliases(root, rename: dict) -> None:

@@ -14,14 +14,16 @@ from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
-from .vllm_worker import PipelineRunner
+from ..extraction.worker import ExtractionRunner, ExtractionWorker
+from .vllm_worker import PipelineRunner, SharedModelRunner, SharedModelWorker
 
 
-class NNsightCPUModelRunner(PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
-    """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages."""
+class NNsightCPUModelRunner(ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
+    """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages, extraction and
+    shared model copy."""
 
 
-class NNsightCPUWorker(NNsightGPUWorker, CPUWorker):
+class NNsightCPUWorker(ExtractionWorker, SharedModelWorker, NNsightGPUWorker, CPUWorker):
     """vLLM's CPU worker whose runner interleaves interventions (nnsight's RPCs come from NNsightGPUWorker)."""
 
     def init_device(self) -> None:
