@@ -9,6 +9,7 @@ import torch
 
 from ..distributed.pp import is_local
 from ..rename import ModuleNames
+from .edits import with_in_place_edits
 from .infer import Observation, infer_module_layout, observe
 from .model import LayoutError, ModuleLayout
 
@@ -105,6 +106,8 @@ def infer_model_layout(
         key = module_key(role, module)
         where = f"{role} {index} ({type(module).__name__})"
         layout, module_evidence = infer_module_layout(module, parent, attr, observations.get(key), hidden_size, where)
+        if layout is not None:
+            layout, module_evidence = with_in_place_edits(layout, module_evidence, module, parent, attr, observations.get(key))
         evidence[key] = module_evidence
         if layout is not None:
             modules[key] = layout

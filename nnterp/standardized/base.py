@@ -8,8 +8,10 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..accessors import LayerAccessor, ModuleListView
+from ..forward_order import in_forward_order
 from ..layout import ModelLayout, drift, load_snapshot
 from ..distributed.pp import EMBEDDINGS, HEAD
+from ..padding import at_last_token, current_attention_mask, in_trace
 from ..rename import ModuleNames
 
 logger = logging.getLogger("nnterp")
@@ -49,7 +51,7 @@ class Backend:
 
     def run_value(self, where: str, read: Callable[[], Any]) -> Any:
         """A value the engine serves outside any module (logits, sampled tokens)."""
-        return read()
+        return in_forward_order(where, read)
 
     def run_write(self, write: Callable[[Any], None], value: Any) -> None:
         write(value)
@@ -178,10 +180,11 @@ class StandardizedMixin:
         """The output of ``embed_tokens`` (read inside a trace)."""
         if not self._backend.owns(EMBEDDINGS):
             return self._backend.remote_read("model.token_embeddings", EMBEDDINGS)
+        output = in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output)
         scale = self._embedding_scale
         if scale is None:
-            return self._backend.after_read(self.embed_tokens.output, fresh=False, where="model.token_embeddings")
-        return self._backend.after_read(self.embed_tokens.output * scale, fresh=True, where="model.token_embeddings")
+            return self._backend.after_read(output, fresh=False, where="model.token_embeddings")
+        return self._backend.after_read(output * scale, fresh=True, where="model.token_embeddings")
 
     @token_embeddings.setter
     def token_embeddings(self, value: torch.Tensor) -> None:
@@ -189,7 +192,8 @@ class StandardizedMixin:
 
         if not self._backend.owns(EMBEDDINGS):
             return  # the stage that runs the embeddings applies the write
-        check_same_shape(self.embed_tokens.output, value, "token_embeddings")
+        check_same_shape(in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output), value,
+                         "token_embeddings")
         scale = self._embedding_scale
         self.embed_tokens.output = self._backend.before_write(value if scale is None else value / scale)
 
@@ -200,12 +204,29 @@ class StandardizedMixin:
 
     @property
     def next_token_probs(self) -> torch.Tensor:
-        """Softmax over the vocabulary at each prompt's last position, shape ``[batch, vocab]``."""
+        """Softmax over the vocabulary at each prompt's last real token, shape ``[batch, vocab]``."""
         return self.last_position(self.logits).float().softmax(-1)
 
-    def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The last position of each prompt of a ``[batch, seq, ...]`` activation."""
-        return tensor[:, -1]
+    def last_position(self, tensor: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each prompt's last real token of a ``[batch, seq, ...]`` activation or logits, ``[batch, ...]``.
+
+        Inside a trace the prompts' padding (left or right) comes from the attention mask the forward received;
+        outside one, pass the batch's ``attention_mask`` (a single prompt or a left-padding tokenizer needs none).
+        """
+        if attention_mask is None:
+            if in_trace():
+                attention_mask = self.trace_attention_mask()
+            elif tensor.shape[0] > 1 and getattr(self.tokenizer, "padding_side", "left") != "left":
+                raise ValueError(
+                    "last_position outside a trace: the tokenizer pads on the right, so each prompt's last token "
+                    "depends on its length; pass attention_mask=... (the batch's mask) or call it inside the trace."
+                )
+        return at_last_token(tensor, attention_mask)
+
+    def trace_attention_mask(self) -> torch.Tensor | None:
+        """Inside a trace: the attention mask of this invoke's prompts as the forward received them,
+        ``[batch, seq]`` (1: a token of the prompt, 0: padding); None when the forward got no mask."""
+        return current_attention_mask()
 
     def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
         """An activation as ``[batch, seq, hidden]`` (the HF layout already is)."""

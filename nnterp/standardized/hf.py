@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..attention import AttentionProbabilities
 from ..layout import infer_model_layout
+from ..padding import AttentionMaskBatcher
 from ..rename import RenameConfig, resolve_names
 from .base import Backend, StandardizedMixin
 
@@ -25,6 +26,8 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
     where standard modules live. ``check_layout`` warns when the inferred layout differs from the
     reviewed one under ``layouts/hf/``.
     """
+
+    _batcher_class = AttentionMaskBatcher  # keeps the padded batch's attention mask for `last_position`
 
     def __init__(
         self,
