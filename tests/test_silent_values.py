@@ -125,6 +125,7 @@ def _parent(body: str) -> nn.Module:
     ("out = self.mlp(h)\nh += a\nreturn out", {"output": False, "input": True}),
     ("out = self.mlp(h)\ntorch.relu(out, out=out)\nreturn out", {"output": True, "input": False}),
     ("for _ in range(2):\n    h += a\n    h = self.mlp(h)\nreturn h", {"output": True, "input": False}),
+    ("out = self.mlp(h)\nif self.training and a is not None:\n    out += a\nreturn out", {"output": False, "input": False}),
 ])
 def test_in_place_edits_read_off_the_parent_source(body, edited):
     layer = _parent(body)

@@ -140,6 +140,21 @@ class _EditsAfterHandover(ast.NodeVisitor):
     def visit_While(self, node: ast.While) -> None:
         self._loop(node, [node.test])
 
+    def visit_If(self, node: ast.If) -> None:
+        self.visit(node.test)
+        if not _only_when_training(node.test):  # nnterp runs models in inference mode
+            for statement in node.body:
+                self.visit(statement)
+        for statement in node.orelse:
+            self.visit(statement)
+
+
+def _only_when_training(test: ast.AST) -> bool:
+    """``self.training`` or ``self.training and ...``."""
+    conjuncts = test.values if isinstance(test, ast.BoolOp) and isinstance(test.op, ast.And) else [test]
+    return any(isinstance(c, ast.Attribute) and c.attr == "training" and isinstance(c.value, ast.Name)
+               and c.value.id == "self" for c in conjuncts)
+
 
 def _hidden_argument(param: str, index: int) -> Callable[[ast.Call], ast.AST | None]:
     def argument(call: ast.Call) -> ast.AST | None:
