@@ -1,8 +1,9 @@
 """Differential fuzzing of the standardized surface, as many cases as asked (``tests/differential.py``).
 
-    uv run --extra vllm python scratch/fuzz.py --cases 500 [--seed 0] [--architectures llama,falcon]
-    uv run --extra vllm python scratch/fuzz.py --cases 60 --vllm llama,gpt2   # also vLLM vs HF, 60 per architecture
+    uv run python scratch/fuzz.py --cases 500 [--seed 0] [--architectures llama,falcon]
+    uv run python scratch/fuzz.py --cases 60 --vllm llama,gpt2   # also vLLM vs HF, 60 per architecture
 
+(``--vllm`` needs a vLLM engine in the environment, e.g. vLLM's CPU build.)
 Each HF case runs a random trace program through StandardizedTransformer and compares every read with
 forward hooks on the raw model (the same batch, and each prompt alone); vLLM cases compare
 StandardizedVLLM with each prompt run alone on HF. Prints a summary and the first mismatches (each with
