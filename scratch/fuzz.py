@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 from differential import (  # noqa: E402
-    HF_ARCHITECTURES, check_hf_case, check_vllm_case, make_case, summarize, surface_of,
+    HF_ARCHITECTURES, alone_references, check_hf_case, check_vllm_case, make_case, summarize, surface_of,
 )
 
 
@@ -70,15 +70,18 @@ def main() -> int:
 
 
 def fuzz_vllm(architecture: str, path: str, hf_model, args) -> bool:
+    """The HF references first: vLLM's Transformers backend patches the HF classes it wraps."""
     from nnterp.standardized.vllm import StandardizedVLLM
 
     start = time.time()
-    vllm_model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
     surface = surface_of(hf_model)
+    cases = [make_case(args.seed + number, architecture, surface, one_prompt_per_invoke=True, dtypes=(torch.float32,))
+             for number in range(args.cases)]
+    references = [alone_references(hf_model, case) for case in cases]
+    vllm_model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
     results = []
-    for number in range(args.cases):
-        case = make_case(args.seed + number, architecture, surface, one_prompt_per_invoke=True, dtypes=(torch.float32,))
-        found, worst = check_vllm_case(vllm_model, hf_model, case)
+    for case, expected in zip(cases, references):
+        found, worst = check_vllm_case(vllm_model, case, expected)
         results.append((case, found, worst))
     print(f"vLLM {architecture}: {summarize(results)}\n({time.time() - start:.0f} s)", flush=True)
     del vllm_model

@@ -405,37 +405,48 @@ def check_hf_case(model, case: Case) -> tuple[list[Mismatch], dict]:
     mismatches, worst_batch = compare(case, got, expected, masks, "batch", batch_tolerance, invokes)
     worst = {"batch": worst_batch}
     if case.dtype == torch.float32:
-        found, worst["alone"] = check_alone(model, case, got, masks, rtol=1e-4)
+        found, worst["alone"] = compare_alone(case, got, alone_references(model, case), masks, rtol=1e-4)
         mismatches += found
     return mismatches, worst
 
 
-def check_alone(reference_model, case: Case, got: dict, masks: dict, rtol: float, last_only_logits: bool = False):
-    """Each prompt of ``case`` run alone on ``reference_model`` (HF) with its invoke's program."""
-    mismatches, worst = [], 0.0
+def alone_references(reference_model, case: Case) -> dict[tuple[int, int], tuple[dict, torch.Tensor]]:
+    """Each prompt of ``case`` run alone on ``reference_model`` (HF) with its invoke's program: (invoke, position
+    in the invoke) -> (its reads, its attention mask)."""
+    references = {}
     for invoke, indices in enumerate(case.invokes):
         for position, prompt_index in enumerate(indices):
             inputs = ((), dict(reference_model.tokenizer(case.prompts[prompt_index], return_tensors="pt")))
             expected, _ = run_reference(reference_model, case, [(invoke, slice(0, 1))], inputs)
-            mask = masks.get(("ours", invoke))  # None on vLLM: one unpadded prompt per invoke
-            row = {key: value if mask is None else value[position:position + 1]
-                   for key, value in got.items() if key[0] == invoke}
-            row_masks = {("reference", invoke): inputs[1]["attention_mask"]}
-            if mask is not None:
-                row_masks[("ours", invoke)] = mask[position:position + 1]
-            found, seen = compare(case, row, expected, row_masks, "alone", rtol, [invoke], last_only_logits)
-            for mismatch in found:
-                mismatch.prompt = prompt_index
-            mismatches += found
-            worst = max(worst, seen)
+            references[invoke, position] = expected, inputs[1]["attention_mask"]
+    return references
+
+
+def compare_alone(case: Case, got: dict, references: dict, masks: dict, rtol: float, last_only_logits: bool = False):
+    """Every read of ``got`` against :func:`alone_references`; ``masks`` holds our batch's masks (none on vLLM,
+    one unpadded prompt per invoke)."""
+    mismatches, worst = [], 0.0
+    for (invoke, position), (expected, reference_mask) in references.items():
+        mask = masks.get(("ours", invoke))
+        row = {key: value if mask is None else value[position:position + 1]
+               for key, value in got.items() if key[0] == invoke}
+        row_masks = {("reference", invoke): reference_mask}
+        if mask is not None:
+            row_masks[("ours", invoke)] = mask[position:position + 1]
+        found, seen = compare(case, row, expected, row_masks, "alone", rtol, [invoke], last_only_logits)
+        for mismatch in found:
+            mismatch.prompt = case.invokes[invoke][position]
+        mismatches += found
+        worst = max(worst, seen)
     return mismatches, worst
 
 
-def check_vllm_case(vllm_model, hf_model, case: Case) -> tuple[list[Mismatch], dict]:
-    """``case`` (one prompt per invoke) on a StandardizedVLLM against the HF model of the same weights, each
-    prompt alone."""
+def check_vllm_case(vllm_model, case: Case, references: dict) -> tuple[list[Mismatch], dict]:
+    """``case`` (one prompt per invoke) on a StandardizedVLLM against :func:`alone_references` computed on the
+    HF model of the same weights (before the engine started: vLLM's Transformers backend patches the HF
+    classes it wraps)."""
     got = run_nnterp(vllm_model, case)
-    found, worst = check_alone(hf_model, case, got, {}, rtol=1e-4, last_only_logits=True)
+    found, worst = compare_alone(case, got, references, {}, rtol=1e-4, last_only_logits=True)
     return found, {"alone": worst}
 
 

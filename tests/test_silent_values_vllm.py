@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from differential import check_vllm_case, make_case, summarize, surface_of  # noqa: E402
+from differential import alone_references, check_vllm_case, make_case, summarize, surface_of  # noqa: E402
 from nnsight.intervention.interleaver import OutOfOrderError  # noqa: E402
 
 from nnterp import StandardizedTransformer  # noqa: E402
@@ -109,7 +109,7 @@ def test_fuzz_sample_matches_hf_alone(pair):
     results = []
     for seed in range(300, 308):
         case = make_case(seed, architecture, surface, one_prompt_per_invoke=True, dtypes=(torch.float32,))
-        found, worst = check_vllm_case(vllm_model, hf_model, case)
+        found, worst = check_vllm_case(vllm_model, case, alone_references(hf_model, case))
         results.append((case, found, worst))
     assert not any(found for _, found, _ in results), summarize(results)
 
@@ -135,3 +135,18 @@ def test_worker_error_types():
     assert isinstance(error, KeyError) and isinstance(error, RuntimeError) and "Intervention traceback" in str(error)
     unknown = worker_error({"type_name": "SomeLibraryError", "message": "boom"})
     assert type(unknown) is RuntimeError and str(unknown) == "SomeLibraryError: boom"
+
+
+def test_skipping_a_layer_whose_parent_unpacks_its_tuple():
+    """vLLM's StableLM layer returns ``hidden_states, residual`` and its model unpacks both: a skipped layer's
+    stand-in output must have as many entries."""
+    from vllm.model_executor.models.stablelm import StablelmDecoderLayer
+
+    from nnterp.layout import OutputLayout
+    from nnterp.layout.infer import returned_tuple_length
+
+    assert returned_tuple_length(StablelmDecoderLayer) == 2
+    stream = torch.randn(3, 8)
+    built = OutputLayout("tuple", 0).build(stream, returned_tuple_length(StablelmDecoderLayer))
+    hidden, residual = built
+    assert hidden is stream and residual is None

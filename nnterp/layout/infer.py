@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 from dataclasses import dataclass
@@ -191,18 +192,34 @@ def output_from_probe(output: Any, sig: Signature, hidden_size: int, where: str)
 
 def output_from_source(module: torch.nn.Module, sig: Signature) -> OutputLayout | None:
     """The output kind read off ``return`` statements of ``module.forward`` (used without a probe)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
-    except (OSError, TypeError, SyntaxError):
+    returned = _returned_values(type(module))
+    if returned is None:
         return None
     kinds = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Return) and node.value is not None:
-            if isinstance(node.value, ast.Tuple):
-                kinds.add("dual" if sig.residual is not None and len(node.value.elts) == 2 else "tuple")
-            else:
-                kinds.add("tensor")
+    for value in returned:
+        if isinstance(value, ast.Tuple):
+            kinds.add("dual" if sig.residual is not None and len(value.elts) == 2 else "tuple")
+        else:
+            kinds.add("tensor")
     return OutputLayout(kinds.pop()) if len(kinds) == 1 else None
+
+
+def _returned_values(module_class: type) -> list[ast.expr] | None:
+    """The expressions ``module_class.forward`` returns (None when its source is unavailable)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(module_class.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Return) and node.value is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def returned_tuple_length(module_class: type) -> int | None:
+    """How many entries ``module_class.forward`` returns when every ``return`` statement is a tuple display of
+    the same length (vLLM's StableLM layer returns ``hidden_states, residual``), else None."""
+    lengths = {len(value.elts) if isinstance(value, ast.Tuple) and not any(isinstance(e, ast.Starred) for e in value.elts)
+               else None for value in _returned_values(module_class) or ()}
+    return lengths.pop() if len(lengths) == 1 else None
 
 
 def _describe(value: Any) -> str:

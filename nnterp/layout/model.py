@@ -131,14 +131,15 @@ class OutputLayout:
             return type(output)((value, torch.zeros_like(output[1]), *output[2:]))
         return type(output)(value if index == self.index else item for index, item in enumerate(output))
 
-    def build(self, value: torch.Tensor) -> Any:
-        """A whole output of this layout carrying ``value`` as the stream (for skipping a module)."""
+    def build(self, value: torch.Tensor, length: int | None = None) -> Any:
+        """A whole output of this layout carrying ``value`` as the stream (for skipping a module); a tuple has
+        ``length`` entries (the module's own count, which a parent that unpacks it needs), None elsewhere."""
         value = copy_if(self.edited_in_place, value)[0]
         if self.kind == "tensor":
             return value
         if self.kind == "dual":
             return (value, torch.zeros_like(value))
-        return tuple(value if index == self.index else None for index in range(self.index + 1))
+        return tuple(value if index == self.index else None for index in range(max(length or 0, self.index + 1)))
 
 
 

@@ -10,6 +10,7 @@ import torch
 from ..accessors import LayerAccessor, ModuleListView
 from ..forward_order import in_forward_order
 from ..layout import ModelLayout, drift, load_snapshot
+from ..layout.infer import returned_tuple_length
 from ..distributed.pp import EMBEDDINGS, HEAD
 from ..padding import at_last_token, current_attention_mask, in_trace
 from ..rename import ModuleNames
@@ -247,7 +248,7 @@ class StandardizedMixin:
                 continue  # another pipeline stage skips its own layers
             envoy = self.layers[index]
             layout = self.layout.for_module("layer", envoy._module)
-            envoy.skip(layout.output.build(stream))
+            envoy.skip(layout.output.build(stream, returned_tuple_length(type(envoy._module))))
 
     def skip_layer(self, index: int) -> None:
         self.skip_layers(index, index)
