@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from .forward_order import in_forward_order
+from .forward_order import in_forward_order, record_access
 
 if TYPE_CHECKING:
     from .standardized.base import StandardizedMixin
@@ -49,6 +49,7 @@ class LayerAccessor:
     def __getitem__(self, index: int) -> torch.Tensor:
         layer_index, owned, name = self._owned(index)
         if not owned:
+            record_access(name)
             return self._model._backend.remote_read(name, layer_index)
         envoy, layout, where = self._locate(layer_index)
         if self._direction == "input":
@@ -61,6 +62,7 @@ class LayerAccessor:
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
         layer_index, owned, name = self._owned(index)
         if not owned:
+            record_access(name)
             return  # the stage that runs this layer applies the write
         envoy, layout, where = self._locate(layer_index)
         value = self._model._backend.before_write(value)

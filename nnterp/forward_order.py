@@ -31,10 +31,15 @@ def in_forward_order(name: str, access: Callable[[], T]) -> T:
             raise  # a `tracer.iter` loop that outran a generation: nnsight warns and ends it by design
         before = _LAST_ACCESS.get(block) if block is not None else None
         raise OutOfOrderError(out_of_order_message(name, before)) from error
+    record_access(name)
+    return value
+
+
+def record_access(name: str) -> None:
+    """Remember ``name`` as the current block's latest access (also for values another pipeline stage serves)."""
     block = _current_block()
     if block is not None:
         _LAST_ACCESS[block] = name
-    return value
 
 
 def out_of_order_message(name: str, before: str | None) -> str:

@@ -8,7 +8,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 
 from ..accessors import LayerAccessor, ModuleListView
-from ..forward_order import in_forward_order
+from ..forward_order import in_forward_order, record_access
 from ..layout import ModelLayout, drift, load_snapshot
 from ..layout.infer import returned_tuple_length
 from ..distributed.pp import EMBEDDINGS, HEAD
@@ -180,6 +180,7 @@ class StandardizedMixin:
     def token_embeddings(self) -> torch.Tensor:
         """The output of ``embed_tokens`` (read inside a trace)."""
         if not self._backend.owns(EMBEDDINGS):
+            record_access("model.token_embeddings")
             return self._backend.remote_read("model.token_embeddings", EMBEDDINGS)
         output = in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output)
         scale = self._embedding_scale
