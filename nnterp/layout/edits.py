@@ -11,14 +11,12 @@ from the same tensor once the forward pass is over).
 from __future__ import annotations
 
 import ast
-import inspect
-import textwrap
 from dataclasses import replace
 from typing import Any, Callable, Literal
 
 import torch
 
-from .infer import Observation, _calls_child, _loop_variables_over, signature_of
+from .infer import Observation, _calls_child, _loop_variables_over, parse_source, signature_of
 from .model import ModuleLayout
 
 VIEW_METHODS = {
@@ -28,13 +26,6 @@ VIEW_METHODS = {
 }
 NOT_EDITS = {"requires_grad_", "retain_grad", "share_memory_"}
 Tracked = Literal["result", "argument"]
-
-
-def _parse(function) -> ast.AST | None:
-    try:
-        return ast.parse(textwrap.dedent(inspect.getsource(function)))
-    except (OSError, TypeError, SyntaxError):
-        return None
 
 
 def _root_name(node: ast.AST) -> str | None:
@@ -55,9 +46,11 @@ class _EditsAfterHandover(ast.NodeVisitor):
     """Walks a forward in source order (loop bodies twice), tracking the names bound to the tensors of
     interest, and notes whether one of them is edited in place while it is still bound."""
 
-    def __init__(self, is_child_call: Callable[[ast.Call], bool], tracked: Tracked, argument: Callable[[ast.Call], ast.AST | None],
+    def __init__(self, is_child_call: Callable[[ast.Call], bool], mode: Tracked, argument: Callable[[ast.Call], ast.AST | None],
                  initial: set[str] = frozenset()) -> None:
-        self.is_child_call, self.mode, self.argument = is_child_call, tracked, argument
+        """``mode``: track the names bound to the child's result, or the names passed to it as its hidden
+        state (``argument`` finds that expression in a call); ``initial`` names are tracked from the start."""
+        self.is_child_call, self.mode, self.argument = is_child_call, mode, argument
         self.names: set[str] = set(initial)
         self.edited = False
 
@@ -197,7 +190,7 @@ def edits_from_source(module: torch.nn.Module, parent: torch.nn.Module, child_at
     """
     found = {"input": False, "output": False}
     for klass in type(parent).__mro__:
-        tree = _parse(vars(klass)["forward"]) if "forward" in vars(klass) else None
+        tree = parse_source(vars(klass)["forward"]) if "forward" in vars(klass) else None
         if tree is None:
             continue
         loops = _loop_variables_over(tree, child_attr)
@@ -213,7 +206,7 @@ def edits_from_source(module: torch.nn.Module, parent: torch.nn.Module, child_at
             walker.visit(tree)
             found[kind] = walker.edited
         break
-    own = _parse(type(module).forward)
+    own = parse_source(type(module).forward)
     if own is not None:
         walker = _EditsAfterHandover(lambda call: False, "result", lambda call: None, initial={param})
         walker.visit(own)

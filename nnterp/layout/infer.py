@@ -59,10 +59,17 @@ def call_style_from_source(parent: torch.nn.Module, child_attr: str, param: str,
     return None
 
 
-def _call_style_in(forward, child_attr: str, param: str, param_index: int) -> str | None:
+def parse_source(function) -> ast.AST | None:
+    """The syntax tree of ``function``'s source (None when the source is unavailable)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+        return ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _call_style_in(forward, child_attr: str, param: str, param_index: int) -> str | None:
+    tree = parse_source(forward)
+    if tree is None:
         return None
     loop_names = _loop_variables_over(tree, child_attr)
     styles = []
@@ -206,9 +213,8 @@ def output_from_source(module: torch.nn.Module, sig: Signature) -> OutputLayout 
 
 def _returned_values(module_class: type) -> list[ast.expr] | None:
     """The expressions ``module_class.forward`` returns (None when its source is unavailable)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(module_class.forward)))
-    except (OSError, TypeError, SyntaxError):
+    tree = parse_source(module_class.forward)
+    if tree is None:
         return None
     return [node.value for node in ast.walk(tree) if isinstance(node, ast.Return) and node.value is not None]
 
