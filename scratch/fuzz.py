@@ -55,15 +55,20 @@ def main() -> int:
                 surfaces.setdefault(architecture, surface_of(loaded[architecture, dtype]))
             return loaded[architecture, dtype]
 
-        results = []
+        results, errors = [], []
         for number in range(args.cases):
             architecture = architectures[number % len(architectures)]
-            model(architecture, torch.float32)
-            case = make_case(args.seed + number, architecture, surfaces[architecture])
-            found, worst = check_hf_case(model(architecture, case.dtype), case)
+            try:
+                model(architecture, torch.float32)
+                case = make_case(args.seed + number, architecture, surfaces[architecture])
+                found, worst = check_hf_case(model(architecture, case.dtype), case)
+            except Exception as error:  # reported with the case, the run goes on
+                errors.append(f"{architecture} case {args.seed + number}: {type(error).__name__}: {str(error)[:300]}")
+                continue
             results.append((case, found, worst))
         print(f"HF: {summarize(results)}\n({time.time() - start:.0f} s)", flush=True)
-        failed = any(found for _, found, _ in results)
+        print("\n".join([f"{len(errors)} cases raised:", *errors[:20]]) if errors else "no case raised", flush=True)
+        failed = bool(errors) or any(found for _, found, _ in results)
         for architecture in filter(None, args.vllm.split(",")):
             failed |= fuzz_vllm(architecture, paths[architecture], model(architecture, torch.float32), args)
     return 1 if failed else 0
