@@ -56,13 +56,12 @@ def _describe_op(op: dict) -> str:
 
 @dataclass(frozen=True)
 class Surface:
-    """What programs may touch on one model: its layer count, width, accessors, and the order in which a
-    layer's six locations run (read off a hooked forward of the raw model)."""
+    """What programs may touch on one model: its layer count, width, and each (accessor, layer) location
+    numbered in the order a forward pass reaches it (read off a hooked forward of the raw model)."""
 
     num_layers: int
     hidden_size: int
-    accessors: tuple[str, ...]
-    order: tuple[str, ...]
+    sequence: dict[tuple[str, int], int]
 
 
 def make_case(seed: int, architecture: str, surface: Surface, *, one_prompt_per_invoke: bool = False,
@@ -83,12 +82,12 @@ def make_case(seed: int, architecture: str, surface: Surface, *, one_prompt_per_
     return case
 
 
-def _location_key(surface: Surface, target: str, layer: int | None) -> tuple:
+def _location_key(surface: Surface, target: str, layer: int | None) -> int:
     if target == "token_embeddings":
-        return (-1, 0)
+        return -1
     if target in ("logits", "next_token_probs"):
-        return (surface.num_layers, 0)
-    return (layer, surface.order.index(target))
+        return len(surface.sequence)
+    return surface.sequence[target, layer]
 
 
 def _program(rng: random.Random, surface: Surface, alone: bool, padded: bool) -> list[dict]:
@@ -98,9 +97,9 @@ def _program(rng: random.Random, surface: Surface, alone: bool, padded: bool) ->
     if alone and rng.random() < 0.15:
         first = rng.randrange(n)
         skipped = (first, rng.randrange(first, n))
+    locations = sorted(surface.sequence, key=surface.sequence.get) + [("token_embeddings", None)]
     for _ in range(rng.randint(1, 4)):
-        target = rng.choice((*surface.accessors, "token_embeddings"))
-        layer = None if target == "token_embeddings" else rng.randrange(n)
+        target, layer = rng.choice(locations)
         if skipped and layer is not None and skipped[0] <= layer <= skipped[1]:
             continue  # a skipped layer's modules do not run
         kind = rng.choice(("read", "read", "write"))
@@ -110,15 +109,15 @@ def _program(rng: random.Random, surface: Surface, alone: bool, padded: bool) ->
         ops.append(op)
     if rng.random() < 0.3:
         layer = rng.randrange(n)
-        if not (skipped and skipped[0] <= layer <= skipped[1]):
+        if ("layers_output", layer) in surface.sequence and not (skipped and skipped[0] <= layer <= skipped[1]):
             positions = None if padded or rng.random() < 0.5 else rng.choice((0, -1, [0, -1]))
             ops.append({"kind": "steer", "target": "layers_output", "layer": layer, "vector": _vector(rng, surface.hidden_size),
                         "factor": rng.choice((0.5, 2.0)), "positions": positions})
-    if skipped:
+    if skipped and all(("layers_output", layer) in surface.sequence for layer in range(skipped[0], skipped[1] + 1)):
         ops.append({"kind": "skip", "target": "layers_input", "layer": skipped[0], "end": skipped[1]})
         if rng.random() < 0.5:
             ops.append({"kind": "read", "target": "layers_output", "layer": skipped[1]})
-    ops.sort(key=lambda op: _location_key(surface, op["target"], op["layer"]) + ((0.5,) if op["kind"] == "skip" else (0,)))
+    ops.sort(key=lambda op: (_location_key(surface, op["target"], op["layer"]), op["kind"] == "skip"))
     ops.append({"kind": "read", "target": rng.choice(("logits", "next_token_probs")), "layer": None})
     return ops
 
@@ -359,18 +358,30 @@ def compare(case: Case, got: dict, expected: dict, masks: dict, reference: str, 
 # -- running cases -----------------------------------------------------------------------------------------
 
 def surface_of(model) -> Surface:
-    """The accessors a model has, and the order its first layer's locations run in a plain forward."""
-    accessors = [name for name in LAYER_ACCESSORS
-                 if ROLE_OF[name.split("_")[0]] == "layer" or getattr(model.names, ROLE_OF[name.split("_")[0]]) is not None]
-    order: list[str] = []
+    """Every (accessor, layer) location of a model, numbered in the order a plain forward reaches them; a layer
+    without the module (a hybrid model's), or whose module other layers share, offers none."""
     hooks = Hooks(model, model.hidden_size)
+    modules = {}
+    for name in LAYER_ACCESSORS:
+        role = ROLE_OF[name.split("_")[0]]
+        if role != "layer" and getattr(model.names, role) is None:
+            continue
+        for layer in range(model.num_layers):
+            try:
+                modules[name, layer] = hooks.module(name, layer)
+            except AttributeError:
+                continue
+    owners: dict[int, set[int]] = {}
+    for (name, layer), module in modules.items():
+        owners.setdefault(id(module), set()).add(layer)
+    sequence: dict[tuple[str, int], int] = {}
     handles = []
-    for name in accessors:
-        module = hooks.module(name, 0)
+    for (name, layer), module in modules.items():
+        if len(owners[id(module)]) > 1:
+            continue
 
-        def note(*hook_args, name=name) -> None:
-            if name not in order:
-                order.append(name)
+        def note(*hook_args, location=(name, layer)) -> None:
+            sequence.setdefault(location, len(sequence))
 
         register = module.register_forward_pre_hook if name.endswith("_input") else module.register_forward_hook
         handles.append(register(note))
@@ -381,7 +392,7 @@ def surface_of(model) -> Surface:
     finally:
         for handle in handles:
             handle.remove()
-    return Surface(model.num_layers, model.hidden_size, tuple(accessors), tuple(order))
+    return Surface(model.num_layers, model.hidden_size, sequence)
 
 
 def check_hf_case(model, case: Case) -> tuple[list[Mismatch], dict]:

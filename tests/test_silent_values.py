@@ -73,6 +73,35 @@ def test_falcon_write_hands_the_parent_a_copy(falcon):
     assert torch.allclose(logits, expected, atol=1e-6)
 
 
+def test_ctrl_token_embeddings_are_the_embedding_output_the_parent_then_scales(tiny_path):
+    """HF CTRL runs ``inputs_embeds *= sqrt(d_model)`` on the embedding's returned tensor."""
+    model = StandardizedTransformer(str(tiny_path("ctrl")))
+    assert model.layout.embeddings_edited_in_place
+    assert model.layout.evidence["embed_tokens"] == {"edited_in_place": {"output": ["source", "probe"]}}
+    with torch.no_grad(), model.trace(PROMPTS):
+        fed = model.inputs.save()
+        embeddings = model.token_embeddings.save()
+        written = (model.token_embeddings * 2).save()
+        model.token_embeddings = written
+        logits = model.logits.save()
+    found = []
+    embedding = model._torch_module("embed_tokens")
+    handle = embedding.register_forward_hook(lambda module, args, output: found.append(output.clone()))
+    try:
+        with torch.no_grad():
+            model._module(*fed[0], **fed[1])
+    finally:
+        handle.remove()
+    assert torch.equal(embeddings, found[0]) and torch.equal(written, found[0] * 2)  # the user's tensor is not scaled
+    handle = embedding.register_forward_hook(lambda module, args, output: output * 2)
+    try:
+        with torch.no_grad():
+            expected = model._module(*fed[0], **fed[1]).logits
+    finally:
+        handle.remove()
+    assert torch.allclose(logits, expected, atol=1e-5)
+
+
 def test_validate_compares_submodules_with_hooks_and_catches_an_uncopied_in_place_edit(tiny_path):
     model = StandardizedTransformer(str(tiny_path("falcon")))
     assert validate(model).passed

@@ -185,32 +185,55 @@ def edits_from_source(module: torch.nn.Module, parent: torch.nn.Module, child_at
                       param_index: int) -> dict[str, bool]:
     """{"input": ..., "output": ...}: whether the source edits, in place, the tensor passed to the module (in
     the parent after the call, or in the module's own forward) or the module's returned tensor (in the parent).
-
-    The parent's forward is the first one up its class hierarchy that calls the module.
     """
     found = {"input": False, "output": False}
+    calling = _forward_calling(parent, child_attr)
+    if calling is not None:
+        tree, is_child_call = calling
+        argument = _hidden_argument(param, param_index)
+        for kind, mode in (("output", "result"), ("input", "argument")):
+            walker = _EditsAfterHandover(is_child_call, mode, argument)
+            walker.visit(tree)
+            found[kind] = walker.edited
+    own = parse_source(type(module).forward)
+    if own is not None:
+        walker = _EditsAfterHandover(lambda call: False, "result", lambda call: None, initial={param})
+        walker.visit(own)
+        found["input"] = found["input"] or walker.edited
+    return found
+
+
+def _forward_calling(parent: torch.nn.Module, child_attr: str) -> tuple[ast.AST, Callable[[ast.Call], bool]] | None:
+    """The syntax tree of the first forward up ``parent``'s class hierarchy that calls ``self.<child_attr>``, and
+    a test for those calls."""
     for klass in type(parent).__mro__:
         tree = parse_source(vars(klass)["forward"]) if "forward" in vars(klass) else None
         if tree is None:
             continue
         loops = _loop_variables_over(tree, child_attr)
 
-        def is_child_call(call: ast.Call) -> bool:
+        def is_child_call(call: ast.Call, loops=loops) -> bool:
             return _calls_child(call.func, child_attr, loops)
 
-        if not any(isinstance(node, ast.Call) and is_child_call(node) for node in ast.walk(tree)):
-            continue
-        argument = _hidden_argument(param, param_index)
-        for kind, mode in (("output", "result"), ("input", "argument")):
-            walker = _EditsAfterHandover(is_child_call, mode, argument)
-            walker.visit(tree)
-            found[kind] = walker.edited
-        break
-    own = parse_source(type(module).forward)
-    if own is not None:
-        walker = _EditsAfterHandover(lambda call: False, "result", lambda call: None, initial={param})
-        walker.visit(own)
-        found["input"] = found["input"] or walker.edited
+        if any(isinstance(node, ast.Call) and is_child_call(node) for node in ast.walk(tree)):
+            return tree, is_child_call
+    return None
+
+
+def embedding_edits(parent: torch.nn.Module, child_attr: str, obs: Observation | None) -> list[str]:
+    """Which sources show the embedding module's output edited in place after it returns (HF CTRL scales it
+    with ``inputs_embeds *= ...``): "source" (the parent's forward), "probe" (its output at the call differs
+    from the same tensor after the forward pass)."""
+    found = []
+    calling = _forward_calling(parent, child_attr)
+    if calling is not None:
+        walker = _EditsAfterHandover(calling[1], "result", lambda call: None)
+        walker.visit(calling[0])
+        if walker.edited:
+            found.append("source")
+    if obs is not None and obs.at_end is not None and isinstance(obs.output, torch.Tensor):
+        if _changed(obs.output, obs.at_end[2]):
+            found.append("probe")
     return found
 
 

@@ -10,6 +10,7 @@ import torch
 from ..accessors import LayerAccessor, ModuleListView
 from ..forward_order import in_forward_order, record_access
 from ..layout import ModelLayout, drift, load_snapshot
+from ..layout.model import copy_if
 from ..layout.infer import returned_tuple_length
 from ..distributed.pp import EMBEDDINGS, HEAD
 from ..padding import at_last_token, current_attention_mask, in_trace
@@ -183,9 +184,10 @@ class StandardizedMixin:
             record_access("model.token_embeddings")
             return self._backend.remote_read("model.token_embeddings", EMBEDDINGS)
         output = in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output)
+        output, fresh = copy_if(self.layout.embeddings_edited_in_place, output)
         scale = self._embedding_scale
         if scale is None:
-            return self._backend.after_read(output, fresh=False, where="model.token_embeddings")
+            return self._backend.after_read(output, fresh=fresh, where="model.token_embeddings")
         return self._backend.after_read(output * scale, fresh=True, where="model.token_embeddings")
 
     @token_embeddings.setter
@@ -197,6 +199,7 @@ class StandardizedMixin:
         check_same_shape(in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output), value,
                          "token_embeddings")
         scale = self._embedding_scale
+        value = copy_if(self.layout.embeddings_edited_in_place, value)[0]
         self.embed_tokens.output = self._backend.before_write(value if scale is None else value / scale)
 
     @property
