@@ -27,7 +27,8 @@ LAYER_ACCESSORS = ("layers_input", "attentions_input", "attentions_output", "mlp
 ROLE_OF = {"layers": "layer", "attentions": "self_attn", "mlps": "mlp"}
 WORDS = ("the", "capital", "of", "France", "is", "Paris", "and", "a", "cat", "sat", "on", "mat", "one", "two",
          "three", "river", "blue", "quickly", "model", "reads", "every", "layer", "hello", "world")
-HF_ARCHITECTURES = ("llama", "gpt2", "falcon", "gpt_neox", "qwen2", "gemma2", "phi", "opt", "bloom", "olmo2", "cohere")
+HF_ARCHITECTURES = ("llama", "gpt2", "falcon", "gpt_neox", "qwen2", "gemma2", "phi", "opt", "bloom", "olmo2", "cohere",
+                    "pegasus")
 
 
 # -- cases -------------------------------------------------------------------------------------------------
@@ -396,13 +397,17 @@ def surface_of(model) -> Surface:
 
 
 def check_hf_case(model, case: Case) -> tuple[list[Mismatch], dict]:
-    """``case`` on a StandardizedTransformer against the ``batch`` and (float32) ``alone`` references."""
+    """``case`` on a StandardizedTransformer against the ``batch`` and (float32) ``alone`` references. A model
+    whose positions left padding shifts must refuse a left-padded batch instead."""
+    default_side = model.tokenizer.padding_side
     model.tokenizer.padding_side = case.padding_side
     try:
+        if case.padding_side == "left" and model.left_padding_shifts_positions and _padded(model, case):
+            return _refused_left_padding(model, case), {}
         got = run_nnterp(model, case)
         inputs = fed_batch(model, case.prompts)
     finally:
-        model.tokenizer.padding_side = "left"
+        model.tokenizer.padding_side = default_side
     mask = inputs[1]["attention_mask"]
     masks, groups = {}, []
     row = 0
@@ -420,6 +425,20 @@ def check_hf_case(model, case: Case) -> tuple[list[Mismatch], dict]:
         found, worst["alone"] = compare_alone(case, got, alone_references(model, case), masks, rtol=1e-4)
         mismatches += found
     return mismatches, worst
+
+
+def _padded(model, case: Case) -> bool:
+    return len({len(model.tokenizer(prompt)["input_ids"]) for prompt in case.prompts}) > 1
+
+
+def _refused_left_padding(model, case: Case) -> list[Mismatch]:
+    try:
+        run_nnterp(model, case)
+    except ValueError as error:
+        if "Pad on the right" in str(error):
+            return []
+        raise
+    return [Mismatch(case, "left-padding refusal", "the trace", 0, float("inf"), 0.0)]
 
 
 def alone_references(reference_model, case: Case) -> dict[tuple[int, int], tuple[dict, torch.Tensor]]:

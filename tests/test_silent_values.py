@@ -236,6 +236,24 @@ def test_next_token_probs_is_each_prompts_last_token_with_either_padding(llama, 
         assert torch.allclose(last_stream[row], alone[0, -1], atol=1e-5)
 
 
+def test_model_whose_positions_left_padding_shifts_pads_on_the_right(tiny_path, llama):
+    """HF Pegasus adds positional embeddings by index in the padded batch: left padding would change every
+    value of the shorter prompts. It pads on the right by default and refuses a left-padded batch."""
+    model = StandardizedTransformer(str(tiny_path("pegasus")))
+    assert model.left_padding_shifts_positions and model.tokenizer.padding_side == "right"
+    assert llama.left_padding_shifts_positions is False and llama.tokenizer.padding_side == "left"
+    with torch.no_grad(), model.trace(PROMPTS):
+        probs = model.next_token_probs.save()
+    for row, prompt in enumerate(PROMPTS):
+        assert torch.allclose(probs[row], prompt_alone_probs(model, prompt), atol=1e-6)
+    model.tokenizer.padding_side = "left"
+    with pytest.raises(ValueError, match=r"PegasusForCausalLM places each token by its index.*Pad on the right"):
+        with torch.no_grad(), model.trace(PROMPTS):
+            model.logits.save()
+    with torch.no_grad(), model.trace(PROMPTS[0]):  # one prompt is never padded
+        model.logits.save()
+
+
 def test_last_position_per_invoke_with_right_padding(llama):
     """Several invokes are padded together; each invoke's rows get their own prompts' last tokens."""
     llama.tokenizer.padding_side = "right"

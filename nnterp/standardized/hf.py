@@ -11,9 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..attention import AttentionProbabilities
 from ..layout import infer_model_layout
-from ..padding import AttentionMaskBatcher
+from ..padding import AttentionMaskBatcher, left_padding_shifts_positions
 from ..rename import RenameConfig, resolve_names
-from .base import Backend, StandardizedMixin
+from .base import Backend, StandardizedMixin, logger
 
 PROBE_TOKENS = 6
 
@@ -58,6 +58,20 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         self._init_standard_surface()
         self.attention_probabilities = AttentionProbabilities(self)
         self._check_against_snapshot(check_layout)
+        self._pad_where_positions_stay()
+
+    left_padding_shifts_positions: bool | None = None
+
+    def _pad_where_positions_stay(self) -> None:
+        """Models whose positions left padding shifts pad on the right (traces then refuse left padding)."""
+        vocab = self._module.get_input_embeddings().weight.shape[0]
+        tokens = [token % vocab for token in range(4, 4 + PROBE_TOKENS)]
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        shifts = left_padding_shifts_positions(self, tokens)
+        self.left_padding_shifts_positions = shifts
+        self.tokenizer.padding_side = "right" if shifts else side
+        if shifts:
+            logger.info("nnterp: %s pads on the right: left padding shifts its positions.", type(self._module).__name__)
 
     @property
     def _text_config(self):
