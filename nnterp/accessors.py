@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .forward_order import in_forward_order, record_access
+
 if TYPE_CHECKING:
     from .standardized.base import StandardizedMixin
 
@@ -47,27 +49,28 @@ class LayerAccessor:
     def __getitem__(self, index: int) -> torch.Tensor:
         layer_index, owned, name = self._owned(index)
         if not owned:
+            record_access(name)
             return self._model._backend.remote_read(name, layer_index)
         envoy, layout, where = self._locate(layer_index)
         if self._direction == "input":
-            args, kwargs = envoy.inputs
+            args, kwargs = in_forward_order(name, lambda: envoy.inputs)
             value, fresh = layout.input.read_stream(args, kwargs, where)
         else:
-            value = layout.output.read(envoy.output, where)
-            fresh = layout.output.returns_fresh_tensor
+            value, fresh = layout.output.read_stream(in_forward_order(name, lambda: envoy.output), where)
         return self._model._backend.after_read(value, fresh, name)
 
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
-        layer_index, owned, _ = self._owned(index)
+        layer_index, owned, name = self._owned(index)
         if not owned:
+            record_access(name)
             return  # the stage that runs this layer applies the write
         envoy, layout, where = self._locate(layer_index)
         value = self._model._backend.before_write(value)
         if self._direction == "input":
-            args, kwargs = envoy.inputs
+            args, kwargs = in_forward_order(name, lambda: envoy.inputs)
             envoy.inputs = layout.input.write(args, kwargs, value, where)
         else:
-            envoy.output = layout.output.write(envoy.output, value, where)
+            envoy.output = layout.output.write(in_forward_order(name, lambda: envoy.output), value, where)
 
     def __call__(self, index: int) -> torch.Tensor:
         return self[index]

@@ -9,8 +9,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from ..accessors import LayerAccessor, ModuleListView
+from ..forward_order import in_forward_order, record_access
 from ..layout import LayoutError, ModelLayout, check_same_shape, drift, infer_model_layout, load_snapshot
+from ..layout.model import copy_if
+from ..layout.infer import returned_tuple_length
 from ..distributed.pp import EMBEDDINGS, HEAD
+from ..padding import at_last_token, current_attention_mask, in_trace
 from ..rename import ModuleNames, RenameConfig, RenamingError
 from .checks import check_renaming as check_standard_modules
 from .positions import Positions, chosen_tokens
@@ -55,7 +59,7 @@ class Backend:
 
     def run_value(self, where: str, read: Callable[[], Any]) -> Any:
         """A value the engine serves outside any module (logits, sampled tokens)."""
-        return read()
+        return in_forward_order(where, read)
 
     def run_write(self, write: Callable[[Any], None], value: Any) -> None:
         write(value)
@@ -272,11 +276,14 @@ class StandardizedMixin:
     def token_embeddings(self) -> torch.Tensor:
         """The output of ``embed_tokens`` (read inside a trace)."""
         if not self._backend.owns(EMBEDDINGS):
+            record_access("model.token_embeddings")
             return self._backend.remote_read("model.token_embeddings", EMBEDDINGS)
+        output = in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output)
+        output, fresh = copy_if(self.layout.embeddings_edited_in_place, output)
         scale = self._embedding_scale
         if scale is None:
-            return self._backend.after_read(self.embed_tokens.output, fresh=False, where="model.token_embeddings")
-        return self._backend.after_read(self.embed_tokens.output * scale, fresh=True, where="model.token_embeddings")
+            return self._backend.after_read(output, fresh=fresh, where="model.token_embeddings")
+        return self._backend.after_read(output * scale, fresh=True, where="model.token_embeddings")
 
     @token_embeddings.setter
     def token_embeddings(self, value: torch.Tensor) -> None:
@@ -284,8 +291,10 @@ class StandardizedMixin:
 
         if not self._backend.owns(EMBEDDINGS):
             return  # the stage that runs the embeddings applies the write
-        check_same_shape(self.embed_tokens.output, value, "token_embeddings")
+        check_same_shape(in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output), value,
+                         "token_embeddings")
         scale = self._embedding_scale
+        value = copy_if(self.layout.embeddings_edited_in_place, value)[0]
         self.embed_tokens.output = self._backend.before_write(value if scale is None else value / scale)
 
     @property
@@ -295,12 +304,29 @@ class StandardizedMixin:
 
     @property
     def next_token_probs(self) -> torch.Tensor:
-        """Softmax over the vocabulary at each prompt's last position, shape ``[batch, vocab]``."""
+        """Softmax over the vocabulary at each prompt's last real token, shape ``[batch, vocab]``."""
         return self.last_position(self.logits).float().softmax(-1)
 
-    def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The last position of each prompt of a ``[batch, seq, ...]`` activation."""
-        return tensor[:, -1]
+    def last_position(self, tensor: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each prompt's last real token of a ``[batch, seq, ...]`` activation or logits, ``[batch, ...]``.
+
+        Inside a trace the prompts' padding (left or right) comes from the attention mask the forward received;
+        outside one, pass the batch's ``attention_mask`` (a single prompt or a left-padding tokenizer needs none).
+        """
+        if attention_mask is None:
+            if in_trace():
+                attention_mask = self.trace_attention_mask()
+            elif tensor.shape[0] > 1 and getattr(self.tokenizer, "padding_side", "left") != "left":
+                raise ValueError(
+                    "last_position outside a trace: the tokenizer pads on the right, so each prompt's last token "
+                    "depends on its length; pass attention_mask=... (the batch's mask) or call it inside the trace."
+                )
+        return at_last_token(tensor, attention_mask)
+
+    def trace_attention_mask(self) -> torch.Tensor | None:
+        """Inside a trace: the attention mask of this invoke's prompts as the forward received them,
+        ``[batch, seq]`` (1: a token of the prompt, 0: padding); None when the forward got no mask."""
+        return current_attention_mask()
 
     def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
         """An activation as ``[batch, seq, hidden]`` (the HF layout already is)."""
@@ -334,7 +360,7 @@ class StandardizedMixin:
                 continue  # another pipeline stage skips its own layers
             envoy = self.layers[index]
             layout = self.layout.for_module("layer", envoy._module)
-            envoy.skip(layout.output.build(stream))
+            envoy.skip(layout.output.build(stream, returned_tuple_length(type(envoy._module))))
 
     def skip_layer(self, layer: int, skip_with: torch.Tensor | None = None) -> None:
         """Skip one layer (inside a trace): it outputs ``skip_with``, by default its own input."""

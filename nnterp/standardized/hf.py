@@ -10,8 +10,9 @@ from nnsight import LanguageModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..attention import AttentionProbabilities, eager_for_probabilities
+from ..padding import AttentionMaskBatcher, left_padding_shifts_positions
 from ..rename import RenameConfig, resolve_names, split_rename
-from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
+from .base import Backend, StandardizedMixin, infer_layout, logger, refuse_remote
 from .source import check_model_source
 
 PROBE_TOKENS = 6
@@ -34,6 +35,8 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
     error). ``check_layout`` warns when the inferred
     layout differs from the reviewed one under ``layouts/hf/``.
     """
+
+    _batcher_class = AttentionMaskBatcher  # keeps the padded batch's attention mask for `last_position`
 
     def __init__(
         self,
@@ -87,8 +90,22 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         self._init_standard_surface(names, config, Backend(), layout, tokenizer_source)
         self.attention_probabilities = AttentionProbabilities(self, config.attn_prob_source)
         self._check_loaded(check_layout, check_renaming, allow_multimodal)
+        self._pad_where_positions_stay()
         if check_renaming and enable_attention_probs:
             self.attention_probabilities.check_source(use_trace=check_attn_probs_with_trace)
+
+    left_padding_shifts_positions: bool | None = None
+
+    def _pad_where_positions_stay(self) -> None:
+        """Models whose positions left padding shifts pad on the right (traces then refuse left padding)."""
+        vocab = self._module.get_input_embeddings().weight.shape[0]
+        tokens = [token % vocab for token in range(4, 4 + PROBE_TOKENS)]
+        side, self.tokenizer.padding_side = self.tokenizer.padding_side, "left"
+        shifts = left_padding_shifts_positions(self, tokens)
+        self.left_padding_shifts_positions = shifts
+        self.tokenizer.padding_side = "right" if shifts else side
+        if shifts:
+            logger.info("nnterp: %s pads on the right: left padding shifts its positions.", type(self._module).__name__)
 
     @property
     def _text_config(self):

@@ -18,6 +18,7 @@ from ..rename import RenameConfig, resolve_names, split_rename
 from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
 from .readonly import read_only
 from .source import check_model_source
+from .vllm_collect import collect_like_local
 
 
 class VLLMBackend(Backend):
@@ -132,6 +133,12 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         model = check_model_source(model, "StandardizedVLLM", loaded_ok=False)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         object.__setattr__(self, "_use_tqdm", use_tqdm)  # read by _load_sync, inside super().__init__
+        if vllm_kwargs.get("enable_prefix_caching"):
+            raise ValueError(
+                "StandardizedVLLM keeps vLLM's prefix caching off: tokens served from the cache skip the forward "
+                "pass, so reads would miss them and interventions would silently not apply to them. To turn it on "
+                "anyway, pass unsafe_enable_prefix_caching=True instead of enable_prefix_caching=True."
+            )
         vllm_kwargs = _translate_hf_kwargs(vllm_kwargs)
         if trust_remote_code:
             vllm_kwargs["trust_remote_code"] = True
@@ -170,6 +177,11 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         from .vllm_worker import stage_backend
 
         self._backend = stage_backend(self, self._backend)
+
+    def _collect(self, mediators: list, outputs: list) -> None:
+        """nnsight's collection, with containers shared by several invokes merged in invoke order and worker
+        errors raised with their original type (see ``vllm_collect``)."""
+        collect_like_local(mediators, outputs, super()._collect)
 
     logits = _served_by_engine("logits", "This step's logits, one row per request.")
     samples = _served_by_engine("samples", "The token ids sampled this step, one per request.")
@@ -213,9 +225,14 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             return scale
         return None
 
-    def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
-        """vLLM logits are already one row per request at its last position."""
-        return tensor
+    def last_position(self, tensor: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The request's last token, ``[1, ...]``: the last row of a flat ``[tokens, ...]`` activation (or of
+        ``[1, tokens, ...]``); logits, one row per request, are already at it. vLLM never pads a prompt."""
+        return self.as_batch(tensor)[:, -1]
+
+    def trace_attention_mask(self) -> None:
+        """None: each invoke is one unpadded prompt."""
+        return None
 
     def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
         """One request's activation as ``[1, tokens, hidden]``: native vLLM models are flat ``[tokens, hidden]``,
