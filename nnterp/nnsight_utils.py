@@ -278,8 +278,8 @@ def get_token_activations(
 
     ``get_activations(model, layer)`` defaults to the layer output (residual stream). ``idx`` counts each
     prompt's own real tokens (negative from its end), whatever the padding side. Pass ``tracer`` to read
-    inside a trace you opened (call it before reading any module there); the result then stays on the
-    model's device, unsaved.
+    inside a trace you opened (on a plain nnsight model, before reading any module there); the result then
+    stays on the model's device, unsaved.
     """
     if tracer is None and prompts is None:
         raise ValueError("prompts must be provided if tracer is None")

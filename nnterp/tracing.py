@@ -75,15 +75,20 @@ def remote_kwargs(nn_model: Any, remote: bool) -> dict:
 
 
 def attention_mask(nn_model: Any) -> torch.Tensor | None:
-    """The current trace's attention mask ``[batch, seq]`` (read it before any module of the trace)."""
+    """The current trace's attention mask ``[batch, seq]``: on a standardized model the mask the forward
+    received (readable anywhere in the trace body); on a plain nnsight model its inputs, readable only
+    before any module of the trace."""
+    if hasattr(nn_model, "trace_attention_mask"):
+        return nn_model.trace_attention_mask()
     from nnsight.intervention.interleaver import OutOfOrderError
 
     try:
         _, kwargs = nn_model.inputs
     except OutOfOrderError as error:
         raise RuntimeError(
-            "Token positions come from the trace's attention mask, which is only readable before the first "
-            "module runs: call this before reading any module in the trace (or pass explicit positions)."
+            "Token positions come from the trace's attention mask, which a plain nnsight model exposes only "
+            "before the first module runs: call this before reading any module in the trace (or pass explicit "
+            "positions, or load the model with StandardizedTransformer)."
         ) from error
     return kwargs.get("attention_mask") if isinstance(kwargs, dict) else None
 
@@ -94,8 +99,8 @@ def token_positions(nn_model: Any, index: Positions = -1) -> Positions:
     ``index`` is an int or one int per prompt; negative values count back from each prompt's own last real
     token, so ``-1`` is every prompt's last token whether the batch is padded on the left or the right.
     Returns a ``[batch]`` tensor of sequence positions on padded batches; on engines that run each prompt
-    alone (vLLM) the index itself. Call it inside the trace before reading any module. An index past a
-    prompt's length raises ``IndexError`` naming the prompt.
+    alone (vLLM) the index itself. Call it inside the trace (on a plain nnsight model, before reading any
+    module). An index past a prompt's length raises ``IndexError`` naming the prompt.
     """
     if one_request_per_prompt(nn_model):
         return index if isinstance(index, int) else int(torch.as_tensor(index).reshape(-1)[0])
@@ -144,7 +149,7 @@ def with_tokens_at(nn_model: Any, activation: torch.Tensor, positions: Positions
 
 def last_token_probs(nn_model: Any, last: Positions) -> torch.Tensor:
     """Next-token probabilities ``[batch, vocab]`` (float32) at each prompt's last token; ``last`` is
-    :func:`token_positions` ``(nn_model, -1)``, read at the start of the trace."""
+    :func:`token_positions` ``(nn_model, -1)``."""
     from .nnsight_utils import get_logits
 
     logits = get_logits(nn_model)

@@ -78,8 +78,7 @@ def make_case(seed: int, architecture: str, surface: Surface, *, one_prompt_per_
         bounds = [0, *cuts, count]
         invokes = [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
     case = Case(seed, architecture, prompts, invokes, rng.choice(("left", "right")), rng.choice(dtypes))
-    padded = len(set(lengths)) > 1 and not one_prompt_per_invoke
-    case.programs = [_program(rng, surface, alone=len(invokes) == 1, padded=padded) for _ in invokes]
+    case.programs = [_program(rng, surface, alone=len(invokes) == 1) for _ in invokes]
     return case
 
 
@@ -91,7 +90,7 @@ def _location_key(surface: Surface, target: str, layer: int | None) -> int:
     return surface.sequence[target, layer]
 
 
-def _program(rng: random.Random, surface: Surface, alone: bool, padded: bool) -> list[dict]:
+def _program(rng: random.Random, surface: Surface, alone: bool) -> list[dict]:
     n = surface.num_layers
     ops = []
     skipped: tuple[int, int] | None = None
@@ -111,7 +110,7 @@ def _program(rng: random.Random, surface: Surface, alone: bool, padded: bool) ->
     if rng.random() < 0.3:
         layer = rng.randrange(n)
         if ("layers_output", layer) in surface.sequence and not (skipped and skipped[0] <= layer <= skipped[1]):
-            positions = None if padded or rng.random() < 0.5 else rng.choice((0, -1, [0, -1]))
+            positions = None if rng.random() < 0.5 else rng.choice((0, -1, [0, -1]))
             ops.append({"kind": "steer", "target": "layers_output", "layer": layer, "vector": _vector(rng, surface.hidden_size),
                         "factor": rng.choice((0.5, 2.0)), "positions": positions})
     if skipped and all(("layers_output", layer) in surface.sequence for layer in range(skipped[0], skipped[1] + 1)):
@@ -184,8 +183,8 @@ def _hidden_index(values: list, width: int) -> int | None:
 class Hooks:
     """Ops at module locations of the raw model, applied by forward (pre-)hooks to each invoke's rows."""
 
-    def __init__(self, model, width: int) -> None:
-        self.model, self.width = model, width
+    def __init__(self, model, width: int, attention_mask: torch.Tensor | None = None) -> None:
+        self.model, self.width, self.attention_mask = model, width, attention_mask
         self.events: dict[tuple, list] = {}
         self.results: dict[tuple[int, int], torch.Tensor] = {}
         self.handles: list = []
@@ -231,8 +230,10 @@ class Hooks:
                     positions = payload["positions"]
                     if positions is None:
                         value[rows] += delta
-                    else:
-                        value[rows, positions] += delta
+                    else:  # each prompt's own tokens: index its real (unpadded) positions
+                        for row in range(value.shape[0])[rows]:
+                            real = torch.arange(value.shape[1]) if self.attention_mask is None else self.attention_mask[row].nonzero().flatten()
+                            value[row, real[torch.as_tensor(positions)]] += delta
         return value
 
     def __enter__(self) -> "Hooks":
@@ -279,7 +280,7 @@ def fed_batch(model, prompts: list[str]) -> tuple[tuple, dict]:
 def run_reference(model, case: Case, groups: list[tuple[list[int], slice]], inputs: tuple[tuple, dict]) -> tuple[dict, torch.Tensor]:
     """The reads of ``case`` (restricted to the invokes in ``groups``: (invoke, rows) pairs) from one raw
     forward on ``inputs``; returns them and the logits."""
-    hooks = Hooks(model, model.hidden_size)
+    hooks = Hooks(model, model.hidden_size, inputs[1].get("attention_mask"))
     for invoke, rows in groups:
         hooks.add(rows, invoke, case.programs[invoke])
     args, kwargs = inputs

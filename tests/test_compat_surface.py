@@ -150,6 +150,22 @@ def test_steer_batch_index_and_token_positions_match_hooks(llama):
         assert torch.allclose(steered[row, real_rows(mask, row)], hooked_logits(llama, prompt, edits), atol=1e-4)
 
 
+def test_steer_after_reading_modules_still_steers_each_prompts_own_tokens(llama):
+    vector = torch.randn(llama.hidden_size, generator=torch.Generator().manual_seed(4)) * 4
+    side, llama.tokenizer.padding_side = llama.tokenizer.padding_side, "right"
+    try:
+        with torch.no_grad(), llama.trace(PROMPTS):
+            mask = llama.attention_mask.save()
+            llama.layers_output[0].save()
+            llama.steer(1, vector, token_positions=-1)
+            steered = llama.logits.save()
+    finally:
+        llama.tokenizer.padding_side = side
+    assert not bool(mask.all()), "the prompts must differ in length for this test"
+    for row, prompt in enumerate(PROMPTS):
+        assert torch.allclose(steered[row, real_rows(mask, row)], hooked_logits(llama, prompt, {1: add_at(vector, [-1])}), atol=1e-4)
+
+
 def test_steer_inside_invokes_uses_each_invokes_prompts(llama):
     vector = torch.randn(llama.hidden_size, generator=torch.Generator().manual_seed(2)) * 4
     with torch.no_grad(), llama.trace() as tracer:
@@ -184,10 +200,6 @@ def test_steer_deprecated_positions_and_bad_arguments(llama):
     with pytest.raises(IndexError, match=r"batch_index=\[3\] is out of range for a batch of 2 prompt"):
         with llama.trace(PROMPTS[:2]):
             llama.steer(0, vector, batch_index=3)
-    with pytest.raises(ValueError, match="call steer before reading or writing any module"):
-        with llama.trace(PROMPTS[:2]):
-            llama.layers_output[0].save()
-            llama.steer(1, vector, token_positions=0)
 
 
 # -- skipping, projecting -------------------------------------------------------------------------------------

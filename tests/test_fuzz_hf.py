@@ -102,3 +102,33 @@ def test_fuzzer_finds_a_last_position_that_ignores_padding(load, monkeypatch):
     results = check(load, cases)
     assert all(found for _, found, _ in results), summarize(results)
     assert all(m.op == "read next_token_probs" for _, found, _ in results for m in found), summarize(results)
+
+
+def _steers_positions_of_a_padded_prompt(tokenizer):
+    def wanted(case) -> bool:
+        lengths = [len(tokenizer(prompt)["input_ids"]) for prompt in case.prompts]
+        return any(
+            op["kind"] == "steer" and op["positions"] is not None and min(lengths[i] for i in indices) < max(lengths)
+            for indices, program in zip(case.invokes, case.programs) for op in program)
+    return wanted
+
+
+def test_fuzz_steering_positions_in_padded_batches(load):
+    """Cases that steer chosen token positions of prompts padded in their batch (left and right) match the
+    references, which index each prompt's own real tokens."""
+    wanted = _steers_positions_of_a_padded_prompt(load("llama", torch.float32)[0].tokenizer)
+    results = check(load, cases_where(load, "llama", wanted, 4, start=300))
+    assert {case.padding_side for case, _, _ in results} == {"left", "right"}, "the sample must cover both sides"
+    assert not any(found for _, found, _ in results), summarize(results)
+
+
+def test_fuzzer_finds_steering_positions_that_count_padding(load, monkeypatch):
+    """With steering positions counted over the padded batch (the fix taken out), the fuzzer reports cases
+    that steer chosen positions of a padded prompt."""
+    wanted = _steers_positions_of_a_padded_prompt(load("llama", torch.float32)[0].tokenizer)
+    cases = cases_where(load, "llama", wanted, 4, start=300)
+    import nnterp.standardized.base as base
+
+    monkeypatch.setattr(base.StandardizedMixin, "_real_tokens", lambda self, shape: torch.ones(shape, dtype=torch.bool))
+    results = check(load, cases)
+    assert any(found for _, found, _ in results), summarize(results)

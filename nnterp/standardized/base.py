@@ -394,36 +394,30 @@ class StandardizedMixin:
                 f"steer: the steering vector has width {steering_vector.shape[-1]}, the model's hidden size is {self.hidden_size}."
             )
         indices = sorted({self._check_layer_index(layer, "steer") for layer in ([layers] if isinstance(layers, int) else layers)})
-        # read before any layer: the inputs come first in the forward pass
-        mask = None if token_positions is None and batch_index is None else self._steering_mask(token_positions, batch_index)
+        chooses_tokens = token_positions is not None or batch_index is not None
         for layer in indices:  # forward order, as a trace must read them
             if not self._backend.owns(layer):
                 continue  # the pipeline stage that runs this layer steers it
             stream = self.layers_output[layer]
             vector = (factor * steering_vector).to(device=stream.device, dtype=stream.dtype)
-            if mask is not None:
+            if chooses_tokens:
+                mask = self._steering_mask(self.as_batch(stream).shape[:2], token_positions, batch_index)
                 vector = mask.reshape(stream.shape[:-1] + (1,)).to(stream) * vector
             self.layers_output[layer] = stream + vector
 
-    def _steering_mask(self, token_positions: Positions, batch_index: Positions) -> torch.Tensor:
+    def _steering_mask(self, batch_and_tokens: torch.Size, token_positions: Positions, batch_index: Positions) -> torch.Tensor:
         """``[batch, tokens]``: True at the chosen prompts' chosen real tokens of this forward pass."""
         note = "" if self._backend.batches_prompts else VLLM_ONE_PROMPT
-        return chosen_tokens(self._real_tokens(), token_positions, batch_index, note)
+        return chosen_tokens(self._real_tokens(batch_and_tokens), token_positions, batch_index, note)
 
-    def _real_tokens(self) -> torch.Tensor:
-        """``[batch, tokens]``: which of the tokens this forward pass processes are real (not padding); after
-        the first generation step the mask also covers the cached tokens, so its last columns are taken."""
-        from nnsight.intervention.interleaver import OutOfOrderError
-
-        try:
-            tokens = self.input_ids.shape[-1]
-            return self.attention_mask[:, -tokens:].bool()
-        except OutOfOrderError as error:
-            raise ValueError(
-                "steer(token_positions=..., batch_index=...) reads the prompts' attention mask, which the forward "
-                "pass takes before any layer runs: call steer before reading or writing any module of this forward "
-                f"pass ({error})."
-            ) from error
+    def _real_tokens(self, batch_and_tokens: torch.Size) -> torch.Tensor:
+        """``[batch, tokens]``: which tokens of an activation of this forward pass are real (not padding). The
+        forward's attention mask covers the prompts; a generation step after the first processes only new
+        tokens, all real."""
+        mask = self.trace_attention_mask()
+        if mask is None or tuple(mask.shape) != tuple(batch_and_tokens):
+            return torch.ones(batch_and_tokens, dtype=torch.bool)
+        return mask.bool()
 
     # -- inputs ---------------------------------------------------------------
 
