@@ -14,6 +14,7 @@ import os
 import socket
 import traceback
 import time
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
@@ -76,6 +77,20 @@ def _rank_main(target, rank: int, world_size: int, port: int, vllm: bool, queue)
         queue.put((rank, True, _to_bytes(result)))
     except BaseException:  # reported to the parent, which raises it
         queue.put((rank, False, traceback.format_exc()))
+    finally:
+        _wait_for_the_other_ranks()
+
+
+def _wait_for_the_other_ranks(timeout: float = 120) -> None:
+    """Rank 0 hosts the group's store: a rank that finishes first must not take it away while a slower rank
+    still reads from it (it would fail with a closed connection instead of its own result)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout))
+        except Exception:  # a rank that failed before the barrier: its error is already reported
+            pass
 
 
 def _init_vllm_group(rank: int, world_size: int, port: int) -> None:
