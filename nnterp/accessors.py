@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -23,7 +23,19 @@ class LayerAccessor:
     in the form the engine accepts.
     """
 
-    def __init__(self, model: "StandardizedMixin", role: Role, direction: Direction) -> None:
+    def __init__(self, model: "StandardizedMixin", role: Role | None, direction: Direction | Any) -> None:
+        direction = getattr(direction, "value", direction)  # nnterp 1.x passes rename_utils.IOType members
+        if direction not in ("input", "output"):
+            raise ValueError(
+                f"LayerAccessor reads a module's 'input' or 'output', got {direction!r}; for the modules "
+                f"themselves use model.layers, model.attentions or model.mlps."
+            )
+        role = role or "layer"  # nnterp 1.x names the layer itself None
+        if role not in ("layer", "self_attn", "mlp"):
+            raise ValueError(
+                f"LayerAccessor reads a layer, its 'self_attn' or its 'mlp', got {role!r}; read other modules "
+                f"through the envoys, e.g. model.layers[i].{role}.output."
+            )
         self._model = model
         self._role = role
         self._direction = direction
@@ -72,12 +84,12 @@ class LayerAccessor:
         else:
             envoy.output = layout.output.write(in_forward_order(name, lambda: envoy.output), value, where)
 
-    def __call__(self, index: int) -> torch.Tensor:
-        return self[index]
+    def __call__(self, layer: int) -> torch.Tensor:
+        return self[layer]
 
-    def get_module(self, index: int):
-        """The envoy of layer ``index``'s module this accessor reads."""
-        return self._model._role_envoy(self._role, self._model._check_layer_index(index, self.name), self.name)
+    def get_module(self, layer: int):
+        """The envoy of layer ``layer``'s module this accessor reads."""
+        return self._model._role_envoy(self._role, self._model._check_layer_index(layer, self.name), self.name)
 
     @property
     def returns_tuple(self) -> bool | None:
@@ -106,10 +118,11 @@ class ModuleListView:
     def __getitem__(self, index: int):
         return self._model._role_envoy(self._role, self._model._check_layer_index(index, self._name), self._name)
 
-    def __call__(self, index: int):
-        return self[index]
+    def __call__(self, layer: int):
+        return self[layer]
 
-    get_module = __getitem__
+    def get_module(self, layer: int):
+        return self[layer]
 
     def __setitem__(self, index: int, value) -> None:
         raise ValueError(

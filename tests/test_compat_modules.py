@@ -72,3 +72,46 @@ def test_rename_dict_maps_every_alias_to_its_standard_name(llama):
     for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
         assert get_rename_dict()[getattr(names, standard)] == standard
     assert IOType("input") is IOType.INPUT and IOType.OUTPUT.value == "output"
+
+
+def test_standardized_transformer_module_path_is_nnterp_1x():
+    import nnterp
+    from nnterp.standardized_transformer import StandardizedTransformer
+
+    assert StandardizedTransformer is nnterp.StandardizedTransformer
+
+
+def test_layer_accessor_built_with_nnterp_1x_arguments_reads_the_raw_modules(llama):
+    """``LayerAccessor(model, None | "mlp", IOType...)`` and ``accessor(layer=i)`` read what forward hooks on the
+    raw modules see in a plain forward."""
+    from nnterp.accessors import LayerAccessor
+
+    layer_outputs = LayerAccessor(llama, None, IOType.OUTPUT)
+    mlp_inputs = LayerAccessor(llama, "mlp", IOType.INPUT)
+    raw_layer = llama._torch_module("layers")[1]
+    assert layer_outputs.get_module(layer=1)._module is raw_layer
+    assert llama.mlps.get_module(layer=1)._module is raw_layer.mlp and llama.mlps(layer=1)._module is raw_layer.mlp
+    seen = {}
+
+    def keep(name, pick):
+        def hook(module, args, output):
+            seen[name] = pick(args, output)  # returns None: the forward is left unchanged
+        return hook
+
+    handles = [raw_layer.register_forward_hook(keep("layer", lambda args, out: out[0] if isinstance(out, tuple) else out)),
+               raw_layer.mlp.register_forward_hook(keep("mlp_in", lambda args, out: args[0]))]
+    ids = llama.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    try:
+        with torch.no_grad():
+            llama._module(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), llama.trace(ids):
+        mlp_in = mlp_inputs[1].save()
+        layer_out = layer_outputs(layer=1).save()
+    assert torch.allclose(layer_out, seen["layer"], atol=1e-5) and torch.allclose(mlp_in, seen["mlp_in"], atol=1e-5)
+    with pytest.raises(ValueError, match="model.attentions"):
+        LayerAccessor(llama, "self_attn", None)
+    with pytest.raises(ValueError, match=r"model.layers\[i\].input_layernorm.output"):
+        LayerAccessor(llama, "input_layernorm", IOType.OUTPUT)
