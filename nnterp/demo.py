@@ -116,9 +116,9 @@ def run_vllm(path: Path, hf_model, hf_per_layer, hf_final, hf_steered, direction
     from .standardized.vllm import StandardizedVLLM
 
     say("starting the vLLM engine on the same weights (float32; 10-30 s on CPU)...")
-    model = StandardizedVLLM(str(path), dtype="float32", max_model_len=256)
-    per_layer, final = lens(model, PROMPT)
-    steered_probs = steered(model, PROMPT, direction, STEER_LAYERS, STEER_FACTOR)
+    with StandardizedVLLM(str(path), dtype="float32", max_model_len=256) as model:
+        per_layer, final = lens(model, PROMPT)
+        steered_probs = steered(model, PROMPT, direction, STEER_LAYERS, STEER_FACTOR)
     same_tops = int((per_layer.argmax(-1) == hf_per_layer.argmax(-1)).sum())
     lens_diff = (per_layer - hf_per_layer).abs().max().item()
     width = 34

@@ -27,7 +27,8 @@ def pair(tiny_path):
     config = RenameConfig(attn_name="self_attn", layers_name="layers", model_name="model", attn_head_config_key="num_attention_heads")
     vllm_model = StandardizedVLLM(path, trust_remote_code=False, check_renaming=True, allow_dispatch=True, rename_config=config,
                                   rename={"o_proj": "out_proj"}, tokenizer_kwargs={"padding_side": "left"}, **ENGINE)
-    return AutoModelForCausalLM.from_pretrained(path).eval(), vllm_model
+    yield AutoModelForCausalLM.from_pretrained(path).eval(), vllm_model
+    vllm_model.close()
 
 
 def hooked_probs(raw, ids: torch.Tensor, edits: dict) -> torch.Tensor:

@@ -32,7 +32,8 @@ def pair(tiny_path):
     from nnterp.standardized.vllm import StandardizedVLLM
 
     path = str(tiny_path("llama"))
-    return StandardizedTransformer(path), StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
+    with StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4) as vllm_model:
+        yield StandardizedTransformer(path), vllm_model
 
 
 def both(pair, run):

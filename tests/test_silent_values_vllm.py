@@ -23,7 +23,8 @@ ACCESSORS = ("layers_input", "attentions_input", "attentions_output", "mlps_inpu
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def pair(request, tiny_path):
     path = str(tiny_path(request.param))
-    return request.param, StandardizedTransformer(path), StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
+    with StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4) as vllm_model:
+        yield request.param, StandardizedTransformer(path), vllm_model
 
 
 def hf_alone(hf_model, prompt: str, accessor: str, layer: int) -> torch.Tensor:

@@ -18,7 +18,8 @@ PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
 @pytest.fixture(scope="module")
 def pair(tiny_path):
     path = str(tiny_path("llama"))
-    return StandardizedTransformer(path), StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
+    with StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4) as vllm_model:
+        yield StandardizedTransformer(path), vllm_model
 
 
 def test_vllm_layout_matches_reviewed_snapshot(pair):

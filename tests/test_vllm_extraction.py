@@ -20,7 +20,8 @@ PROMPTS = ["The capital of France is", "Hello", "One two three four five six. Th
 @pytest.fixture(scope="module")
 def model(tiny_path):
     # 3 requests per step at most: the 5 prompts share steps, and a step holds other prompts' tokens.
-    return StandardizedVLLM(str(tiny_path("llama")), dtype="float32", max_model_len=128, max_num_seqs=3)
+    with StandardizedVLLM(str(tiny_path("llama")), dtype="float32", max_model_len=128, max_num_seqs=3) as vllm_model:
+        yield vllm_model
 
 
 @pytest.fixture(scope="module")

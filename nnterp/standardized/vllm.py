@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import inspect
 import json
 import logging
@@ -252,6 +253,32 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         kwargs.setdefault("max_tokens", 1)
         self._share_with_workers()
         return super().trace(*inputs, **kwargs)
+
+    def close(self) -> None:
+        """Shut the engine down and release its memory (weights, KV cache, worker processes). vLLM keeps an
+        engine alive until it is shut down, even after the last reference to the model is gone; a trace after
+        ``close()`` starts a new engine. ``with StandardizedVLLM(...) as model:`` closes it on leaving."""
+        entrypoint = self.vllm_entrypoint
+        if entrypoint is None:
+            return
+        if self._extractions_running:
+            raise RuntimeError("close(): an extract() generator is still running on this engine; consume or close it first.")
+        core = getattr(getattr(entrypoint, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        else:
+            entrypoint.shutdown()
+        self.vllm_entrypoint = None
+        self.dispatched = False
+        for key in _SHARING_STATE:
+            self.__dict__.pop(key, None)
+        gc.collect()
+
+    def __enter__(self) -> "StandardizedVLLM":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
     def _share_with_workers(self) -> None:
         """Ship this model to the engine's workers once, and make trace requests refer to that copy.
