@@ -40,7 +40,30 @@ def signature_of(module: torch.nn.Module) -> Signature:
     if hidden is None:
         raise LayoutError(f"{type(module).__name__}.forward has no parameter that could be the hidden state: {names}")
     residual = next((n for n in RESIDUAL_NAMES if n in names), None)
+    if residual is not None and overwritten_before_read(type(module).forward, residual):
+        residual = None  # the stream is the hidden state alone (vLLM's post-norm Exaone-4 layer)
     return Signature(hidden, names.index(hidden), residual, names.index(residual) if residual else None)
+
+
+def overwritten_before_read(forward, param: str) -> bool:
+    """Whether ``forward`` assigns ``param`` before any statement reads it: the argument is then ignored.
+
+    Statements of the body are taken in order; the first that loads ``param`` means it is used, the first
+    that stores it (and does not load it) means it is discarded. A forward whose source is unavailable
+    counts as reading it.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    function = next((node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    for statement in function.body if function is not None else []:
+        names = [node for node in ast.walk(statement) if isinstance(node, ast.Name) and node.id == param]
+        if any(isinstance(name.ctx, ast.Load) for name in names):
+            return False
+        if any(isinstance(name.ctx, ast.Store) for name in names):
+            return True
+    return False
 
 
 def call_style_from_source(parent: torch.nn.Module, child_attr: str, param: str, param_index: int) -> str | None:

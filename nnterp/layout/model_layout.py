@@ -8,8 +8,8 @@ from typing import Any, Callable
 import torch
 
 from ..distributed.pp import is_local
-from ..rename import ModuleNames
-from .infer import Observation, infer_module_layout, observe
+from ..rename import ModuleNames, UnknownArchitectureError, layer_child
+from .infer import Observation, infer_module_layout, input_from_probe, observe, output_from_probe, signature_of
 from .model import LayoutError, ModuleLayout
 
 ROLES = ("layer", "self_attn", "mlp")
@@ -80,10 +80,9 @@ def role_instances(model: torch.nn.Module, names: ModuleNames) -> list[tuple[str
             continue
         add("layer", layer, layers_parent, layers_attr, index)
         for role in ("self_attn", "mlp"):
-            child_name = getattr(names, role)
-            child = getattr(layer, child_name, None) if child_name else None
-            if isinstance(child, torch.nn.Module):
-                add(role, child, layer, child_name, index)
+            child_name = layer_child(layer, role, names)
+            if child_name is not None:
+                add(role, getattr(layer, child_name), layer, child_name, index)
     return found
 
 
@@ -117,9 +116,10 @@ def _residual_additive(model, names, modules, observations) -> bool | None:
     layer = model.get_submodule(names.layers)[0]
     parts = [("layer", layer)]
     for role in ("self_attn", "mlp"):
-        child = getattr(layer, getattr(names, role) or "", None)
-        if not isinstance(child, torch.nn.Module):
+        child_name = layer_child(layer, role, names)
+        if child_name is None:
             return None
+        child = getattr(layer, child_name)
         parts.append((role, child))
     values = {}
     for role, module in parts:
@@ -135,3 +135,22 @@ def _residual_additive(model, names, modules, observations) -> bool | None:
         return False
     scale = stream_out.abs().max().clamp_min(1e-6)
     return bool(rebuilt.shape == stream_out.shape and ((rebuilt - stream_out).abs().max() / scale) < 1e-4)
+
+
+def check_head_reads_last_layer(model: torch.nn.Module, names: ModuleNames, hidden_size: int, run: Callable[[], Any]) -> None:
+    """Where no final norm was found (``ln_final`` is the identity), the LM head must read exactly the last
+    layer's output; otherwise something the alias tables do not know transforms the stream in between."""
+    layers = model.get_submodule(names.layers)
+    last, head = layers[len(layers) - 1], model.get_submodule(names.lm_head)
+    seen = observe(model, {"last": last, "head": head}, run)
+    where = f"{type(model).__name__} without a final norm"
+    if "last" not in seen or "head" not in seen:
+        return  # the probe did not reach them; the layer layouts report that
+    stream = output_from_probe(seen["last"].output, signature_of(last), hidden_size, where).read(seen["last"].output)
+    head_input = input_from_probe(seen["head"], signature_of(head), hidden_size, where).read(seen["head"].args, seen["head"].kwargs)
+    if stream.shape != head_input.shape or not torch.equal(stream, head_input):
+        raise UnknownArchitectureError(
+            f"{type(model).__name__}: no module is named like a final norm, and the LM head ({names.lm_head}) does not "
+            f"read the last layer's output, so a module nnterp does not know transforms the stream in between. "
+            f"Pass its path as StandardizedTransformer(..., rename=RenameConfig(ln_final='<path>'))."
+        )

@@ -10,9 +10,16 @@ import torch
 from ..accessors import LayerAccessor, ModuleListView
 from ..layout import ModelLayout, drift, load_snapshot
 from ..distributed.pp import EMBEDDINGS, HEAD
-from ..rename import ModuleNames
+from ..rename import ModuleNames, envoy_path, layer_child
 
 logger = logging.getLogger("nnterp")
+
+HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
+# Config keys of a factor the logits (or the bias-free LM head's input) are divided by: Granite's
+# `logits_scaling`, Inkling's muP width multiplier.
+LOGIT_DIVISORS = ("logits_scaling", "logits_mup_width_multiplier")
+# Config keys of the soft cap applied to the logits: Gemma 2/3, RecurrentGemma, xLSTM.
+LOGIT_SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 class LayoutDriftWarning(UserWarning):
@@ -70,6 +77,7 @@ class StandardizedMixin:
     _backend: Backend
 
     def _init_standard_surface(self) -> None:
+        self._mount_root_names()
         self.layers_input = LayerAccessor(self, "layer", "input")
         self.layers_output = LayerAccessor(self, "layer", "output")
         self.attentions_input = LayerAccessor(self, "self_attn", "input")
@@ -78,6 +86,18 @@ class StandardizedMixin:
         self.mlps_output = LayerAccessor(self, "mlp", "output")
         self.attentions = ModuleListView(self, "self_attn", "attentions")
         self.mlps = ModuleListView(self, "mlp", "mlps")
+        if self.names.ln_final is None:
+            from .identity import IdentityFinalNorm
+
+            object.__setattr__(self, "ln_final", IdentityFinalNorm(self))
+
+    def _mount_root_names(self) -> None:
+        """Bind each standard root name (``embed_tokens``, ``layers``, ``ln_final``, ``lm_head``) the envoy tree
+        does not have yet (no ``rename`` on vLLM; paths ``nnsight_rename`` leaves out) to its native envoy."""
+        for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
+            native = getattr(self.names, standard)
+            if native is not None and native != standard and standard not in self.__dict__:
+                object.__setattr__(self, standard, self.get(envoy_path(native)))
 
     # -- sizes -------------------------------------------------------------
 
@@ -87,7 +107,7 @@ class StandardizedMixin:
 
     @property
     def hidden_size(self) -> int:
-        return _config_value(self._text_config, ("hidden_size", "n_embd", "d_model", "dim"))
+        return _config_value(self._text_config, HIDDEN_SIZE_KEYS)
 
     @property
     def num_heads(self) -> int:
@@ -100,7 +120,10 @@ class StandardizedMixin:
     # -- module lookup -------------------------------------------------------
 
     def _torch_module(self, standard: str) -> torch.nn.Module:
-        return self._module.get_submodule(getattr(self.names, standard))
+        native = getattr(self.names, standard)
+        if native is None and standard == "ln_final":
+            return torch.nn.Identity()  # the model has no final norm
+        return self._module.get_submodule(native)
 
     def _check_layer_index(self, index: int, accessor: str) -> int:
         if not isinstance(index, int) or isinstance(index, bool):
@@ -114,8 +137,8 @@ class StandardizedMixin:
         layer = self.layers[index]
         if role == "layer":
             return layer
-        child = getattr(self.names, role)
-        if child is None or not hasattr(layer._module, child):
+        child = layer_child(layer._module, role, self.names)
+        if child is None:
             children = [name for name, _ in layer._module.named_children()]
             raise AttributeError(
                 f"{accessor}[{index}]: layer {index} ({type(layer._module).__name__}) has no {role} module "
@@ -146,11 +169,15 @@ class StandardizedMixin:
         """Translate the standard names in a dotted module path to the model's own."""
         parts = path.split(".") if path else []
         if parts and parts[0] in ("embed_tokens", "ln_final", "lm_head"):
-            return ".".join([getattr(self.names, parts[0]), *parts[1:]])
+            native = getattr(self.names, parts[0])
+            if native is None:
+                raise AttributeError(f"{path}: the model has no final norm (ln_final is the identity), so it has no parameters.")
+            return ".".join([native, *parts[1:]])
         if parts and parts[0] == "layers":
-            rest = [getattr(self.names, part) or part if part in ("self_attn", "mlp") and i == 2 else part
-                    for i, part in enumerate(parts[1:], start=1)]
-            return ".".join([self.names.layers, *rest])
+            if len(parts) > 2 and parts[2] in ("self_attn", "mlp") and parts[1].isdigit():
+                layer = self._module.get_submodule(self.names.layers)[int(parts[1])]
+                parts[2] = layer_child(layer, parts[2], self.names) or parts[2]
+            return ".".join([self.names.layers, *parts[1:]])
         return path
 
     # -- layout ---------------------------------------------------------------
@@ -262,10 +289,11 @@ class StandardizedMixin:
         scale = getattr(config, "logit_scale", None)
         if isinstance(scale, (int, float)) and "cohere" in str(getattr(config, "model_type", "")):
             logits = logits * scale
-        divisor = getattr(config, "logits_scaling", None)
-        if isinstance(divisor, (int, float)) and divisor != 1:
-            logits = logits / divisor
-        cap = getattr(config, "final_logit_softcapping", None)
+        for key in LOGIT_DIVISORS:
+            divisor = getattr(config, key, None)
+            if isinstance(divisor, (int, float)) and divisor != 1:
+                logits = logits / divisor
+        cap = next((getattr(config, key) for key in LOGIT_SOFT_CAPS if getattr(config, key, None)), None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits

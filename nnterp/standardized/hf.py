@@ -10,9 +10,9 @@ from nnsight import LanguageModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..attention import AttentionProbabilities
-from ..layout import infer_model_layout
+from ..layout import check_head_reads_last_layer, infer_model_layout
 from ..rename import RenameConfig, resolve_names
-from .base import Backend, StandardizedMixin
+from .base import HIDDEN_SIZE_KEYS, Backend, StandardizedMixin, _config_value
 
 PROBE_TOKENS = 6
 
@@ -49,9 +49,10 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename())
         self.names = names
         self._backend = Backend()
-        self.layout = infer_model_layout(
-            model, names, self._probe_hidden_size(model), "hf", type(model).__name__, self._probe_run(model)
-        )
+        hidden_size, probe = self._probe_hidden_size(model), self._probe_run(model)
+        if names.ln_final is None:
+            check_head_reads_last_layer(model, names, hidden_size, probe)
+        self.layout = infer_model_layout(model, names, hidden_size, "hf", type(model).__name__, probe)
         self._init_standard_surface()
         self.attention_probabilities = AttentionProbabilities(self)
         self._check_against_snapshot(check_layout)
@@ -63,8 +64,13 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
 
     @staticmethod
     def _probe_hidden_size(model: PreTrainedModel) -> int:
-        embeddings = model.get_input_embeddings()
-        return embeddings.weight.shape[-1]
+        """The width of the stream between layers: the text config's hidden size (RemBERT's embeddings are
+        narrower and projected up), else the input embeddings' width."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        try:
+            return _config_value(config, HIDDEN_SIZE_KEYS)
+        except AttributeError:
+            return model.get_input_embeddings().weight.shape[-1]
 
     @staticmethod
     def _probe_run(model: PreTrainedModel):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from ..layout import infer_model_layout
-from ..rename import RenameConfig, resolve_names
+from ..rename import RenameConfig, layer_child, resolve_names
 from .base import Backend, StandardizedMixin
 from .readonly import read_only
 
@@ -105,9 +105,9 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         self.names = names
         self._backend = VLLMBackend()
         width = self._module.get_submodule(names.embed_tokens).embedding_dim
-        self.layout = infer_model_layout(self._module, names, width, "vllm", type(self._module).__name__, run=None)
-        _mount_standard_names(self, names)
+        self.layout = infer_model_layout(self._module, names, width, "vllm", layout_key(self._module), run=None)
         self._init_standard_surface()
+        _mount_layer_children(self, names)
         self._check_against_snapshot(check_layout)
 
     _WORKER_CLS = "nnterp.standardized.vllm_worker.NNterpGPUWorker"
@@ -128,7 +128,11 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     samples = _served_by_engine("samples", "The token ids sampled this step, one per request.")
 
     def _load_meta(self, repo_id: str, **kwargs: Any):
-        with _cpu_meta_build():
+        if not _no_accelerator():
+            return super()._load_meta(repo_id, **kwargs)
+        from .vllm_cpu import meta_tree_build
+
+        with meta_tree_build():
             return super()._load_meta(repo_id, **kwargs)
 
     @property
@@ -149,7 +153,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     @property
     def engine_kind(self) -> str:
         """``native`` for vLLM's own implementation, ``transformers-backend`` where vLLM wraps the HF model."""
-        return "transformers-backend" if type(self._module).__module__.endswith(".transformers") else "native"
+        return "transformers-backend" if _wrapped_hf_model(self._module) is not None else "native"
 
     @property
     def _embedding_scale(self) -> torch.Tensor | None:
@@ -197,18 +201,28 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         return torch.nn.functional.linear(normed, weight.to(normed.dtype))
 
 
-def _mount_standard_names(model, names) -> None:
-    """Bind standard names as aliases of the native envoys (the tree is built before names are known)."""
-    for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
-        native = getattr(names, standard)
-        if native != standard:
-            object.__setattr__(model, standard, model.get(native))
+def _wrapped_hf_model(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The HF model vLLM's Transformers backend runs inside ``module`` (None for vLLM's own implementations)."""
+    if not type(module).__module__.endswith(".transformers"):
+        return None
+    return getattr(module, "model", None)
+
+
+def layout_key(module: torch.nn.Module) -> str:
+    """The name the layout of ``module`` is snapshotted under: its class, and for vLLM's Transformers backend
+    (one class wrapping any HF model) also the wrapped HF model's class."""
+    wrapped = _wrapped_hf_model(module)
+    return type(module).__name__ if wrapped is None else f"{type(module).__name__}/{type(wrapped).__name__}"
+
+
+def _mount_layer_children(model, names) -> None:
+    """Bind ``self_attn`` / ``mlp`` on each layer envoy to its native child (the tree is built before names are
+    known, so there is no ``rename``)."""
     for standard in ("self_attn", "mlp"):
-        native = getattr(names, standard)
-        if native is not None and native != standard:
-            for layer in model.layers:
-                if hasattr(layer._module, native):
-                    object.__setattr__(layer, standard, getattr(layer, native))
+        for layer in model.layers:
+            native = layer_child(layer._module, standard, names)
+            if native is not None and native != standard:
+                object.__setattr__(layer, standard, getattr(layer, native))
 
 
 def _translate_hf_kwargs(kwargs: dict) -> dict:

@@ -14,11 +14,16 @@ from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from ..distributed.tp import REPACKED
 from .vllm_worker import PipelineRunner
 
 
 class NNsightCPUModelRunner(PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
     """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages."""
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        mark_prepacked_moe_weights(self.model)
 
 
 class NNsightCPUWorker(NNsightGPUWorker, CPUWorker):
@@ -62,3 +67,33 @@ def allocate_stage_inputs(runner) -> None:
     runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
         batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
     )
+
+
+def mark_prepacked_moe_weights(model: torch.nn.Module) -> None:
+    """Tag the expert weights vLLM's CPU MoE prepacked into its grouped-GEMM layout (same shape, other values),
+    so that reading them as parameters fails clearly instead of returning the packed values."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and not getattr(experts, "_use_zentorch", False):
+            for name in ("w13_weight", "w2_weight"):
+                if isinstance(getattr(module, name, None), torch.Tensor):
+                    setattr(getattr(module, name), REPACKED, True)
+
+
+@contextlib.contextmanager
+def meta_tree_build():
+    """nnsight builds vLLM's module tree on the meta device. On CPU, vLLM's MoE layers prepack their expert
+    weights after loading with ``_C::prepack_moe_weight``, which has no meta kernel; the tree only needs the
+    modules, so this build skips the prepacking (the engine's own load, outside this context, prepacks)."""
+    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
+
+    prepack = cpu_moe.cpu_prepack_moe_weight
+    cpu_moe.cpu_prepack_moe_weight = lambda weight, isa: weight
+    try:
+        with no_accelerator_cache():
+            yield
+    finally:
+        cpu_moe.cpu_prepack_moe_weight = prepack

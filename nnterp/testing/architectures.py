@@ -10,6 +10,7 @@ import time
 import warnings
 from pathlib import Path
 
+from .known_limits import HF_LIMITS
 from .tiny import build_tiny_model, causal_lm_architectures
 
 SMOLLM2 = "smollm2-135m"
@@ -43,6 +44,16 @@ def check_architecture(model_type: str, workdir: str | Path | None = None, write
     except Exception as error:  # a sweep records why an architecture fails instead of stopping
         result["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
     result["seconds"] = round(time.time() - start, 1)
+    return explain(result, model_type, HF_LIMITS)
+
+
+def explain(result: dict, model_type: str, limits: dict[str, str]) -> dict:
+    """Put the architecture's known limit in front of a failure's reason; a pass makes the limit stale."""
+    limit = limits.get(model_type)
+    if limit is not None and result["status"] == "fail":
+        result["reason"] = f"{limit} [{result['reason']}]"
+    elif limit is not None:
+        print(f"note: {model_type} passes, its known limit is stale", file=sys.stderr, flush=True)
     return result
 
 

@@ -109,6 +109,19 @@ def check_vllm_architecture(path: str | Path) -> dict:
     return result
 
 
+def vllm_model_types() -> list[str]:
+    """SmolLM2 and every transformers causal-LM model type vLLM runs: natively (its registry's text-generation
+    and multimodal classes) or through its Transformers backend (the classes it lists as supported there)."""
+    from vllm.model_executor.models import registry
+
+    from .architectures import SMOLLM2
+    from .tiny import causal_lm_architectures
+
+    runs = set(registry._TEXT_GENERATION_MODELS) | set(registry._MULTIMODAL_MODELS) | set(
+        registry._TRANSFORMERS_SUPPORTED_MODELS)
+    return [SMOLLM2, *sorted(mt for mt, architecture in causal_lm_architectures().items() if architecture in runs)]
+
+
 def _child(model_type: str, workdir: str, connection) -> None:
     from .architectures import SMOLLM2
     from .tiny import build_tiny_model
@@ -126,6 +139,8 @@ def _child(model_type: str, workdir: str, connection) -> None:
 def sweep(model_types: Sequence[str], timeout: int = 600) -> dict[str, dict]:
     """``check_vllm_architecture`` for each model type, each in a forked child (one engine per process)."""
     from ..standardized import StandardizedTransformer  # noqa: F401  (inherited by the children)
+    from .architectures import explain
+    from .known_limits import VLLM_LIMITS
 
     results = {}
     context = multiprocessing.get_context("fork")
@@ -139,7 +154,8 @@ def sweep(model_types: Sequence[str], timeout: int = 600) -> dict[str, dict]:
             process.join(10)
             if process.is_alive():
                 process.kill()
-            results[model_type] = result or {"status": "fail", "reason": f"no result (exit code {process.exitcode})"}
+            result = result or {"status": "fail", "reason": f"no result (exit code {process.exitcode})"}
+            results[model_type] = explain(result, model_type, VLLM_LIMITS)
             print(f"{results[model_type]['status']:4} {model_type} {results[model_type]['reason'][:150]}", file=sys.stderr, flush=True)
     return results
 

@@ -1,0 +1,53 @@
+"""Why an architecture cannot pass the sweep as it stands, shown next to its failing checks in the
+generated tables. Each entry names what is missing or different, so a change that lifts the limit shows up
+as a pass (the sweep then reports the entry as stale)."""
+
+from __future__ import annotations
+
+HYPER_CONNECTIONS = ("hyper-connections: the stream between layers is {n} parallel copies of the hidden state that "
+                     "{head} mixes after the last layer, so no single layer output projects to the logits")
+
+HF_LIMITS: dict[str, str] = {
+    "blt": "byte latent transformer: a local byte encoder, a global transformer over patches and a local byte "
+           "decoder, three stacks with no single stream of layers",
+    "cpmant": "CPM-Ant prepends prompt_length learned prompt positions inside the model and drops them after the "
+              "last layer: the stream has more positions than the input and the logits",
+    "deepseek_v4": HYPER_CONNECTIONS.format(n="hc_mult (4)", head="hc_head"),
+    "gpt_neox_japanese": "the last layer's attention returns its output-projection bias separately and the layer "
+                         "adds it: attentions_output[-1] excludes that bias, so the block sums on every layer but "
+                         "the last",
+    "hrm_text": "hierarchical reasoning model: a high-level and a low-level stack each run for several cycles, "
+                "there is no single sequence of layers",
+    "hy_v4": HYPER_CONNECTIONS.format(n="hc_mult (4)", head="the hyper-connection head"),
+    "modernbert-decoder": "the LM head is two sibling modules (lm_head: dense, activation, norm; decoder: the vocabulary "
+                          "projection) called in sequence by the model, so no one module maps the stream to logits",
+    "prophetnet": "the decoder runs the main stream and the n-gram predicting streams through each layer: its layers "
+                  "return both, and HF's hidden_states keep the main stream only",
+    "qwen4_exp": HYPER_CONNECTIONS.format(n="hc_count (4, concatenated along the hidden axis)",
+                                          head="hyper_connection_mixer"),
+    "qwen4_exp_text": HYPER_CONNECTIONS.format(n="hc_count (4, concatenated along the hidden axis)",
+                                               head="hyper_connection_mixer"),
+    "rembert": "token_embeddings is the embedding module's output of width input_embedding_size; RemBERT projects it "
+               "up to the hidden size inside the encoder, so it is not the stream entering layer 0",
+    "xlnet": "XLNet runs its layers sequence-first ([seq, batch, hidden]) on two streams (content and query) and "
+             "permutes to batch-first only after the last layer, so the LM head never reads a layer output",
+    "gemma3n": "the vision tower is a timm model and timm is not installed (gemma3n_text covers the decoder)",
+    "gemma3n_text": "AltUp: the stream between layers is altup_num_inputs parallel copies ([4, batch, seq, hidden]) "
+                    "that the model mixes after the last layer outside any module, so no single layer output "
+                    "projects to the logits",
+    "gemma4_assistant": "a drafter for assisted decoding: its forward needs the target model's embeddings and "
+                        "shared key/value states",
+    "gemma4_unified_assistant": "a drafter for assisted decoding: its forward needs the target model's embeddings "
+                                "and shared key/value states",
+    "musicgen": "AutoModelForCausalLM cannot build MusicgenForCausalLM (the composite config reaches a class that "
+                "reads decoder fields; the decoder config has no causal-LM mapping); its inputs are audio codebooks",
+    "musicgen_melody": "AutoModelForCausalLM cannot build MusicgenMelodyForCausalLM (the composite config reaches a "
+                       "class that reads decoder fields); its inputs are audio codebooks",
+    "reformer": "reversible residual layers carry two streams of hidden width between blocks, concatenated only "
+                "after the last block, so no single tensor is the stream",
+    "xlm": "the blocks are four parallel ModuleLists (attentions, layer_norm1, ffns, layer_norm2) run by the "
+           "model's forward: there is no layer module whose input and output are the stream",
+}
+
+VLLM_LIMITS: dict[str, str] = {
+}

@@ -1,0 +1,78 @@
+"""The data of the tiny-model factory: the shared small sizes, and per-family config overrides (what an
+architecture needs beyond them to build a model that runs on CPU). Nested dicts override a sub-config."""
+
+from __future__ import annotations
+
+from typing import Any
+
+VOCAB_SIZE = 320
+HIDDEN = 128
+LAYERS = 3
+HEADS = 4
+HEAD_DIM = HIDDEN // HEADS
+
+# Every spelling transformers configs use for the size knobs, set wherever the config has the field.
+SMALL_CONFIG = {
+    "vocab_size": VOCAB_SIZE, "padded_vocab_size": VOCAB_SIZE,
+    "hidden_size": HIDDEN, "n_embd": HIDDEN, "d_model": HIDDEN, "n_embed": HIDDEN, "dim": HIDDEN,
+    "intermediate_size": 2 * HIDDEN, "n_inner": 2 * HIDDEN, "ffn_dim": 2 * HIDDEN,
+    "ffn_hidden_size": 2 * HIDDEN, "hidden_dim": 2 * HIDDEN, "decoder_ffn_dim": 2 * HIDDEN,
+    "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "n_layers": LAYERS,
+    "decoder_layers": LAYERS,
+    "num_attention_heads": HEADS, "n_head": HEADS, "num_heads": HEADS, "n_heads": HEADS,
+    "decoder_attention_heads": HEADS,
+    "num_key_value_heads": HEADS // 2, "n_kv_heads": HEADS // 2, "num_kv_heads": HEADS // 2,
+    "multi_query_group_num": HEADS // 2,
+    "head_dim": HEAD_DIM, "kv_channels": HEAD_DIM, "attention_head_dim": HEAD_DIM,
+    "max_position_embeddings": 256, "n_positions": 256, "n_ctx": 256, "max_sequence_length": 256,
+    "seq_length": 256,
+    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
+    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2,
+    "moe_intermediate_size": HIDDEN, "shared_expert_intermediate_size": HIDDEN,
+    "expert_intermediate_size": HIDDEN,
+    "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
+    "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
+    "v_head_dim": HEAD_DIM, "qk_head_dim": 24,
+    "sliding_window": 64, "attention_window": 64,
+    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 1,
+    "tie_word_embeddings": False, "use_cache": True,
+}
+
+# Multi-head latent attention expands its compressed keys and values to every query head.
+MLA = {"num_key_value_heads": HEADS}
+# Hybrid stacks: a full-attention layer between two linear-attention / state-space ones (the defaults put
+# the first attention layer past the third layer, and a cache of linear-attention layers only fails).
+HYBRID_LAYER_TYPES = {"layer_types": ["linear_attention", "full_attention", "linear_attention"]}
+
+CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
+    **dict.fromkeys(
+        ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk1",
+         "axk2"), MLA),
+    "longcat_flash": {**MLA, "head_dim": SMALL_CONFIG["qk_rope_head_dim"]},  # its rotary width is head_dim
+    "kimi_linear": {**MLA, **HYBRID_LAYER_TYPES},
+    **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"), HYBRID_LAYER_TYPES),
+    **dict.fromkeys(("qwen3_5", "qwen3_5_moe"), {"text_config": HYBRID_LAYER_TYPES}),
+    "granitemoehybrid": HYBRID_LAYER_TYPES,
+    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
+    "bamba": {"attn_layer_indices": [1]},
+    "zamba2": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention"]},
+    "zaya": {"num_experts_per_tok": 1},
+    "gpt_neo": {"attention_types": [[["global", "local"], 1], [["global"], 1]]},  # one entry per layer
+    "mamba2": {"num_heads": 8, "head_dim": 32},  # num_heads * head_dim == expand * hidden_size
+    # the attention reads rope_theta (its config class has no default) and clamps by clip_qkv
+    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
+    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
+    # key/value sharing: the shared tail must follow a sliding and a full attention layer
+    "gemma3n_text": {"num_hidden_layers": 4, "num_kv_shared_layers": 2,
+                     "layer_types": ["sliding_attention", "full_attention"] * 2},
+    # rotary parameters per layer type; the 3-D rotary sections must add up to half a head
+    "cohere_compass_text": {"rope_parameters": {"full_attention": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 6, 4]}}},
+    # a decoder; the axial position embedding widths add up to the hidden size; one attention kind per layer
+    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2],
+                 "attn_layers": ["local", "lsh", "local"]},
+    "xmod": {"default_language": "en_XX"},  # the language adapter to run (a checkpoint sets it)
+    # partial rotary embeddings: the rotated slice must fit in a head
+    "codegen": {"rotary_dim": 16},
+    "gptj": {"rotary_dim": 16},
+}
