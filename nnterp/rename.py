@@ -149,9 +149,10 @@ def _structural_layers(root: torch.nn.Module, num_layers: int | None) -> str | N
 
 
 def _structural_final_norm(root: torch.nn.Module, layers_path: str) -> str | None:
-    """A norm named like a final norm, registered after the layer list as its sibling, or after the module
-    holding it (RoBERTa-PreLayerNorm's ``LayerNorm`` follows its ``encoder``). An embedding norm registered
-    late, as BART's ``layernorm_embedding``, is not one."""
+    """A norm registered after the layer list as its sibling, or after the module holding it
+    (RoBERTa-PreLayerNorm's ``LayerNorm`` follows its ``encoder``). The name alone cannot tell a final norm:
+    Pegasus-style decoders apply ``layernorm_embedding`` after the last layer, BART to the embeddings; a
+    runtime probe confirms it (``nnterp.layout.confirm_final_norm``)."""
     path = layers_path
     for _ in range(2):
         if not path:
@@ -161,7 +162,7 @@ def _structural_final_norm(root: torch.nn.Module, layers_path: str) -> str | Non
         names = list(dict(parent.named_children()))
         for sibling in names[names.index(name) + 1:] if name in names else []:
             lowered = sibling.lower()
-            if ("norm" in lowered or lowered.startswith("ln")) and "embed" not in lowered:
+            if "norm" in lowered or lowered.startswith("ln"):
                 return f"{parent_path}.{sibling}" if parent_path else sibling
         path = parent_path
     return None

@@ -10,7 +10,7 @@ from nnsight import LanguageModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..attention import AttentionProbabilities
-from ..layout import check_head_reads_last_layer, infer_model_layout
+from ..layout import confirm_final_norm, infer_model_layout
 from ..rename import RenameConfig, resolve_names
 from .base import HIDDEN_SIZE_KEYS, Backend, StandardizedMixin, _config_value
 
@@ -45,13 +45,11 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        names = resolve_names(model, rename)
+        hidden_size, probe = self._probe_hidden_size(model), self._probe_run(model)
+        names = confirm_final_norm(model, resolve_names(model, rename), hidden_size, probe)
         super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename())
         self.names = names
         self._backend = Backend()
-        hidden_size, probe = self._probe_hidden_size(model), self._probe_run(model)
-        if names.ln_final is None:
-            check_head_reads_last_layer(model, names, hidden_size, probe)
         self.layout = infer_model_layout(model, names, hidden_size, "hf", type(model).__name__, probe)
         self._init_standard_surface()
         self.attention_probabilities = AttentionProbabilities(self)

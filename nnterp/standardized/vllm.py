@@ -128,9 +128,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     samples = _served_by_engine("samples", "The token ids sampled this step, one per request.")
 
     def _load_meta(self, repo_id: str, **kwargs: Any):
-        if not _no_accelerator():
-            return super()._load_meta(repo_id, **kwargs)
-        from .vllm_cpu import meta_tree_build
+        from .vllm_meta import meta_tree_build
 
         with meta_tree_build():
             return super()._load_meta(repo_id, **kwargs)

@@ -81,19 +81,3 @@ def mark_prepacked_moe_weights(model: torch.nn.Module) -> None:
             for name in ("w13_weight", "w2_weight"):
                 if isinstance(getattr(module, name, None), torch.Tensor):
                     setattr(getattr(module, name), REPACKED, True)
-
-
-@contextlib.contextmanager
-def meta_tree_build():
-    """nnsight builds vLLM's module tree on the meta device. On CPU, vLLM's MoE layers prepack their expert
-    weights after loading with ``_C::prepack_moe_weight``, which has no meta kernel; the tree only needs the
-    modules, so this build skips the prepacking (the engine's own load, outside this context, prepacks)."""
-    from vllm.model_executor.layers.fused_moe.experts import cpu_moe
-
-    prepack = cpu_moe.cpu_prepack_moe_weight
-    cpu_moe.cpu_prepack_moe_weight = lambda weight, isa: weight
-    try:
-        with no_accelerator_cache():
-            yield
-    finally:
-        cpu_moe.cpu_prepack_moe_weight = prepack

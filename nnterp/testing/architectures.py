@@ -42,9 +42,15 @@ def check_architecture(model_type: str, workdir: str | Path | None = None, write
         if report.passed and write_layout:
             write_snapshot(model.layout)
     except Exception as error:  # a sweep records why an architecture fails instead of stopping
-        result["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        result["reason"] = error_reason(error)
     result["seconds"] = round(time.time() - start, 1)
     return explain(result, model_type, HF_LIMITS)
+
+
+def error_reason(error: BaseException, limit: int = 300) -> str:
+    """An exception as one table cell: its type and message lines (pydantic's help links dropped)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+    return f"{type(error).__name__}: {' '.join(lines)}"[:limit]
 
 
 def explain(result: dict, model_type: str, limits: dict[str, str]) -> dict:

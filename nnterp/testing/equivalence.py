@@ -104,21 +104,24 @@ def check_vllm_architecture(path: str | Path) -> dict:
         result["reason"] = ", ".join(bad)
         result["layout"] = vllm_model.layout.to_json()
     except Exception as error:  # a sweep records why an architecture fails instead of stopping
-        result["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        from .architectures import error_reason
+
+        result["reason"] = error_reason(error)
     result["seconds"] = round(time.time() - start, 1)
     return result
 
 
 def vllm_model_types() -> list[str]:
-    """SmolLM2 and every transformers causal-LM model type vLLM runs: natively (its registry's text-generation
-    and multimodal classes) or through its Transformers backend (the classes it lists as supported there)."""
+    """SmolLM2 and every transformers causal-LM model type vLLM's registry names: implemented natively (its
+    text-generation and multimodal classes), run through its Transformers backend (the classes it lists as
+    supported there), or dropped in an earlier release (recorded with vLLM's own reason)."""
     from vllm.model_executor.models import registry
 
     from .architectures import SMOLLM2
     from .tiny import causal_lm_architectures
 
     runs = set(registry._TEXT_GENERATION_MODELS) | set(registry._MULTIMODAL_MODELS) | set(
-        registry._TRANSFORMERS_SUPPORTED_MODELS)
+        registry._TRANSFORMERS_SUPPORTED_MODELS) | set(registry._PREVIOUSLY_SUPPORTED_MODELS)
     return [SMOLLM2, *sorted(mt for mt, architecture in causal_lm_architectures().items() if architecture in runs)]
 
 

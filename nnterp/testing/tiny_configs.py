@@ -71,6 +71,8 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     # a decoder; the axial position embedding widths add up to the hidden size; one attention kind per layer
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2],
                  "attn_layers": ["local", "lsh", "local"]},
+    # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
+    **dict.fromkeys(("bloom", "cohere"), {"tie_word_embeddings": True}),
     "xmod": {"default_language": "en_XX"},  # the language adapter to run (a checkpoint sets it)
     # partial rotary embeddings: the rotated slice must fit in a head
     "codegen": {"rotary_dim": 16},
