@@ -60,6 +60,8 @@ def test_model_without_final_norm_has_identity_ln_final(model_type, tiny_path):
     assert validate(model).passed
     with pytest.raises(AttributeError, match="no final norm"):
         model.parameter("ln_final.weight")
+    with pytest.raises(AttributeError, match=r"Assign model.layers_output\[-1\]"):
+        model.ln_final.output = last
 
 
 def test_unrecognised_final_norm_is_refused_not_treated_as_identity(tiny_path):

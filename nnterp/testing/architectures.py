@@ -10,7 +10,6 @@ import time
 import warnings
 from pathlib import Path
 
-from .known_limits import HF_LIMITS
 from .tiny import build_tiny_model, causal_lm_architectures
 
 SMOLLM2 = "smollm2-135m"
@@ -44,23 +43,13 @@ def check_architecture(model_type: str, workdir: str | Path | None = None, write
     except Exception as error:  # a sweep records why an architecture fails instead of stopping
         result["reason"] = error_reason(error)
     result["seconds"] = round(time.time() - start, 1)
-    return explain(result, model_type, HF_LIMITS)
+    return result
 
 
 def error_reason(error: BaseException, limit: int = 300) -> str:
     """An exception as one table cell: its type and message lines (pydantic's help links dropped)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
     return f"{type(error).__name__}: {' '.join(lines)}"[:limit]
-
-
-def explain(result: dict, model_type: str, limits: dict[str, str]) -> dict:
-    """Put the architecture's known limit in front of a failure's reason; a pass makes the limit stale."""
-    limit = limits.get(model_type)
-    if limit is not None and result["status"] == "fail":
-        result["reason"] = f"{limit} [{result['reason']}]"
-    elif limit is not None:
-        print(f"note: {model_type} passes, its known limit is stale", file=sys.stderr, flush=True)
-    return result
 
 
 def sweep(model_types: list[str], write_layout: bool, timeout: int = 300, workers: int = 2) -> list[dict]:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from .architectures import RESULTS_FILE
+from .known_limits import LIMITS
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "docs" / "architectures.md"
@@ -22,7 +23,7 @@ def render_table(results: dict[str, dict], backend: str = "hf") -> str:
         lines += ["| model_type | vLLM class | vLLM engine | status | max abs diff | max rel diff | why it fails |",
                   "|---|---|---|---|---|---|---|"]
     for model_type, result in sorted(results.items(), key=lambda item: (item[1]["status"] != "pass", item[0])):
-        reason = (result.get("reason") or "").replace("|", "\\|").replace("\n", " ")
+        reason = explained(result, LIMITS[backend].get(model_type)).replace("|", "\\|").replace("\n", " ")
         row = [model_type, result.get("architecture") or "-", result["status"]]
         if backend != "hf":
             row.insert(2, result.get("engine") or "-")
@@ -31,6 +32,14 @@ def render_table(results: dict[str, dict], backend: str = "hf") -> str:
                 row.append(f"{max(diffs.values()):.1e}" if diffs else "-")
         lines.append("| " + " | ".join(row + [reason]) + " |")
     return "\n".join(lines)
+
+
+def explained(result: dict, limit: str | None) -> str:
+    """A failure's reason, after the architecture's known limit where there is one."""
+    reason = result.get("reason") or ""
+    if result["status"] == "pass" or limit is None:
+        return reason
+    return f"{limit} [{reason}]"
 
 
 def render_page(results: dict[str, dict[str, dict]]) -> str:

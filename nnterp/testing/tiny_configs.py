@@ -46,8 +46,11 @@ HYBRID_LAYER_TYPES = {"layer_types": ["linear_attention", "full_attention", "lin
 
 CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     **dict.fromkeys(
-        ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk1",
-         "axk2"), MLA),
+        ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk2"),
+        MLA),
+    # every layer a MoE layer: vLLM gives each layer a post-MLP norm and wants it in the checkpoint, which holds
+    # it for MoE layers only
+    "axk1": {**MLA, "first_k_dense_replace": 0},
     "longcat_flash": {**MLA, "head_dim": SMALL_CONFIG["qk_rope_head_dim"]},  # its rotary width is head_dim
     "kimi_linear": {**MLA, **HYBRID_LAYER_TYPES},
     **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"), HYBRID_LAYER_TYPES),
@@ -71,8 +74,11 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     # a decoder; the axial position embedding widths add up to the hidden size; one attention kind per layer
     "reformer": {"is_decoder": True, "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2],
                  "attn_layers": ["local", "lsh", "local"]},
+    # vLLM reads the routing fields released checkpoints carry (transformers' config has none; its router is
+    # sigmoid scores renormalised over the chosen experts, no expert groups)
+    "afmoe": {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
-    **dict.fromkeys(("bloom", "cohere"), {"tie_word_embeddings": True}),
+    **dict.fromkeys(("bloom", "cohere", "cohere2", "cohere2_moe"), {"tie_word_embeddings": True}),
     "xmod": {"default_language": "en_XX"},  # the language adapter to run (a checkpoint sets it)
     # partial rotary embeddings: the rotated slice must fit in a head
     "codegen": {"rotary_dim": 16},
