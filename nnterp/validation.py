@@ -58,7 +58,10 @@ def validate(model, prompts: Sequence[str] = DEFAULT_PROMPTS, rtol: float = 1e-4
         reference = model._module(*args, **kwargs, output_hidden_states=True, use_cache=False)
     chain = [close(outputs[i], inputs[i + 1], 0) for i in range(n - 1)]
     report.add("layers_output[i] == layers_input[i+1]", all(ok for ok, _ in chain), f"max diff {max((d for _, d in chain), default=0):.2e}")
-    report.add("token_embeddings readable", embeddings.shape[-1] == model.hidden_size)
+    # factorised embeddings (RemBERT) are narrower than the stream and projected up inside the model
+    embedding_weight = getattr(model._torch_module("embed_tokens"), "weight", None)
+    widths = {model.hidden_size} | ({embedding_weight.shape[-1]} if isinstance(embedding_weight, torch.Tensor) else set())
+    report.add("token_embeddings readable", embeddings.shape[-1] in widths)
     report.add("logits == HF forward", *_ok_detail(close(logits, reference.logits, rtol)))
 
     _check_hidden_states(model, reference.hidden_states, inputs, outputs, report, rtol)

@@ -27,8 +27,6 @@ HF_LIMITS: dict[str, str] = {
                                           head="hyper_connection_mixer"),
     "qwen4_exp_text": HYPER_CONNECTIONS.format(n="hc_count (4, concatenated along the hidden axis)",
                                                head="hyper_connection_mixer"),
-    "rembert": "token_embeddings is the embedding module's output of width input_embedding_size; RemBERT projects it "
-               "up to the hidden size inside the encoder, so it is not the stream entering layer 0",
     "xlnet": "XLNet runs its layers sequence-first ([seq, batch, hidden]) on two streams (content and query) and "
              "permutes to batch-first only after the last layer, so the LM head never reads a layer output",
     "gemma3n": "the vision tower is a timm model and timm is not installed (gemma3n_text covers the decoder)",
@@ -54,6 +52,10 @@ VLLM_DROPPED = "vLLM dropped its {name} implementation in {version} and its Tran
 SPARSE_ATTENTION = "DeepSeek sparse attention (its indexer) has no CPU implementation in vLLM"
 
 VLLM_LIMITS: dict[str, str] = {
+    **dict.fromkeys(("gemma3", "gemma4", "gemma4_unified"),
+                    "vLLM's multimodal Gemma module imports transformers' image processor, which needs torchvision "
+                    "(not installable beside the CPU torch build); the text models cover the decoder"),
+    "fuyu": VLLM_DROPPED.format(name="Fuyu", version="0.25", what="it without the image processor files"),
     "deepseek_v32": SPARSE_ATTENTION,
     "glm_moe_dsa": SPARSE_ATTENTION,
     "deepseek_v4": "vLLM's DeepSeek-V4 config accepts only sparse/dense MLP layer types where transformers' config "

@@ -45,13 +45,17 @@ MLA = {"num_key_value_heads": HEADS}
 HYBRID_LAYER_TYPES = {"layer_types": ["linear_attention", "full_attention", "linear_attention"]}
 
 CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
-    **dict.fromkeys(
-        ("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk2"),
-        MLA),
+    **dict.fromkeys(("deepseek_v2", "deepseek_v32", "glm_moe_dsa", "minicpm3", "youtu", "axk2"), MLA),
+    # the routing released DeepSeek-V3 checkpoints name (transformers' model always routes this way; vLLM reads it)
+    "deepseek_v3": {**MLA, "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
+    "glm4_moe_lite": {**MLA, "first_k_dense_replace": 1},
     # every layer a MoE layer: vLLM gives each layer a post-MLP norm and wants it in the checkpoint, which holds
     # it for MoE layers only
     "axk1": {**MLA, "first_k_dense_replace": 0},
     "longcat_flash": {**MLA, "head_dim": SMALL_CONFIG["qk_rope_head_dim"]},  # its rotary width is head_dim
+    # vLLM reads fields transformers' config derives or spells otherwise: head_dim (hidden / heads), the number of
+    # leading dense layers (transformers' mlp_layer_types puts one)
+    "glm4_moe": {"head_dim": HEAD_DIM},
     "kimi_linear": {**MLA, **HYBRID_LAYER_TYPES},
     **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"), HYBRID_LAYER_TYPES),
     **dict.fromkeys(("qwen3_5", "qwen3_5_moe"), {"text_config": HYBRID_LAYER_TYPES}),
@@ -78,7 +82,8 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     # sigmoid scores renormalised over the chosen experts, no expert groups)
     "afmoe": {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
-    **dict.fromkeys(("bloom", "cohere", "cohere2", "cohere2_moe"), {"tie_word_embeddings": True}),
+    **dict.fromkeys(("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
+    "falcon": {"ffn_hidden_size": 4 * HIDDEN},  # vLLM's Falcon MLP is 4 x hidden whatever the config says
     "xmod": {"default_language": "en_XX"},  # the language adapter to run (a checkpoint sets it)
     # partial rotary embeddings: the rotated slice must fit in a head
     "codegen": {"rotary_dim": 16},
