@@ -22,6 +22,8 @@ ROOT_ALIASES: dict[str, tuple[str, ...]] = {
         "model.h", "rwkv.blocks", "model.blocks", "transformer.encoder.layer", "model.transformer.h",
     ),
     "ln_final": (
+        # hyper-connections (DeepSeek-V4, HY-V4): a head mixes the parallel copies of the stream, then the norm
+        "model.hc_head+model.norm",
         "model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
         "transformer.norm_f", "model.final_layernorm", "backbone.norm_f", "model.ln_f",
         "transformer.encoder.final_layernorm", "model.language_model.norm", "transformer.final_layernorm",
@@ -37,6 +39,7 @@ ROOT_ALIASES: dict[str, tuple[str, ...]] = {
 # How ``ln_final`` is found where the model has no final norm (post-norm models such as BERT, RoBERTa,
 # Marian): the stream leaving the last layer goes straight into the LM head, so ``ln_final`` is the identity.
 IDENTITY = "identity"
+SEQUENCE = "+"  # joins the paths of modules a standard name applies in order
 
 # Names, relative to one decoder layer, of its attention and MLP blocks.
 LAYER_ALIASES: dict[str, tuple[str, ...]] = {
@@ -76,7 +79,8 @@ class ModuleNames:
     """Where each standard module lives natively. ``self_attn``/``mlp`` are relative to a layer.
 
     ``ln_final`` is None where the model has no final norm (``found_by['ln_final'] == IDENTITY``): the
-    standardized model treats it as the identity.
+    standardized model treats it as the identity. It may name modules applied in sequence, joined by ``+``
+    (``"model.hc_head+model.norm"``); the last one is the norm the ``ln_final`` envoy mounts.
     """
 
     embed_tokens: str
@@ -94,10 +98,15 @@ class ModuleNames:
         standardized model mounts it itself (``envoy_path``)."""
         rename = {}
         for standard in STANDARD_NAMES:
-            native = getattr(self, standard)
+            native = self.module_path(standard)
             if native is not None and native != standard and envoy_path(native) == native:
                 rename[native] = standard
         return rename
+
+    def module_path(self, standard: str) -> str | None:
+        """The native path of the module mounted as ``standard`` (of a sequence, its last module)."""
+        native = getattr(self, standard)
+        return native.split(SEQUENCE)[-1] if native is not None else None
 
     def as_dict(self) -> dict[str, str | None]:
         return {name: getattr(self, name) for name in STANDARD_NAMES}
@@ -121,7 +130,8 @@ class UnknownArchitectureError(ValueError):
 
 def _has(module: torch.nn.Module, path: str) -> bool:
     try:
-        module.get_submodule(path)
+        for part in path.split(SEQUENCE):
+            module.get_submodule(part)
         return True
     except AttributeError:
         return False

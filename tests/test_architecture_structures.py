@@ -126,3 +126,23 @@ def test_state_space_stream_is_the_stream_between_blocks(model_type, tiny_path):
     assert report.passed, str(report)
     assert any(check.name.startswith("layers_output[i] == HF hidden_states[i]") and check.status == "pass"
                for check in report.checks)
+
+
+def test_hyper_connection_head_runs_before_the_final_norm(tiny_path):
+    """DeepSeek-V4 carries hc_mult copies of the stream between layers ([batch, seq, 4, hidden]) and mixes them
+    with `hc_head` before its final norm: ln_final applies both, the envoy is the norm itself."""
+    model = StandardizedTransformer(str(tiny_path("deepseek_v4")), check_layout=False)
+    inner = model._module.model
+    assert model.names.ln_final == "model.hc_head+model.norm"
+    assert model.ln_final._module is inner.norm
+    assert torch.equal(model.parameter("ln_final.weight"), inner.norm.weight)
+    with torch.no_grad(), model.trace(PROMPTS):
+        last = model.layers_output[-1].save()
+        normed = model.ln_final.output.save()
+        logits = model.logits.save()
+    assert last.shape[-2:] == (model._module.config.hc_mult, model.hidden_size)
+    with torch.no_grad():
+        assert torch.equal(model._torch_module("ln_final")(last), inner.norm(inner.hc_head(last)))
+        assert torch.allclose(model._torch_module("ln_final")(last), normed, atol=1e-6)
+        assert torch.allclose(model.project_on_vocab(last), logits, atol=1e-5)
+    assert validate(model).passed

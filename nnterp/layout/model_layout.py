@@ -180,7 +180,7 @@ def confirm_final_norm(model: torch.nn.Module, names: ModuleNames, hidden_size: 
     last, head = layers[len(layers) - 1], model.get_submodule(names.lm_head)
     watched = {"last": last, "head": head}
     if structural:
-        watched["norm"] = model.get_submodule(names.ln_final)
+        watched["norm"] = model.get_submodule(names.module_path("ln_final"))
     seen = observe(model, watched, run)
     if "last" not in seen:
         return names  # the probe did not reach the last layer; its layout reports that

@@ -10,7 +10,7 @@ import torch
 from ..accessors import LayerAccessor, ModuleListView
 from ..layout import ModelLayout, drift, load_snapshot
 from ..distributed.pp import EMBEDDINGS, HEAD
-from ..rename import ModuleNames, envoy_path, layer_child
+from ..rename import SEQUENCE, ModuleNames, envoy_path, layer_child
 
 logger = logging.getLogger("nnterp")
 
@@ -95,7 +95,7 @@ class StandardizedMixin:
         """Bind each standard root name (``embed_tokens``, ``layers``, ``ln_final``, ``lm_head``) the envoy tree
         does not have yet (no ``rename`` on vLLM; paths ``nnsight_rename`` leaves out) to its native envoy."""
         for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
-            native = getattr(self.names, standard)
+            native = self.names.module_path(standard)
             if native is not None and native != standard and standard not in self.__dict__:
                 object.__setattr__(self, standard, self.get(envoy_path(native)))
 
@@ -123,7 +123,8 @@ class StandardizedMixin:
         native = getattr(self.names, standard)
         if native is None and standard == "ln_final":
             return torch.nn.Identity()  # the model has no final norm
-        return self._module.get_submodule(native)
+        parts = [self._module.get_submodule(path) for path in native.split(SEQUENCE)]
+        return parts[0] if len(parts) == 1 else torch.nn.Sequential(*parts)
 
     def _check_layer_index(self, index: int, accessor: str) -> int:
         if not isinstance(index, int) or isinstance(index, bool):
@@ -169,7 +170,7 @@ class StandardizedMixin:
         """Translate the standard names in a dotted module path to the model's own."""
         parts = path.split(".") if path else []
         if parts and parts[0] in ("embed_tokens", "ln_final", "lm_head"):
-            native = getattr(self.names, parts[0])
+            native = self.names.module_path(parts[0])
             if native is None:
                 raise AttributeError(f"{path}: the model has no final norm (ln_final is the identity), so it has no parameters.")
             return ".".join([native, *parts[1:]])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
+from .isolation import run_isolated
 from .tiny import build_tiny_model, causal_lm_architectures
 
 SMOLLM2 = "smollm2-135m"
@@ -64,31 +64,10 @@ def sweep(model_types: list[str], write_layout: bool, timeout: int = 300, worker
         return list(pool.map(lambda model_type: _check_in_child(model_type, workdir, write_layout, timeout), model_types))
 
 
-def _child(model_type: str, workdir: str, write_layout: bool, connection) -> None:
-    connection.send(check_architecture(model_type, workdir, write_layout))
-    connection.close()
-
-
 def _check_in_child(model_type: str, workdir: str, write_layout: bool, timeout: int) -> dict:
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(model_type, workdir, write_layout, sender))
-    process.start()
-    sender.close()
-    result = None
-    if receiver.poll(timeout):
-        try:
-            result = receiver.recv()
-        except EOFError:
-            pass
-    process.join(5)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    if result is None:
-        reason = f"timeout after {timeout}s" if process.exitcode is None or process.exitcode == -9 and not receiver.poll(0) else ""
-        result = {"model_type": model_type, "architecture": causal_lm_architectures().get(model_type), "status": "fail",
-                  "reason": reason or f"process died (exit code {process.exitcode}, e.g. out of memory)"}
+    result = run_isolated(check_architecture, (model_type, workdir, write_layout), timeout)
+    result.setdefault("model_type", model_type)
+    result.setdefault("architecture", causal_lm_architectures().get(model_type))
     print(f"{result['status']:4} {model_type} {result.get('reason', '')[:120]}", file=sys.stderr, flush=True)
     return result
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
@@ -131,7 +130,8 @@ def vllm_model_types() -> list[str]:
     return [SMOLLM2, *sorted(named | set(UNLISTED_TRANSFORMERS_BACKEND))]
 
 
-def _child(model_type: str, workdir: str, connection) -> None:
+def check_vllm_model_type(model_type: str, workdir: str | Path) -> dict:
+    """:func:`check_vllm_architecture` on the tiny model of ``model_type`` (or SmolLM2) built under ``workdir``."""
     from .architectures import SMOLLM2
     from .tiny import build_tiny_model
 
@@ -141,27 +141,18 @@ def _child(model_type: str, workdir: str, connection) -> None:
         path = smollm2_path()
     else:
         path = build_tiny_model(model_type, Path(workdir) / model_type).path
-    connection.send(check_vllm_architecture(path))
-    connection.close()
+    return check_vllm_architecture(path)
 
 
 def sweep(model_types: Sequence[str], timeout: int = 600) -> dict[str, dict]:
-    """``check_vllm_architecture`` for each model type, each in a forked child (one engine per process)."""
+    """:func:`check_vllm_model_type` for each model type, each in a forked child (one engine per process)."""
     from ..standardized import StandardizedTransformer  # noqa: F401  (inherited by the children)
+    from .isolation import run_isolated
 
     results = {}
-    context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as workdir:
         for model_type in model_types:
-            receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_child, args=(model_type, workdir, sender))
-            process.start()
-            sender.close()
-            result = receiver.recv() if receiver.poll(timeout) else None
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-            results[model_type] = result or {"status": "fail", "reason": f"no result (exit code {process.exitcode})"}
+            results[model_type] = run_isolated(check_vllm_model_type, (model_type, workdir), timeout)
             print(f"{results[model_type]['status']:4} {model_type} {results[model_type]['reason'][:150]}", file=sys.stderr, flush=True)
     return results
 

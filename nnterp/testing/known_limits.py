@@ -4,32 +4,29 @@ entry for an architecture that passes is stale, which the tests refuse."""
 
 from __future__ import annotations
 
-HYPER_CONNECTIONS = ("hyper-connections: the stream between layers is {n} parallel copies of the hidden state that "
-                     "{head} mixes after the last layer, so no single layer output projects to the logits")
+TIMM = "the vision tower is a timm model and timm is not installed (gemma3n_text covers the decoder)"
+HYPER_CONNECTIONS = ("hyper-connections concatenated along the hidden axis: the stream between layers is hc_count "
+                     "(4) copies of the hidden state side by side ([batch, seq, 4 x hidden]), which the layouts, "
+                     "looking for the hidden size, do not recognise")
 
 HF_LIMITS: dict[str, str] = {
     "blt": "byte latent transformer: a local byte encoder, a global transformer over patches and a local byte "
            "decoder, three stacks with no single stream of layers",
     "cpmant": "CPM-Ant prepends prompt_length learned prompt positions inside the model and drops them after the "
               "last layer: the stream has more positions than the input and the logits",
-    "deepseek_v4": HYPER_CONNECTIONS.format(n="hc_mult (4)", head="hc_head"),
     "gpt_neox_japanese": "the last layer's attention returns its output-projection bias separately and the layer "
                          "adds it: attentions_output[-1] excludes that bias, so the block sums on every layer but "
                          "the last",
     "hrm_text": "hierarchical reasoning model: a high-level and a low-level stack each run for several cycles, "
                 "there is no single sequence of layers",
-    "hy_v4": HYPER_CONNECTIONS.format(n="hc_mult (4)", head="the hyper-connection head"),
     "modernbert-decoder": "the LM head is two sibling modules (lm_head: dense, activation, norm; decoder: the vocabulary "
                           "projection) called in sequence by the model, so no one module maps the stream to logits",
     "prophetnet": "the decoder runs the main stream and the n-gram predicting streams through each layer: its layers "
                   "return both, and HF's hidden_states keep the main stream only",
-    "qwen4_exp": HYPER_CONNECTIONS.format(n="hc_count (4, concatenated along the hidden axis)",
-                                          head="hyper_connection_mixer"),
-    "qwen4_exp_text": HYPER_CONNECTIONS.format(n="hc_count (4, concatenated along the hidden axis)",
-                                               head="hyper_connection_mixer"),
+    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), HYPER_CONNECTIONS),
     "xlnet": "XLNet runs its layers sequence-first ([seq, batch, hidden]) on two streams (content and query) and "
              "permutes to batch-first only after the last layer, so the LM head never reads a layer output",
-    "gemma3n": "the vision tower is a timm model and timm is not installed (gemma3n_text covers the decoder)",
+    "gemma3n": TIMM,
     "gemma3n_text": "AltUp: the stream between layers is altup_num_inputs parallel copies ([4, batch, seq, hidden]) "
                     "that the model mixes after the last layer outside any module, so no single layer output "
                     "projects to the logits",
@@ -57,9 +54,11 @@ VLLM_LIMITS: dict[str, str] = {
                     "(not installable beside the CPU torch build); the text models cover the decoder"),
     "fuyu": VLLM_DROPPED.format(name="Fuyu", version="0.25", what="it without the image processor files"),
     "deepseek_v32": SPARSE_ATTENTION,
+    "gemma3n": TIMM,
+    "hy_v4": "HY-V4's sparse MLA attention has no CPU backend in vLLM (it refuses to fall back to dense attention)",
     "glm_moe_dsa": SPARSE_ATTENTION,
     "deepseek_v4": "vLLM's DeepSeek-V4 config accepts only sparse/dense MLP layer types where transformers' config "
-                   "writes hash_moe; and the stream between layers is hyper-connection copies (see the HF table)",
+                   "writes hash_moe",
     "bamba": VLLM_DROPPED.format(name="Bamba", version="0.23", what="Mamba layers"),
     "bloom": "HF's Bloom attention and MLP add the residual inside the module (their outputs are the updated "
              "stream) where vLLM's return only their contribution, so attentions_output and mlps_output differ by "

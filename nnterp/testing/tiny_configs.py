@@ -49,12 +49,13 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     # the routing released DeepSeek-V3 checkpoints name (transformers' model always routes this way; vLLM reads it)
     "deepseek_v3": {**MLA, "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
     "glm4_moe_lite": {**MLA, "first_k_dense_replace": 1},
+    "hy_v3": {"first_k_dense_replace": 1},
     # every layer a MoE layer: vLLM gives each layer a post-MLP norm and wants it in the checkpoint, which holds
     # it for MoE layers only
     "axk1": {**MLA, "first_k_dense_replace": 0},
     "longcat_flash": {**MLA, "head_dim": SMALL_CONFIG["qk_rope_head_dim"]},  # its rotary width is head_dim
     # vLLM reads fields transformers' config derives or spells otherwise: head_dim (hidden / heads), the number of
-    # leading dense layers (transformers' mlp_layer_types puts one)
+    # leading dense layers (transformers' mlp_layer_types puts one: GLM-4 MoE Lite, HY-V3)
     "glm4_moe": {"head_dim": HEAD_DIM},
     "kimi_linear": {**MLA, **HYBRID_LAYER_TYPES},
     **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"), HYBRID_LAYER_TYPES),
