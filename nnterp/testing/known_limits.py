@@ -55,6 +55,7 @@ VLLM_LIMITS: dict[str, str] = {
     "fuyu": VLLM_DROPPED.format(name="Fuyu", version="0.25", what="it without the image processor files"),
     "deepseek_v32": SPARSE_ATTENTION,
     "gemma3n": TIMM,
+    "kimi_linear": "vLLM's Kimi-Linear module imports NVIDIA CUTLASS (a GPU library) at load",
     "hy_v4": "HY-V4's sparse MLA attention has no CPU backend in vLLM (it refuses to fall back to dense attention)",
     "glm_moe_dsa": SPARSE_ATTENTION,
     "deepseek_v4": "vLLM's DeepSeek-V4 config accepts only sparse/dense MLP layer types where transformers' config "

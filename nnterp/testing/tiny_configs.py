@@ -50,6 +50,7 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v3": {**MLA, "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
     "glm4_moe_lite": {**MLA, "first_k_dense_replace": 1},
     "hy_v3": {"first_k_dense_replace": 1},
+    "inkling_text": {"padded_vocab_size": VOCAB_SIZE},  # vLLM sizes the embedding by it; transformers has none
     # every layer a MoE layer: vLLM gives each layer a post-MLP norm and wants it in the checkpoint, which holds
     # it for MoE layers only
     "axk1": {**MLA, "first_k_dense_replace": 0},
