@@ -146,3 +146,31 @@ def test_hyper_connection_head_runs_before_the_final_norm(tiny_path):
         assert torch.allclose(model._torch_module("ln_final")(last), normed, atol=1e-6)
         assert torch.allclose(model.project_on_vocab(last), logits, atol=1e-5)
     assert validate(model).passed
+
+
+def test_attention_residual_argument_is_not_part_of_its_input(tiny_path):
+    """HF Bloom passes the residual to its attention and MLP, which add it to their own output: attentions_input
+    and mlps_input are the normed hidden states each block receives (hooks on the raw modules), not their sum
+    with the residual."""
+    model = StandardizedTransformer(str(tiny_path("bloom")), check_layout=False)
+    layer = model._module.transformer.h[1]
+    seen = {}
+
+    def keep(name):
+        def hook(module, args, kwargs):
+            seen[name] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return hook
+
+    handles = [layer.self_attention.register_forward_pre_hook(keep("attn"), with_kwargs=True),
+               layer.mlp.register_forward_pre_hook(keep("mlp"), with_kwargs=True)]
+    try:
+        with torch.no_grad():
+            model._module(**model.tokenizer(PROMPTS, return_tensors="pt", padding=True), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    with torch.no_grad(), model.trace(PROMPTS):
+        attn_in = model.attentions_input[1].save()
+        mlp_in = model.mlps_input[1].save()
+    assert torch.equal(attn_in, seen["attn"]) and torch.equal(mlp_in, seen["mlp"])
+    assert model.layout.modules["self_attn:BloomAttention"].input.residual is None

@@ -10,7 +10,7 @@ import torch
 from ..distributed.pp import is_local
 from ..rename import IDENTITY, ModuleNames, UnknownArchitectureError, layer_child
 from .infer import Observation, infer_module_layout, input_from_probe, observe, output_from_probe, signature_of
-from .model import LayoutError, ModuleLayout
+from .model import LayoutError, ModuleLayout, OutputLayout
 
 ROLES = ("layer", "self_attn", "mlp")
 
@@ -107,18 +107,19 @@ def infer_model_layout(
         layout, module_evidence = infer_module_layout(module, parent, attr, observations.get(key), hidden_size, where)
         evidence[key] = module_evidence
         if layout is not None:
-            modules[key] = layout if role == "layer" else _without_residual_input(layout)
+            modules[key] = layout if role == "layer" else _as_block_layout(layout)
     additive = _residual_additive(parts, modules, observations) if observations else None
     return ModelLayout(backend, architecture, names, modules, additive, evidence)
 
 
-def _without_residual_input(layout: ModuleLayout) -> ModuleLayout:
-    """An attention or MLP block that takes a ``residual`` argument adds it to its own output (HF Bloom, MPT):
-    what the block reads is the hidden state alone. Only a layer's residual argument (vLLM's fused add and
-    norm) is part of the stream entering it."""
-    if layout.input.residual is None:
+def _as_block_layout(layout: ModuleLayout) -> ModuleLayout:
+    """An attention or MLP block's ``residual`` argument is never part of what it reads: HF Bloom and MPT add it
+    to their own output, vLLM's Falcon-H1 attention passes it through and returns it second. Only a layer's
+    residual argument and ``(hidden, residual)`` output (vLLM's fused add and norm) carry the stream."""
+    if layout.input.residual is None and layout.output.kind != "dual":
         return layout
-    return ModuleLayout(replace(layout.input, residual=None, residual_position=None), layout.output)
+    output = OutputLayout("tuple", 0) if layout.output.kind == "dual" else layout.output
+    return ModuleLayout(replace(layout.input, residual=None, residual_position=None), output)
 
 
 def _block_parts(model, names, instances) -> dict[str, torch.nn.Module]:

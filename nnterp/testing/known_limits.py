@@ -53,6 +53,10 @@ VLLM_LIMITS: dict[str, str] = {
                     "vLLM's multimodal Gemma module imports transformers' image processor, which needs torchvision "
                     "(not installable beside the CPU torch build); the text models cover the decoder"),
     "fuyu": VLLM_DROPPED.format(name="Fuyu", version="0.25", what="it without the image processor files"),
+    "dbrx": "vLLM 0.32's DBRX loader maps the expert weights to ffn.experts.w13_weight while its MoE layer holds "
+            "them at ffn.experts.routed_experts.w13_weight (KeyError): the model does not load",
+    "ernie4_5_moe": "vLLM's CPU MoE router ignores the expert-score correction bias outside grouped top-k, where HF "
+                    "picks experts on the bias-corrected scores: with nonzero biases other experts run",
     "deepseek_v32": SPARSE_ATTENTION,
     "gemma3n": TIMM,
     "kimi_linear": "vLLM's Kimi-Linear module imports NVIDIA CUTLASS (a GPU library) at load",
