@@ -38,8 +38,10 @@ SMALL_CONFIG = {
     "tie_word_embeddings": False, "use_cache": True,
 }
 
-# Multi-head latent attention expands its compressed keys and values to every query head.
-MLA = {"num_key_value_heads": HEADS}
+# Multi-head latent attention expands its compressed keys and values to every query head. vLLM's CPU MLA kernel
+# runs one latent size only, DeepSeek's: a 512-wide compressed key/value plus a 64-wide rotary key.
+MLA = {"num_key_value_heads": HEADS, "kv_lora_rank": 512, "qk_rope_head_dim": 64,
+       "qk_head_dim": SMALL_CONFIG["qk_nope_head_dim"] + 64}
 # Hybrid stacks: a full-attention layer between two linear-attention / state-space ones (the defaults put
 # the first attention layer past the third layer, and a cache of linear-attention layers only fails).
 HYBRID_LAYER_TYPES = {"layer_types": ["linear_attention", "full_attention", "linear_attention"]}
@@ -54,7 +56,7 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
     # every layer a MoE layer: vLLM gives each layer a post-MLP norm and wants it in the checkpoint, which holds
     # it for MoE layers only
     "axk1": {**MLA, "first_k_dense_replace": 0},
-    "longcat_flash": {**MLA, "head_dim": SMALL_CONFIG["qk_rope_head_dim"]},  # its rotary width is head_dim
+    "longcat_flash": {**MLA, "head_dim": MLA["qk_rope_head_dim"]},  # its rotary width is head_dim
     # vLLM reads fields transformers' config derives or spells otherwise: head_dim (hidden / heads), the number of
     # leading dense layers (transformers' mlp_layer_types puts one: GLM-4 MoE Lite, HY-V3)
     "glm4_moe": {"head_dim": HEAD_DIM},
