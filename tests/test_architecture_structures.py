@@ -174,3 +174,18 @@ def test_attention_residual_argument_is_not_part_of_its_input(tiny_path):
         mlp_in = model.mlps_input[1].save()
     assert torch.equal(attn_in, seen["attn"]) and torch.equal(mlp_in, seen["mlp"])
     assert model.layout.modules["self_attn:BloomAttention"].input.residual is None
+
+
+@pytest.mark.parametrize("model_type", ["gemma3", "mllama"])
+def test_multimodal_checkpoint_exposes_its_text_model(model_type, tiny_path):
+    """A multimodal checkpoint (vision tower shrunk with the text model) loads as a causal LM whose standard
+    modules are its language model's; the vision tower is left alone."""
+    from transformers import AutoConfig
+
+    assert hasattr(AutoConfig.from_pretrained(str(tiny_path(model_type))), "vision_config")  # the whole checkpoint
+    model = StandardizedTransformer(str(tiny_path(model_type)), check_layout=False)
+    layers = model._module.get_submodule(model.names.layers)
+    assert len(layers) == model._module.config.get_text_config().num_hidden_layers
+    assert "vision" not in model.names.layers and "vision" not in model.names.embed_tokens
+    report = validate(model)
+    assert report.passed, str(report)
