@@ -46,50 +46,60 @@ MLA = {"num_key_value_heads": HEADS, "kv_lora_rank": 512, "qk_rope_head_dim": 64
 # the first attention layer past the third layer, and a cache of linear-attention layers only fails).
 HYBRID_LAYER_TYPES = {"layer_types": ["linear_attention", "full_attention", "linear_attention"]}
 
-CONFIG_OVERRIDES: dict[str, dict[str, Any]] = {
-    **dict.fromkeys(("deepseek_v2", "deepseek_v32", "glm_moe_dsa", "minicpm3", "youtu", "axk2"), MLA),
-    # the routing released DeepSeek-V3 checkpoints name (transformers' model always routes this way; vLLM reads it)
-    "deepseek_v3": {**MLA, "topk_method": "noaux_tc", "scoring_func": "sigmoid"},
-    "glm4_moe_lite": {**MLA, "first_k_dense_replace": 1},
-    "hy_v3": {"first_k_dense_replace": 1},
-    "inkling_text": {"padded_vocab_size": VOCAB_SIZE},  # vLLM sizes the embedding by it; transformers has none
+def _table(*entries: tuple[str | tuple[str, ...], dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per model type, the union of the entries naming it; two entries setting one field differently is an error."""
+    table: dict[str, dict[str, Any]] = {}
+    for model_types, overrides in entries:
+        for model_type in (model_types,) if isinstance(model_types, str) else model_types:
+            merged = table.setdefault(model_type, {})
+            clashes = [key for key in overrides if key in merged and merged[key] != overrides[key]]
+            if clashes:
+                raise ValueError(f"{model_type}: tiny-config entries disagree on {clashes}")
+            merged.update(overrides)
+    return table
+
+
+CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
+    # -- what the transformers model needs to build and run at this size --
+    (("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk1",
+      "axk2", "kimi_linear", "longcat_flash"), MLA),
+    ("longcat_flash", {"head_dim": MLA["qk_rope_head_dim"]}),  # its rotary width is head_dim
+    (("kimi_linear", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "granitemoehybrid"), HYBRID_LAYER_TYPES),
+    (("qwen3_5", "qwen3_5_moe"), {"text_config": HYBRID_LAYER_TYPES}),
+    ("jamba", {"attn_layer_period": 2, "attn_layer_offset": 1}),
+    ("bamba", {"attn_layer_indices": [1]}),
+    ("zamba2", {"layers_block_type": ["linear_attention", "hybrid", "linear_attention"]}),
+    ("zaya", {"num_experts_per_tok": 1}),
+    ("gpt_neo", {"attention_types": [[["global", "local"], 1], [["global"], 1]]}),  # one entry per layer
+    ("mamba2", {"num_heads": 8, "head_dim": 32}),  # num_heads * head_dim == expand * hidden_size
+    # the attention reads rope_theta (its config class has no default) and clamps by clip_qkv
+    ("dbrx", {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}}),
+    ("lfm2_moe", {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1}),
+    # key/value sharing: the shared tail must follow a sliding and a full attention layer
+    ("gemma3n_text", {"num_hidden_layers": 4, "num_kv_shared_layers": 2,
+                      "layer_types": ["sliding_attention", "full_attention"] * 2}),
+    # rotary parameters per layer type; the 3-D rotary sections must add up to half a head
+    ("cohere_compass_text", {"rope_parameters": {"full_attention": {
+        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 6, 4]}}}),
+    # a decoder; the axial position embedding widths add up to the hidden size; one attention kind per layer
+    ("reformer", {"is_decoder": True, "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2],
+                  "attn_layers": ["local", "lsh", "local"]}),
+    ("xmod", {"default_language": "en_XX"}),  # the language adapter to run (a checkpoint sets it)
+    # partial rotary embeddings: the rotated slice must fit in a head
+    (("codegen", "gptj"), {"rotary_dim": 16}),
+    # -- what vLLM's implementation reads that transformers' config derives, spells otherwise or lacks --
+    # the routing released DeepSeek-V3 checkpoints name (transformers' model always routes this way)
+    ("deepseek_v3", {"topk_method": "noaux_tc", "scoring_func": "sigmoid"}),
+    # AFMoE: sigmoid scores renormalised over the chosen experts, no expert groups (transformers' router)
+    ("afmoe", {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1}),
+    # the number of leading dense layers (transformers' mlp_layer_types puts one)
+    (("glm4_moe_lite", "hy_v3"), {"first_k_dense_replace": 1}),
     # every layer a MoE layer: vLLM gives each layer a post-MLP norm and wants it in the checkpoint, which holds
     # it for MoE layers only
-    "axk1": {**MLA, "first_k_dense_replace": 0},
-    "longcat_flash": {**MLA, "head_dim": MLA["qk_rope_head_dim"]},  # its rotary width is head_dim
-    # vLLM reads fields transformers' config derives or spells otherwise: head_dim (hidden / heads), the number of
-    # leading dense layers (transformers' mlp_layer_types puts one: GLM-4 MoE Lite, HY-V3)
-    "glm4_moe": {"head_dim": HEAD_DIM},
-    "kimi_linear": {**MLA, **HYBRID_LAYER_TYPES},
-    **dict.fromkeys(("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text"), HYBRID_LAYER_TYPES),
-    **dict.fromkeys(("qwen3_5", "qwen3_5_moe"), {"text_config": HYBRID_LAYER_TYPES}),
-    "granitemoehybrid": HYBRID_LAYER_TYPES,
-    "jamba": {"attn_layer_period": 2, "attn_layer_offset": 1},
-    "bamba": {"attn_layer_indices": [1]},
-    "zamba2": {"layers_block_type": ["linear_attention", "hybrid", "linear_attention"]},
-    "zaya": {"num_experts_per_tok": 1},
-    "gpt_neo": {"attention_types": [[["global", "local"], 1], [["global"], 1]]},  # one entry per layer
-    "mamba2": {"num_heads": 8, "head_dim": 32},  # num_heads * head_dim == expand * hidden_size
-    # the attention reads rope_theta (its config class has no default) and clamps by clip_qkv
-    "dbrx": {"attn_config": {"rope_theta": 10000.0, "clip_qkv": 8.0}},
-    "lfm2_moe": {"layer_types": ["conv", "full_attention", "conv"], "num_dense_layers": 1},
-    # key/value sharing: the shared tail must follow a sliding and a full attention layer
-    "gemma3n_text": {"num_hidden_layers": 4, "num_kv_shared_layers": 2,
-                     "layer_types": ["sliding_attention", "full_attention"] * 2},
-    # rotary parameters per layer type; the 3-D rotary sections must add up to half a head
-    "cohere_compass_text": {"rope_parameters": {"full_attention": {
-        "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [6, 6, 4]}}},
-    # a decoder; the axial position embedding widths add up to the hidden size; one attention kind per layer
-    "reformer": {"is_decoder": True, "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2],
-                 "attn_layers": ["local", "lsh", "local"]},
-    # vLLM reads the routing fields released checkpoints carry (transformers' config has none; its router is
-    # sigmoid scores renormalised over the chosen experts, no expert groups)
-    "afmoe": {"score_func": "sigmoid", "route_norm": True, "n_group": 1, "topk_group": 1},
+    ("axk1", {"first_k_dense_replace": 0}),
+    ("glm4_moe", {"head_dim": HEAD_DIM}),  # hidden / heads
+    ("inkling_text", {"padded_vocab_size": VOCAB_SIZE}),  # the embedding's rows
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
-    **dict.fromkeys(("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
-    "falcon": {"ffn_hidden_size": 4 * HIDDEN},  # vLLM's Falcon MLP is 4 x hidden whatever the config says
-    "xmod": {"default_language": "en_XX"},  # the language adapter to run (a checkpoint sets it)
-    # partial rotary embeddings: the rotated slice must fit in a head
-    "codegen": {"rotary_dim": 16},
-    "gptj": {"rotary_dim": 16},
-}
+    (("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
+    ("falcon", {"ffn_hidden_size": 4 * HIDDEN}),  # vLLM's Falcon MLP is 4 x hidden whatever the config says
+)
