@@ -25,12 +25,10 @@ SAMPLE = [
     "deepseek_v3",       # multi-head latent attention
     "gemma3",            # multimodal wrapper exposing its text model, soft-capped logits
     "qwen3_next",        # hybrid linear-attention stack
-    "granitemoehybrid",  # hybrid stack whose layers hold a Mamba mixer or attention
-    "mamba",             # state-space blocks: HF records block outputs only
     "bert",              # post-norm, no final norm: ln_final is the identity, the head keeps its transform
     "bart",              # decoder of an encoder-decoder family, embedding norm registered after the layers
     "recurrent_gemma",   # recurrent blocks, logits soft cap under another config key
-]
+]  # hybrid Mamba/attention stacks and state-space blocks: test_architecture_structures.py
 
 
 def test_hf_target_reached_and_every_architecture_recorded():
@@ -73,3 +71,11 @@ def test_smollm2_passes_validation_and_predicts_paris(smollm2):
     with smollm2.trace("The capital of France is"):
         probs = smollm2.next_token_probs.save()
     assert smollm2.tokenizer.decode(int(probs[0].argmax())) == " Paris"
+
+
+def test_tiny_config_entries_that_disagree_are_refused():
+    from nnterp.testing.tiny_configs import _table
+
+    assert _table(("a", {"x": 1}), (("a", "b"), {"y": 2})) == {"a": {"x": 1, "y": 2}, "b": {"y": 2}}
+    with pytest.raises(ValueError, match=r"a: tiny-config entries disagree on \['x'\]"):
+        _table(("a", {"x": 1}), ("a", {"x": 2}))
