@@ -95,3 +95,24 @@ def test_residual_argument_a_layer_overwrites_is_not_part_of_its_stream():
 
     assert overwritten_before_read(Exaone4DecoderLayer.forward, "residual")
     assert not overwritten_before_read(LlamaDecoderLayer.forward, "residual")
+
+
+class IndexedStack(torch.nn.Module):
+    """vLLM GPT-OSS style: each layer is bound to a name by indexing, then called positionally."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([UsesResidual()])
+
+    def forward(self, positions, x):
+        residual = None
+        for i in range(len(self.layers)):
+            layer = self.layers[i]
+            x, residual = layer(positions, x, residual)
+        return x + residual
+
+
+def test_call_style_read_through_a_name_bound_by_indexing():
+    from nnterp.layout import call_style_from_source
+
+    assert call_style_from_source(IndexedStack(), "layers", "hidden_states", 1) == "positional"

@@ -107,10 +107,13 @@ def _mentions_self_attr(node: ast.AST, attr: str) -> bool:
 
 
 def _loop_variables_over(tree: ast.AST, attr: str) -> set[str]:
+    """Names bound to items of ``self.<attr>``: loop variables over it, and ``layer = self.<attr>[i]``."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.For, ast.comprehension)) and _mentions_self_attr(node.iter, attr):
             names |= {sub.id for sub in ast.walk(node.target) if isinstance(sub, ast.Name)}
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript) and _mentions_self_attr(node.value.value, attr):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
     return names
 
 
