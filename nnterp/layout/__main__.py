@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 
 from ..testing.architectures import RESULTS_FILE, SMOLLM2
 from ..testing.report import write_page
-from .snapshot import LAYOUTS_DIR
+from .model_layout import ModelLayout
+from .snapshot import LAYOUTS_DIR, write_snapshot
 
 
 def main() -> None:
@@ -26,25 +28,30 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="architectures checked at once (hf only)")
     parser.add_argument("model_types", nargs="*", help="only these model types")
     args = parser.parse_args()
+    results: dict[str, dict] = {}
+    lock = threading.Lock()
+
+    def keep(model_type: str, result: dict) -> None:
+        """Record each result as it comes (a sweep runs for hours; an interrupted one keeps what it did)."""
+        layout = result.pop("layout", None)
+        result = {key: value for key, value in result.items() if key not in ("model_type", "seconds")}
+        with lock:
+            results[model_type] = result
+            if args.update:
+                if args.backend == "vllm" and result["status"] == "pass" and layout is not None:
+                    write_snapshot(ModelLayout.from_json(layout))
+                record({model_type: result}, args.backend)
+
     if args.backend == "hf":
         from ..testing.architectures import sweep
         from ..testing.tiny import causal_lm_architectures
 
-        model_types = args.model_types or [SMOLLM2, *causal_lm_architectures()]
-        results = {r["model_type"]: {k: v for k, v in r.items() if k not in ("model_type", "seconds")}
-                   for r in sweep(model_types, write_layout=args.update, workers=args.workers)}
+        sweep(args.model_types or [SMOLLM2, *causal_lm_architectures()], write_layout=args.update,
+              workers=args.workers, on_result=keep)
     else:
-        from ..layout import ModelLayout, write_snapshot
         from ..testing.equivalence import sweep, vllm_model_types
 
-        results = sweep(args.model_types or vllm_model_types())
-        for result in results.values():
-            layout = result.pop("layout", None)
-            result.pop("seconds", None)
-            if args.update and result["status"] == "pass" and layout is not None:
-                write_snapshot(ModelLayout.from_json(layout))
-    if args.update:
-        record(results, args.backend)
+        sweep(args.model_types or vllm_model_types(), on_result=keep)
     passed = sum(r["status"] == "pass" for r in results.values())
     print(f"{passed} passed, {len(results) - passed} failed")
 

@@ -8,6 +8,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
 from .isolation import run_isolated
 from .tiny import build_tiny_model, causal_lm_architectures
@@ -52,16 +53,24 @@ def error_reason(error: BaseException, limit: int = 300) -> str:
     return f"{type(error).__name__}: {' '.join(lines)}"[:limit]
 
 
-def sweep(model_types: list[str], write_layout: bool, timeout: int = 300, workers: int = 2) -> list[dict]:
-    """Run ``check_architecture`` for each model type in a forked child (a crash fails one entry only)."""
+def sweep(model_types: list[str], write_layout: bool, timeout: int = 300, workers: int = 2,
+          on_result: Callable[[str, dict], None] | None = None) -> list[dict]:
+    """Run ``check_architecture`` for each model type in a forked child (a crash fails one entry only);
+    ``on_result(model_type, result)`` is called as each one finishes."""
     from concurrent.futures import ThreadPoolExecutor
 
     import nnsight  # noqa: F401  (imported once here, inherited by every forked child)
 
     from ..standardized import StandardizedTransformer  # noqa: F401
 
+    def check(model_type: str) -> dict:
+        result = _check_in_child(model_type, workdir, write_layout, timeout)
+        if on_result is not None:
+            on_result(model_type, result)
+        return result
+
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda model_type: _check_in_child(model_type, workdir, write_layout, timeout), model_types))
+        return list(pool.map(check, model_types))
 
 
 def _check_in_child(model_type: str, workdir: str, write_layout: bool, timeout: int) -> dict:

@@ -7,7 +7,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nnsight
 import torch
@@ -144,8 +144,10 @@ def check_vllm_model_type(model_type: str, workdir: str | Path) -> dict:
     return check_vllm_architecture(path)
 
 
-def sweep(model_types: Sequence[str], timeout: int = 600) -> dict[str, dict]:
-    """:func:`check_vllm_model_type` for each model type, each in a forked child (one engine per process)."""
+def sweep(model_types: Sequence[str], timeout: int = 600,
+          on_result: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """:func:`check_vllm_model_type` for each model type, each in a forked child (one engine per process);
+    ``on_result(model_type, result)`` is called as each one finishes."""
     from ..standardized import StandardizedTransformer  # noqa: F401  (inherited by the children)
     from .isolation import run_isolated
 
@@ -154,6 +156,8 @@ def sweep(model_types: Sequence[str], timeout: int = 600) -> dict[str, dict]:
         for model_type in model_types:
             results[model_type] = run_isolated(check_vllm_model_type, (model_type, workdir), timeout)
             print(f"{results[model_type]['status']:4} {model_type} {results[model_type]['reason'][:150]}", file=sys.stderr, flush=True)
+            if on_result is not None:
+                on_result(model_type, results[model_type])
     return results
 
 

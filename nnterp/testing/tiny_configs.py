@@ -102,4 +102,6 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
     (("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
     ("falcon", {"ffn_hidden_size": 4 * HIDDEN}),  # vLLM's Falcon MLP is 4 x hidden whatever the config says
+    # vLLM builds Gemma 4's expert block wherever num_experts is set: the MoE variant, on both backends
+    ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2}),
 )
