@@ -53,6 +53,10 @@ VLLM_LIMITS: dict[str, str] = {
                     "vLLM's multimodal Gemma module imports transformers' image processor, which needs torchvision "
                     "(not installable beside the CPU torch build); the text models cover the decoder"),
     "fuyu": VLLM_DROPPED.format(name="Fuyu", version="0.25", what="it without the image processor files"),
+    "falcon": "HF's Falcon layer adds the attention output into the MLP's output tensor in place after the MLP "
+              "returns (parallel attention), so HF's mlps_output read includes the attention output; vLLM's does not",
+    "gemma3n_text": HF_LIMITS["gemma3n_text"],
+    "hrm_text": HF_LIMITS["hrm_text"],
     "dbrx": "vLLM 0.32's DBRX loader maps the expert weights to ffn.experts.w13_weight while its MoE layer holds "
             "them at ffn.experts.routed_experts.w13_weight (KeyError): the model does not load",
     "ernie4_5_moe": "vLLM's CPU MoE router ignores the expert-score correction bias outside grouped top-k, where HF "
