@@ -14,18 +14,6 @@ HF_LIMITS: dict[str, str] = {
            "decoder, three stacks with no single stream of layers",
     "cpmant": "CPM-Ant prepends prompt_length learned prompt positions inside the model and drops them after the "
               "last layer: the stream has more positions than the input and the logits",
-    "gpt_neox_japanese": "the last layer's attention returns its output-projection bias separately and the layer "
-                         "adds it: attentions_output[-1] excludes that bias, so the block sums on every layer but "
-                         "the last",
-    "hrm_text": "hierarchical reasoning model: a high-level and a low-level stack each run for several cycles, "
-                "there is no single sequence of layers",
-    "modernbert-decoder": "the LM head is two sibling modules (lm_head: dense, activation, norm; decoder: the vocabulary "
-                          "projection) called in sequence by the model, so no one module maps the stream to logits",
-    "prophetnet": "the decoder runs the main stream and the n-gram predicting streams through each layer: its layers "
-                  "return both, and HF's hidden_states keep the main stream only",
-    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), HYPER_CONNECTIONS),
-    "xlnet": "XLNet runs its layers sequence-first ([seq, batch, hidden]) on two streams (content and query) and "
-             "permutes to batch-first only after the last layer, so the LM head never reads a layer output",
     "gemma3n": TIMM,
     "gemma3n_text": "AltUp: the stream between layers is altup_num_inputs parallel copies ([4, batch, seq, hidden]) "
                     "that the model mixes after the last layer outside any module, so no single layer output "
@@ -34,14 +22,26 @@ HF_LIMITS: dict[str, str] = {
                         "shared key/value states",
     "gemma4_unified_assistant": "a drafter for assisted decoding: its forward needs the target model's embeddings "
                                 "and shared key/value states",
+    "gpt_neox_japanese": "the last layer's attention returns its output-projection bias separately and the layer "
+                         "adds it: attentions_output[-1] excludes that bias, so the block sums on every layer but "
+                         "the last",
+    "hrm_text": "hierarchical reasoning model: a high-level and a low-level stack each run for several cycles, "
+                "there is no single sequence of layers",
+    "modernbert-decoder": "the LM head is two sibling modules (lm_head: dense, activation, norm; decoder: the vocabulary "
+                          "projection) called in sequence by the model, so no one module maps the stream to logits",
     "musicgen": "AutoModelForCausalLM cannot build MusicgenForCausalLM (the composite config reaches a class that "
                 "reads decoder fields; the decoder config has no causal-LM mapping); its inputs are audio codebooks",
     "musicgen_melody": "AutoModelForCausalLM cannot build MusicgenMelodyForCausalLM (the composite config reaches a "
                        "class that reads decoder fields); its inputs are audio codebooks",
+    "prophetnet": "the decoder runs the main stream and the n-gram predicting streams through each layer: its layers "
+                  "return both, and HF's hidden_states keep the main stream only",
+    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), HYPER_CONNECTIONS),
     "reformer": "reversible residual layers carry two streams of hidden width between blocks, concatenated only "
                 "after the last block, so no single tensor is the stream",
     "xlm": "the blocks are four parallel ModuleLists (attentions, layer_norm1, ffns, layer_norm2) run by the "
            "model's forward: there is no layer module whose input and output are the stream",
+    "xlnet": "XLNet runs its layers sequence-first ([seq, batch, hidden]) on two streams (content and query) and "
+             "permutes to batch-first only after the last layer, so the LM head never reads a layer output",
 }
 
 VLLM_DROPPED = "vLLM dropped its {name} implementation in {version} and its Transformers backend cannot run {what}"
