@@ -18,14 +18,17 @@ RESULT_PREFIX = "nnterp-equivalence: "
 
 
 def read_accessors(model, prompt: str) -> dict[str, list[torch.Tensor]]:
-    """Every accessor of every layer as ``[tokens, ...]`` tensors (one trace per role, forward order);
-    roles the architecture has no module for (OPT's MLP is inlined in the layer) are left out."""
+    """Every accessor of every layer as ``[tokens, ...]`` tensors (one trace per role, forward order); layers
+    without a module for the role (OPT's MLP is inlined in the layer, LFM2's convolution layers have no
+    attention) are left out."""
     reads: dict[str, list[torch.Tensor]] = {}
-    present = {"layers": True, "attentions": model.names.self_attn is not None, "mlps": model.names.mlp is not None}
-    for role in (role for role in ROLES if present[role]):
+    for role in ROLES:
+        indices = _layers_with(model, role)
+        if not indices:
+            continue
         with torch.no_grad(), model.trace(prompt):
             ins, outs = nnsight.save([]), nnsight.save([])
-            for i in range(model.num_layers):
+            for i in indices:
                 ins.append(getattr(model, f"{role}_input")[i])
                 outs.append(getattr(model, f"{role}_output")[i])
         reads[f"{role}_input"], reads[f"{role}_output"] = list(ins), list(outs)
@@ -36,6 +39,17 @@ def read_accessors(model, prompt: str) -> dict[str, list[torch.Tensor]]:
     flat = {name: [model.as_batch(value)[0].detach().float().cpu() for value in values] for name, values in reads.items()}
     flat["next_token_probs"] = [probs.reshape(-1, probs.shape[-1])[0].float().cpu()]  # [batch, vocab] on both backends
     return flat
+
+
+def _layers_with(model, role: str) -> list[int]:
+    """The layers that have a module for ``role`` (a hybrid stack's convolution layers have no attention)."""
+    if role == "layers":
+        return list(range(model.num_layers))
+    from ..rename import layer_child
+
+    standard = {"attentions": "self_attn", "mlps": "mlp"}[role]
+    layers = model._module.get_submodule(model.names.layers)
+    return [i for i in range(model.num_layers) if layer_child(layers[i], standard, model.names) is not None]
 
 
 def read_prompts(model, prompts: Sequence[str] = PROMPTS) -> list[dict[str, list[torch.Tensor]]]:

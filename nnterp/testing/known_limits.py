@@ -63,6 +63,10 @@ VLLM_LIMITS: dict[str, str] = {
                     "picks experts on the bias-corrected scores: with nonzero biases other experts run",
     "deepseek_v32": SPARSE_ATTENTION,
     "gemma3n": TIMM,
+    "inkling_text": "vLLM's Inkling model reads fields of its own Inkling config (use_embed_norm, ...) that "
+                    "transformers' inkling_text config does not have",
+    "llama4": "vLLM's Llama4ForCausalLM reads the text model's fields from the root config, which for the llama4 "
+              "model type is the multimodal one (llama4_text covers the text model)",
     "kimi_linear": "vLLM's Kimi-Linear module imports NVIDIA CUTLASS (a GPU library) at load",
     "hy_v4": "HY-V4's sparse MLA attention has no CPU backend in vLLM (it refuses to fall back to dense attention)",
     "glm_moe_dsa": SPARSE_ATTENTION,

@@ -98,6 +98,11 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     # it for MoE layers only
     ("axk1", {"first_k_dense_replace": 0}),
     ("glm4_moe", {"head_dim": HEAD_DIM}),  # hidden / heads
+    # HY-V3's expert width (transformers: moe_intermediate_size) and its renormalised top-k
+    ("hy_v3", {"expert_hidden_dim": SMALL_CONFIG["moe_intermediate_size"], "route_norm": True}),
+    # LongCat-Flash: transformers always scales the LoRA'd queries and keys and runs identity zero experts
+    ("longcat_flash", {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"}),
+    ("lfm2", {"block_dim": HIDDEN, "conv_dim": HIDDEN}),  # LFM2's own names of the widths
     ("inkling_text", {"padded_vocab_size": VOCAB_SIZE}),  # the embedding's rows
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
     (("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
