@@ -106,6 +106,9 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     ("inkling_text", {"padded_vocab_size": VOCAB_SIZE}),  # the embedding's rows
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
     (("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
+    # one group: transformers' Mamba-2 normalises the gated output over all groups at once, vLLM (like mamba_ssm)
+    # per group, and the two agree only with one
+    ("mamba2", {"n_groups": 1}),
     ("falcon", {"ffn_hidden_size": 4 * HIDDEN}),  # vLLM's Falcon MLP is 4 x hidden whatever the config says
     # vLLM builds Gemma 4's expert block wherever num_experts is set: the MoE variant, on both backends
     ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2}),
