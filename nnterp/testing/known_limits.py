@@ -73,6 +73,7 @@ VLLM_LIMITS: dict[str, str] = {
     "deepseek_v4": "vLLM's DeepSeek-V4 config accepts only sparse/dense MLP layer types where transformers' config "
                    "writes hash_moe",
     "bamba": VLLM_DROPPED.format(name="Bamba", version="0.23", what="Mamba layers"),
+    "minimax": VLLM_DROPPED.format(name="MiniMax-Text-01", version="0.23", what="its lightning-attention layers"),
     "bloom": "HF's Bloom attention and MLP add the residual inside the module (their outputs are the updated "
              "stream) where vLLM's return only their contribution, so attentions_output and mlps_output differ by "
              "the residual; the stream itself agrees to 1.3e-4 relative (ALiBi attention), above the 1e-4 tolerance",

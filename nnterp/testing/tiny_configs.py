@@ -103,6 +103,8 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     # LongCat-Flash: transformers always scales the LoRA'd queries and keys and runs identity zero experts
     ("longcat_flash", {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"}),
     ("lfm2", {"block_dim": HIDDEN, "conv_dim": HIDDEN}),  # LFM2's own names of the widths
+    # MiniMax-M2's released fields: partial rotary width, sigmoid routing on bias-corrected scores
+    ("minimax_m2", {"rotary_dim": HEAD_DIM // 2, "scoring_func": "sigmoid", "use_routing_bias": True}),
     ("inkling_text", {"padded_vocab_size": VOCAB_SIZE}),  # the embedding's rows
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
     (("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
