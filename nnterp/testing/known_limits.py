@@ -48,10 +48,17 @@ VLLM_DROPPED = "vLLM dropped its {name} implementation in {version} and its Tran
 
 SPARSE_ATTENTION = "DeepSeek sparse attention (its indexer) has no CPU implementation in vLLM"
 
+TORCHVISION = ("vLLM's {name} module imports transformers' image processor, which needs torchvision (not installable "
+               "beside the CPU torch build)")
+
 VLLM_LIMITS: dict[str, str] = {
-    **dict.fromkeys(("gemma3", "gemma4", "gemma4_unified"),
-                    "vLLM's multimodal Gemma module imports transformers' image processor, which needs torchvision "
-                    "(not installable beside the CPU torch build); the text models cover the decoder"),
+    **dict.fromkeys(("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text"), TORCHVISION.format(name="Qwen3.5")),
+    "qwen3_next": "vLLM's CPU gated DeltaNet kernel runs only in bfloat16; the sweep compares in float32",
+    "olmo_hybrid": "vLLM's gated DeltaNet layers run Triton kernels, which have no CPU backend here",
+    "nemotron_h": "vLLM's CPU MoE runs gated (act-and-mul) experts only; Nemotron-H's experts are not gated",
+    **dict.fromkeys(("qwen4_exp", "qwen4_exp_text"), HF_LIMITS["qwen4_exp"]),
+    **dict.fromkeys(("gemma3", "gemma4", "gemma4_unified"), TORCHVISION.format(name="multimodal Gemma")
+                    + "; the text models cover the decoder"),
     "fuyu": VLLM_DROPPED.format(name="Fuyu", version="0.25", what="it without the image processor files"),
     "falcon": "HF's Falcon layer adds the attention output into the MLP's output tensor in place after the MLP "
               "returns (parallel attention), so HF's mlps_output read includes the attention output; vLLM's does not",
