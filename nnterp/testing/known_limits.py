@@ -51,7 +51,18 @@ SPARSE_ATTENTION = "DeepSeek sparse attention (its indexer) has no CPU implement
 TORCHVISION = ("vLLM's {name} module imports transformers' image processor, which needs torchvision (not installable "
                "beside the CPU torch build)")
 
+CPU_SIGMOID_ROUTER = ("vLLM's CPU MoE router scores experts with a sigmoid only in grouped top-k; {name} routes with "
+                      "sigmoid scores over all experts (AssertionError)")
+
 VLLM_LIMITS: dict[str, str] = {
+    **dict.fromkeys(("mamba", "falcon_mamba", "jamba"),
+                    "vLLM's Mamba-1 layer calls _C.selective_scan_fwd, which the CPU build does not ship"),
+    "laguna": CPU_SIGMOID_ROUTER.format(name="Laguna"),
+    "mimo_v2_flash": "vLLM's MiMo-V2-Flash reads the released checkpoint's field names (hybrid_layer_pattern, "
+                     "moe_layer_freq, swa_*) that transformers' config spells otherwise",
+    "mpt": "vLLM supported MptForCausalLM until 0.28 and refuses it since",
+    "phimoe": "vLLM's Transformers MoE backend swaps in a router whose output transformers' Phimoe block cannot "
+              "unpack (ValueError)",
     **dict.fromkeys(("qwen3_5", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_5_text"), TORCHVISION.format(name="Qwen3.5")),
     "qwen3_next": "vLLM's CPU gated DeltaNet kernel runs only in bfloat16; the sweep compares in float32",
     "olmo_hybrid": "vLLM's gated DeltaNet layers run Triton kernels, which have no CPU backend here",

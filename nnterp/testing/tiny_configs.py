@@ -111,6 +111,7 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     # one group: transformers' Mamba-2 normalises the gated output over all groups at once, vLLM (like mamba_ssm)
     # per group, and the two agree only with one
     ("mamba2", {"n_groups": 1}),
+    ("llama4_text", {"num_experts_per_tok": 1}),  # Llama 4 routes each token to one expert; vLLM only runs that
     ("falcon", {"ffn_hidden_size": 4 * HIDDEN}),  # vLLM's Falcon MLP is 4 x hidden whatever the config says
     # vLLM builds Gemma 4's expert block wherever num_experts is set: the MoE variant, on both backends
     ("gemma4_text", {"enable_moe_block": True, "top_k_experts": 2}),
