@@ -116,3 +116,22 @@ def test_call_style_read_through_a_name_bound_by_indexing():
     from nnterp.layout import call_style_from_source
 
     assert call_style_from_source(IndexedStack(), "layers", "hidden_states", 1) == "positional"
+
+
+class KeywordsFromDict(torch.nn.Module):
+    """vLLM A.X-K1 style: the attention's arguments are collected in a dict literal and unpacked."""
+
+    def __init__(self):
+        super().__init__()
+        self.self_attn = torch.nn.Linear(4, 4)
+
+    def forward(self, positions, hidden_states):
+        attn_kwargs = {"positions": positions, "hidden_states": hidden_states}
+        return self.self_attn(**attn_kwargs)
+
+
+def test_call_style_read_through_an_unpacked_dict_literal():
+    from nnterp.layout import call_style_from_source
+
+    assert call_style_from_source(KeywordsFromDict(), "self_attn", "hidden_states", 1) == "keyword"
+    assert call_style_from_source(KeywordsFromDict(), "self_attn", "residual", 2) is None

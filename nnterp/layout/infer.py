@@ -87,16 +87,35 @@ def _call_style_in(forward, child_attr: str, param: str, param_index: int) -> st
     except (OSError, TypeError, SyntaxError):
         return None
     loop_names = _loop_variables_over(tree, child_attr)
+    keyword_dicts = _dict_literal_keys(tree)
     styles = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _calls_child(node.func, child_attr, loop_names):
-            if any(keyword.arg == param for keyword in node.keywords):
+            if any(keyword.arg == param or _unpacks_key(keyword, param, keyword_dicts) for keyword in node.keywords):
                 styles.append("keyword")
             elif len(node.args) > param_index and not any(isinstance(a, ast.Starred) for a in node.args):
                 styles.append("positional")
     if not styles:
         return None
     return styles[0] if len(set(styles)) == 1 else "mixed"
+
+
+def _dict_literal_keys(tree: ast.AST) -> dict[str, set[str]]:
+    """``name -> keys`` of dicts built as literals (``kwargs = {"hidden_states": h}``) in the function."""
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            keys = {key.value for key in node.value.keys if isinstance(key, ast.Constant) and isinstance(key.value, str)}
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    found.setdefault(target.id, set()).update(keys)
+    return found
+
+
+def _unpacks_key(keyword: ast.keyword, param: str, keyword_dicts: dict[str, set[str]]) -> bool:
+    """``**kwargs`` where ``kwargs`` is a dict literal holding ``param`` (vLLM's A.X-K1 layer calls its attention
+    so)."""
+    return keyword.arg is None and isinstance(keyword.value, ast.Name) and param in keyword_dicts.get(keyword.value.id, ())
 
 
 def _mentions_self_attr(node: ast.AST, attr: str) -> bool:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
+import functools
 import inspect
 import json
 import os
+import textwrap
 from typing import Any
 
 import torch
@@ -154,13 +157,20 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         return "transformers-backend" if _wrapped_hf_model(self._module) is not None else "native"
 
     @property
-    def _embedding_scale(self) -> torch.Tensor | None:
-        # vLLM's Gemma family multiplies the embeddings by a `normalizer` buffer in the model's forward,
-        # where HF scales inside the embedding module: token_embeddings means the scaled value on both.
-        parent = self._module.get_submodule(self.names.embed_tokens.rpartition(".")[0])
-        scale = getattr(parent, "normalizer", None)
-        if isinstance(scale, torch.Tensor) and "* self.normalizer" in inspect.getsource(type(parent)):
-            return scale
+    def _embedding_scale(self) -> torch.Tensor | float | None:
+        """A factor vLLM applies to ``embed_tokens``' output outside the module where HF scales inside its
+        embedding module (Gemma's ``normalizer`` buffer, MiniCPM's ``config.scale_emb``): token_embeddings means
+        the scaled value on both. Read off the source of the modules that hold the embedding."""
+        embed = self._torch_module("embed_tokens")
+        for holder in self._module.modules():
+            attr = next((name for name, child in holder.named_children() if child is embed), None)
+            path = _scale_path(type(holder), attr) if attr is not None else None
+            if path is not None:
+                value = holder
+                for name in path:
+                    value = getattr(value, name, None)
+                if isinstance(value, (torch.Tensor, float, int)) and not isinstance(value, bool):
+                    return value
         return None
 
     def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
@@ -197,6 +207,53 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         # sharded under tensor parallelism; the full logical matrix is gathered.
         weight = self._backend.local_parameter(self._torch_module("lm_head"), "weight")[: self.vocab_size]
         return torch.nn.functional.linear(normed, weight.to(normed.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def _scale_path(holder_class: type, attr: str) -> tuple[str, ...] | None:
+    """The attribute path from ``self`` of the factor the source of ``holder_class`` (or a base class: MiniCPM3's
+    model inherits MiniCPM's) multiplies ``self.<attr>(...)`` by, directly or through a name the call's result is
+    bound to: ``("config", "scale_emb")``."""
+    for klass in holder_class.__mro__:
+        if klass.__module__.startswith("torch."):
+            break
+        path = _scale_path_in(klass, attr)
+        if path is not None:
+            return path
+    return None
+
+
+def _scale_path_in(klass: type, attr: str) -> tuple[str, ...] | None:
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
+        bound = {target.id for node in ast.walk(function) if isinstance(node, ast.Assign) and _calls_self(node.value, attr)
+                 for target in node.targets if isinstance(target, ast.Name)}
+        for node in ast.walk(function):
+            if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult)):
+                continue
+            for product, factor in ((node.left, node.right), (node.right, node.left)):
+                if _calls_self(product, attr) or isinstance(product, ast.Name) and product.id in bound:
+                    path = _self_path(factor)
+                    if path:
+                        return path
+    return None
+
+
+def _calls_self(node: ast.AST, attr: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
+
+
+def _self_path(node: ast.AST) -> tuple[str, ...] | None:
+    """``self.a.b`` as ``("a", "b")``; None for anything else."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return tuple(reversed(names)) if names and isinstance(node, ast.Name) and node.id == "self" else None
 
 
 def _wrapped_hf_model(module: torch.nn.Module) -> torch.nn.Module | None:

@@ -98,8 +98,8 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     # it for MoE layers only
     ("axk1", {"first_k_dense_replace": 0}),
     ("glm4_moe", {"head_dim": HEAD_DIM}),  # hidden / heads
-    # HY-V3's expert width (transformers: moe_intermediate_size) and its renormalised top-k
-    ("hy_v3", {"expert_hidden_dim": SMALL_CONFIG["moe_intermediate_size"], "route_norm": True}),
+    # HY-V3's expert width (transformers: moe_intermediate_size), its renormalised top-k, its query/key norms
+    ("hy_v3", {"expert_hidden_dim": SMALL_CONFIG["moe_intermediate_size"], "route_norm": True, "qk_norm": True}),
     # LongCat-Flash: transformers always scales the LoRA'd queries and keys and runs identity zero experts
     ("longcat_flash", {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"}),
     ("lfm2", {"block_dim": HIDDEN, "conv_dim": HIDDEN}),  # LFM2's own names of the widths
