@@ -36,9 +36,15 @@ def read_accessors(model, prompt: str) -> dict[str, list[torch.Tensor]]:
         embeddings = model.token_embeddings.save()
         probs = model.next_token_probs.save()
     reads["token_embeddings"] = [embeddings]
-    flat = {name: [model.as_batch(value)[0].detach().float().cpu() for value in values] for name, values in reads.items()}
+    flat = {name: [_prompt_tokens(value).detach().float().cpu() for value in values] for name, values in reads.items()}
     flat["next_token_probs"] = [probs.reshape(-1, probs.shape[-1])[0].float().cpu()]  # [batch, vocab] on both backends
     return flat
+
+
+def _prompt_tokens(activation: torch.Tensor) -> torch.Tensor:
+    """One prompt's activation as ``[tokens, ...]``: batched as ``[1, tokens, ...]`` (HF, vLLM's Transformers
+    backend) or already flat (native vLLM, and HF modules that flatten their tokens: Llama 4's MoE)."""
+    return activation[0] if activation.ndim >= 3 and activation.shape[0] == 1 else activation
 
 
 def _layers_with(model, role: str) -> list[int]:

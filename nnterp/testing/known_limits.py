@@ -58,6 +58,7 @@ VLLM_LIMITS: dict[str, str] = {
     **dict.fromkeys(("mamba", "falcon_mamba", "jamba"),
                     "vLLM's Mamba-1 layer calls _C.selective_scan_fwd, which the CPU build does not ship"),
     "laguna": CPU_SIGMOID_ROUTER.format(name="Laguna"),
+    "minimax_m2": CPU_SIGMOID_ROUTER.format(name="MiniMax-M2"),
     "mimo_v2_flash": "vLLM's MiMo-V2-Flash reads the released checkpoint's field names (hybrid_layer_pattern, "
                      "moe_layer_freq, swa_*) that transformers' config spells otherwise",
     "mpt": "vLLM supported MptForCausalLM until 0.28 and refuses it since",

@@ -63,12 +63,15 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     # -- what the transformers model needs to build and run at this size --
     (("deepseek_v2", "deepseek_v3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "minicpm3", "youtu", "axk1",
       "axk2", "kimi_linear", "longcat_flash"), MLA),
-    ("longcat_flash", {"head_dim": MLA["qk_rope_head_dim"]}),  # its rotary width is head_dim
+    # their rotary width is head_dim (GLM-4 MoE Lite maps head_dim onto qk_rope_head_dim)
+    (("longcat_flash", "glm4_moe_lite"), {"head_dim": MLA["qk_rope_head_dim"]}),
     (("kimi_linear", "qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "granitemoehybrid"), HYBRID_LAYER_TYPES),
     (("qwen3_5", "qwen3_5_moe"), {"text_config": HYBRID_LAYER_TYPES}),
     ("jamba", {"attn_layer_period": 2, "attn_layer_offset": 1}),
     ("bamba", {"attn_layer_indices": [1]}),
-    ("zamba2", {"layers_block_type": ["linear_attention", "hybrid", "linear_attention"]}),
+    # the shared attention reads the stream concatenated with the embeddings: twice the hidden size over the heads
+    ("zamba2", {"layers_block_type": ["linear_attention", "hybrid", "linear_attention"],
+                "attention_head_dim": 2 * HIDDEN // HEADS}),
     ("zaya", {"num_experts_per_tok": 1}),
     ("gpt_neo", {"attention_types": [[["global", "local"], 1], [["global"], 1]]}),  # one entry per layer
     ("mamba2", {"num_heads": 8, "head_dim": 32}),  # num_heads * head_dim == expand * hidden_size
