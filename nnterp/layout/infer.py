@@ -255,13 +255,16 @@ def infer_module_layout(
     style = call_style_from_source(parent, child_attr, sig.name, sig.index)
     evidence = {"signature": {"hidden": sig.name, "index": sig.index, "residual": sig.residual}, "source": style}
     if obs is None:
-        if style not in ("keyword", "positional"):
-            return None, evidence
-        position = None if style == "keyword" else sig.index
-        residual_position = None if style == "keyword" or sig.residual is None else sig.residual_index
         output_layout = output_from_source(module, sig)
         if output_layout is None:
             return None, evidence
+        if style not in ("keyword", "positional"):
+            # The source does not say how the parent passes the hidden state: bind each call to the signature.
+            residual_position = None if sig.residual is None else sig.residual_index
+            return ModuleLayout(InputLayout(sig.name, sig.index, sig.residual, residual_position, by_signature=True),
+                                output_layout), evidence
+        position = None if style == "keyword" else sig.index
+        residual_position = None if style == "keyword" or sig.residual is None else sig.residual_index
         return ModuleLayout(InputLayout(sig.name, position, sig.residual, residual_position), output_layout), evidence
     input_layout = input_from_probe(obs, sig, hidden_size, where)
     output_layout = output_from_probe(obs.output, sig, hidden_size, where)

@@ -18,15 +18,22 @@ class InputLayout:
 
     ``position`` is its index in ``args`` when the parent passes it positionally, ``None`` when by keyword.
     ``residual`` names a second input added to it (vLLM fused add+norm layers); the stream is their sum.
+    ``by_signature``: the parent's source does not tell how it passes them (arguments unpacked from a
+    computed container, calls of both kinds); each is then taken by keyword when passed so, else at its
+    position in the signature, as Python binds the call.
     """
 
     name: str
     position: int | None
     residual: str | None = None
     residual_position: int | None = None
+    by_signature: bool = False
+
+    def _by_keyword(self, kwargs: dict, name: str, position: int | None) -> bool:
+        return position is None or self.by_signature and name in kwargs
 
     def _locate(self, args: tuple, kwargs: dict, name: str, position: int | None, where: str) -> tuple[str, Any]:
-        if position is None:
+        if self._by_keyword(kwargs, name, position):
             if name not in kwargs:
                 raise LayoutError(
                     f"{where}: layout says '{name}' is passed by keyword, but the call had keywords "
@@ -66,7 +73,8 @@ class InputLayout:
         return args, kwargs
 
     def _get(self, args, kwargs, name, position, where, optional=False):
-        if optional and (position is None and name not in kwargs or position is not None and position >= len(args)):
+        by_keyword = self._by_keyword(kwargs, name, position)
+        if optional and (by_keyword and name not in kwargs or not by_keyword and position >= len(args)):
             return None
         kind, key = self._locate(args, kwargs, name, position, where)
         return kwargs[key] if kind == "kw" else args[key]
@@ -130,7 +138,10 @@ class ModuleLayout:
     output: OutputLayout
 
     def to_json(self) -> dict:
-        return {"input": asdict(self.input), "output": asdict(self.output)}
+        inputs = asdict(self.input)
+        if not inputs["by_signature"]:
+            del inputs["by_signature"]  # the common case keeps the reviewed snapshots' form
+        return {"input": inputs, "output": asdict(self.output)}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModuleLayout":
