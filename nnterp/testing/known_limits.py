@@ -54,7 +54,23 @@ TORCHVISION = ("vLLM's {name} module imports transformers' image processor, whic
 CPU_SIGMOID_ROUTER = ("vLLM's CPU MoE router scores experts with a sigmoid only in grouped top-k; {name} routes with "
                       "sigmoid scores over all experts (AssertionError)")
 
+CPU_ROTARY = ("vLLM's CPU rotary kernel (_C.rotary_embedding) takes a 3-D query or key [tokens, heads, head_dim] "
+              "as `tokens` rows of one head: it rotates only the first `tokens` of the tokens x heads rows, row r at "
+              "position r, and leaves the rest unrotated (a 2-D [tokens, heads x head_dim] one, as Llama's, is "
+              "rotated right); {what}: attention differs at every position after the first")
+MLA_ROTARY = CPU_ROTARY.format(what="vLLM's multi-head latent attention rotates its query slice [tokens, heads, "
+                                    "qk_rope_head_dim] so")
+
 VLLM_LIMITS: dict[str, str] = {
+    **dict.fromkeys(("deepseek_v2", "deepseek_v3", "glm4_moe_lite"), MLA_ROTARY),
+    "axk1": MLA_ROTARY + "; and vLLM's A.X-K1 layer applies post_mlp_layernorm after its MoE module, where "
+                         "transformers' AXK1MoE applies it inside, so mlps_output is normed on HF only",
+    "longcat_flash": "transformers' LongCat-Flash checkpoint holds gate/up projections for its zero (identity) "
+                     "experts, which vLLM's loader has no parameter for (KeyError); and vLLM routes LongCat-Flash "
+                     "through its zero-expert router, picked before the CPU router whenever zero_expert_type is set, "
+                     "which calls the CUDA kernel _moe_C.topk_softmax",
+    **dict.fromkeys(("lfm2", "lfm2_moe"), CPU_ROTARY.format(
+        what="vLLM's LFM2 attention rotates its per-head normed queries and keys [tokens, heads, head_dim] so")),
     **dict.fromkeys(("mamba", "falcon_mamba", "jamba"),
                     "vLLM's Mamba-1 layer calls _C.selective_scan_fwd, which the CPU build does not ship"),
     "laguna": CPU_SIGMOID_ROUTER.format(name="Laguna"),

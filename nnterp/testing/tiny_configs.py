@@ -105,12 +105,13 @@ CONFIG_OVERRIDES: dict[str, dict[str, Any]] = _table(
     ("hy_v3", {"expert_hidden_dim": SMALL_CONFIG["moe_intermediate_size"], "route_norm": True, "qk_norm": True}),
     # LongCat-Flash: transformers always scales the LoRA'd queries and keys and runs identity zero experts
     ("longcat_flash", {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "zero_expert_type": "identity"}),
+    ("zamba2", {"num_key_value_heads": HEADS}),  # vLLM's Zamba2 attention has as many key/value heads as queries
     ("lfm2", {"block_dim": HIDDEN, "conv_dim": HIDDEN}),  # LFM2's own names of the widths
     # MiniMax-M2's released fields: partial rotary width, sigmoid routing on bias-corrected scores
     ("minimax_m2", {"rotary_dim": HEAD_DIM // 2, "scoring_func": "sigmoid", "use_routing_bias": True}),
     ("inkling_text", {"padded_vocab_size": VOCAB_SIZE}),  # the embedding's rows
     # vLLM's implementations always unembed with the input embedding: a checkpoint with its own LM head fails there
-    (("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text"), {"tie_word_embeddings": True}),
+    (("bloom", "cohere", "cohere2", "cohere2_moe", "gemma2", "gemma3n_text", "zamba2"), {"tie_word_embeddings": True}),
     # one group: transformers' Mamba-2 normalises the gated output over all groups at once, vLLM (like mamba_ssm)
     # per group, and the two agree only with one
     ("mamba2", {"n_groups": 1}),
