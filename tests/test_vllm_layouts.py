@@ -135,3 +135,42 @@ def test_call_style_read_through_an_unpacked_dict_literal():
 
     assert call_style_from_source(KeywordsFromDict(), "self_attn", "hidden_states", 1) == "keyword"
     assert call_style_from_source(KeywordsFromDict(), "self_attn", "residual", 2) is None
+
+
+class ScalesBoundEmbedding(torch.nn.Module):
+    """vLLM MiniCPM style: the embedding's output is bound to a name, then multiplied by a config field."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = type("Config", (), {"scale_emb": 12.0})()
+        self.embed_tokens = torch.nn.Embedding(8, 4)
+
+    def forward(self, input_ids):
+        embeds = self.embed_tokens(input_ids)
+        embeds = embeds * self.config.scale_emb
+        return embeds
+
+
+class InheritsTheScale(ScalesBoundEmbedding):
+    """vLLM MiniCPM3 style: the forward that scales is the base class's."""
+
+
+class ScalesInline(torch.nn.Module):
+    """vLLM Gemma style: a buffer multiplies the embedding call inline."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(8, 4)
+        self.register_buffer("normalizer", torch.tensor(2.0))
+
+    def forward(self, input_ids):
+        return self.normalizer * self.embed(input_ids)
+
+
+def test_embedding_scale_read_off_the_holder_source():
+    from nnterp.standardized.vllm import _scale_path
+
+    assert _scale_path(ScalesBoundEmbedding, "embed_tokens") == ("config", "scale_emb")
+    assert _scale_path(InheritsTheScale, "embed_tokens") == ("config", "scale_emb")
+    assert _scale_path(ScalesInline, "embed") == ("normalizer",)
+    assert _scale_path(KeywordsFromDict, "self_attn") is None
