@@ -6,6 +6,8 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from .forward_order import in_forward_order, record_access
+
 if TYPE_CHECKING:
     from .standardized.base import StandardizedMixin
 
@@ -47,27 +49,44 @@ class LayerAccessor:
     def __getitem__(self, index: int) -> torch.Tensor:
         layer_index, owned, name = self._owned(index)
         if not owned:
+            record_access(name)
             return self._model._backend.remote_read(name, layer_index)
         envoy, layout, where = self._locate(layer_index)
         if self._direction == "input":
-            args, kwargs = envoy.inputs
+            args, kwargs = in_forward_order(name, lambda: envoy.inputs)
             value, fresh = layout.input.read_stream(args, kwargs, where)
         else:
-            value = layout.output.read(envoy.output, where)
-            fresh = layout.output.returns_fresh_tensor
+            value, fresh = layout.output.read_stream(in_forward_order(name, lambda: envoy.output), where)
         return self._model._backend.after_read(value, fresh, name)
 
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
-        layer_index, owned, _ = self._owned(index)
+        layer_index, owned, name = self._owned(index)
         if not owned:
+            record_access(name)
             return  # the stage that runs this layer applies the write
         envoy, layout, where = self._locate(layer_index)
         value = self._model._backend.before_write(value)
         if self._direction == "input":
-            args, kwargs = envoy.inputs
+            args, kwargs = in_forward_order(name, lambda: envoy.inputs)
             envoy.inputs = layout.input.write(args, kwargs, value, where)
         else:
-            envoy.output = layout.output.write(envoy.output, value, where)
+            envoy.output = layout.output.write(in_forward_order(name, lambda: envoy.output), value, where)
+
+    def __call__(self, index: int) -> torch.Tensor:
+        return self[index]
+
+    def get_module(self, index: int):
+        """The envoy of layer ``index``'s module this accessor reads."""
+        return self._model._role_envoy(self._role, self._model._check_layer_index(index, self.name), self.name)
+
+    @property
+    def returns_tuple(self) -> bool | None:
+        """Whether the module returns a tuple holding the stream (known from the layout at load; None where
+        module classes of this role differ). Inputs are read from the call's arguments: False."""
+        if self._direction == "input":
+            return False
+        kinds = {layout.output.kind for key, layout in self._model.layout.modules.items() if key.startswith(f"{self._role}:")}
+        return kinds.pop() != "tensor" if len(kinds) == 1 else None
 
     def __len__(self) -> int:
         return self._model.num_layers
@@ -82,8 +101,21 @@ class ModuleListView:
     def __init__(self, model: "StandardizedMixin", role: Role, name: str) -> None:
         self._model, self._role, self._name = model, role, name
 
+    returns_tuple = None  # a module, not a value
+
     def __getitem__(self, index: int):
         return self._model._role_envoy(self._role, self._model._check_layer_index(index, self._name), self._name)
+
+    def __call__(self, index: int):
+        return self[index]
+
+    get_module = __getitem__
+
+    def __setitem__(self, index: int, value) -> None:
+        raise ValueError(
+            f"Cannot set the value of a module accessor: {self._name}[{index}] is the module. "
+            f"Did you mean {self._name}_input/{self._name}_output?"
+        )
 
     def __len__(self) -> int:
         return self._model.num_layers

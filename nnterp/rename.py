@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
+from typing import Any, Callable, Union
 
 import torch
 
@@ -54,29 +57,178 @@ LAYER_ALIASES: dict[str, tuple[str, ...]] = {
 }
 
 STANDARD_NAMES = tuple(ROOT_ALIASES) + tuple(LAYER_ALIASES)
+CONTAINER = "model"  # the standard name of the backbone that holds the layers (nnterp 1.x exposes it)
 
 
-@dataclass(frozen=True)
-class RenameConfig:
-    """User overrides: the native path (root modules) or name (layer children) of each standard module.
+class RenamingError(Exception):
+    """The standard modules could not be located, or do not behave as their names promise."""
 
-    Example: ``RenameConfig(layers="backbone.blocks", self_attn="mixer")``.
+
+class UnknownArchitectureError(RenamingError, ValueError):
+    """A standard module could not be located in the model."""
+
+
+class AttnProbFunction(ABC):
+    """Where a model's attention probabilities are computed, for ``RenameConfig(attn_prob_source=...)``.
+
+    Called with a layer's attention envoy, it returns the nnsight operation envoy (from ``.source``) whose
+    output is the probabilities ``[batch, heads, query, key]``; with ``return_module_source=True``, the
+    source envoy that operation lives in (printed by ``attention_probabilities.print_source()``).
     """
 
-    embed_tokens: str | None = None
-    layers: str | None = None
-    ln_final: str | None = None
-    lm_head: str | None = None
-    self_attn: str | None = None
-    mlp: str | None = None
+    @abstractmethod
+    def get_attention_prob_source(self, attention_module: Any, return_module_source: bool = False) -> Any:
+        ...
 
-    def override(self, name: str) -> str | None:
-        return getattr(self, name)
+    def __call__(self, attention_module: Any, return_module_source: bool = False) -> Any:
+        return self.get_attention_prob_source(attention_module, return_module_source)
+
+
+Names = Union[str, list, None]
+ConfigKey = Union[str, list, int, None]
+
+# nnterp 1.x's field for each standard module (``model`` is the backbone that holds the layers).
+LEGACY_FIELDS = {
+    "self_attn": "attn_name", "mlp": "mlp_name", "ln_final": "ln_final_name", "lm_head": "lm_head_name",
+    "layers": "layers_name", CONTAINER: "model_name",
+}
+DEFAULT_CONFIG_KEYS = {
+    "num_heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "hidden_size": ("hidden_size", "n_embd", "d_model", "dim"),
+    "vocab_size": ("vocab_size", "n_vocab", "padded_vocab_size"),
+}
+
+
+@dataclass
+class RenameConfig:
+    """Where the standard modules live, for models the alias tables and the structure get wrong.
+
+    nnterp 1.x spelling (positional order kept): ``attn_name``, ``mlp_name``, ``ln_final_name``,
+    ``lm_head_name``, ``model_name`` (the backbone holding the layers, exposed as ``model.model``) and
+    ``layers_name`` each take a module name or dotted path, or a list of candidates (the first that
+    exists wins; a bare name matches the shallowest module so named); ``attn_prob_source`` (an
+    ``AttnProbFunction``); ``ignore_mlp`` / ``ignore_attn`` (skip that module in the load-time check);
+    ``attn_head_config_key``, ``hidden_size_config_key``, ``vocab_size_config_key`` (a config key, a list of
+    keys tried first, or the number itself).
+
+    Standard-name spelling (keyword only): ``embed_tokens``, ``layers``, ``ln_final``, ``lm_head`` take the
+    native path from the model root, ``self_attn`` and ``mlp`` the child's name in a layer, e.g.
+    ``RenameConfig(layers="backbone.blocks", self_attn="mixer")``. A module named both ways must agree.
+    Every module named here must exist: a name that does not raises ``UnknownArchitectureError``.
+    """
+
+    attn_name: Names = None
+    mlp_name: Names = None
+    ln_final_name: Names = None
+    lm_head_name: Names = None
+    model_name: Names = None
+    layers_name: Names = None
+    attn_prob_source: AttnProbFunction | Callable | None = None
+    ignore_mlp: bool | None = None
+    ignore_attn: bool | None = None
+    attn_head_config_key: ConfigKey = None
+    hidden_size_config_key: ConfigKey = None
+    vocab_size_config_key: ConfigKey = None
+    embed_tokens: str | None = field(default=None, kw_only=True)
+    layers: str | None = field(default=None, kw_only=True)
+    ln_final: str | None = field(default=None, kw_only=True)
+    lm_head: str | None = field(default=None, kw_only=True)
+    self_attn: str | None = field(default=None, kw_only=True)
+    mlp: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self) -> None:
+        for legacy in LEGACY_FIELDS.values():
+            value = getattr(self, legacy)
+            if value is not None and not _is_names(value):
+                raise TypeError(f"RenameConfig({legacy}=...) takes a module name or a list of names, got {value!r}.")
+        for standard, legacy in LEGACY_FIELDS.items():
+            ours, theirs = getattr(self, standard, None), getattr(self, legacy)
+            if ours is not None and theirs is not None and [ours] != _as_list(theirs)[:1]:
+                raise ValueError(f"RenameConfig names the {standard} module twice: {standard}={ours!r} and {legacy}={theirs!r}.")
+        for key in ("attn_head_config_key", "hidden_size_config_key", "vocab_size_config_key"):
+            value = getattr(self, key)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) or _is_names(value)):
+                raise TypeError(f"RenameConfig({key}=...) takes a config key, a list of keys or an int, got {value!r}.")
+
+    def candidates(self, standard: str) -> list[str]:
+        """The native names given for a standard module, in order of preference (empty: none given)."""
+        ours = getattr(self, standard, None) if standard != CONTAINER else None
+        legacy = LEGACY_FIELDS.get(standard)
+        return ([ours] if ours else []) + (_as_list(getattr(self, legacy)) if legacy else [])
+
+    def override(self, standard: str) -> str | None:
+        """The first native name given for a standard module."""
+        candidates = self.candidates(standard)
+        return candidates[0] if candidates else None
+
+    def config_keys(self, size: str) -> tuple[list[str], int | None]:
+        """Config keys to try for ``num_heads``/``hidden_size``/``vocab_size`` (the user's first), or the
+        number the user gave."""
+        given = getattr(self, {"num_heads": "attn_head_config_key", "hidden_size": "hidden_size_config_key",
+                               "vocab_size": "vocab_size_config_key"}[size])
+        if isinstance(given, int):
+            return [], given
+        return _as_list(given) + list(DEFAULT_CONFIG_KEYS[size]), None
+
+    def ignores(self) -> set[str]:
+        """Standard modules the load-time check skips."""
+        return {name for name, flag in (("mlp", self.ignore_mlp), ("self_attn", self.ignore_attn)) if flag}
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, str) or isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+
+
+def _as_list(value: Names) -> list[str]:
+    if value is None:
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+# Keyword arguments nnterp 1.x's error messages asked for (``attn_rename="..."``): aliases, as ``rename`` entries.
+RENAME_KEYWORDS = {"attn_rename": "self_attn", "mlp_rename": "mlp", "ln_final_rename": "ln_final",
+                   "lm_head_rename": "lm_head", "layers_rename": "layers"}
+
+
+def split_rename(
+    rename: "RenameConfig | dict | None", rename_config: RenameConfig | None, loader_kwargs: dict | None = None
+) -> tuple[RenameConfig, dict[str, list[str]], dict]:
+    """The constructor's ``rename`` / ``rename_config`` as (config, hints, extra aliases).
+
+    ``rename`` is a ``RenameConfig`` or, as in nnterp 1.x, a dict ``{native name: alias}`` merged over the
+    defaults: an entry whose alias is a standard name is a hint (tried before the alias tables, skipped
+    where the model has no such module); any other entry is passed on to nnsight as a plain alias.
+    ``attn_rename=...``-style keywords are taken out of ``loader_kwargs`` as hints too (deprecated).
+    """
+    entries = {}
+    for keyword, standard in RENAME_KEYWORDS.items():
+        if loader_kwargs is not None and keyword in loader_kwargs:
+            warnings.warn(f"`{keyword}` is deprecated: pass rename_config=RenameConfig(...) or rename={{...}}.",
+                          DeprecationWarning, stacklevel=3)
+            for native in _as_list(loader_kwargs.pop(keyword)):
+                entries[native] = standard
+    if isinstance(rename, RenameConfig):
+        if rename_config is not None:
+            raise ValueError("Pass the RenameConfig once, as rename=... or rename_config=..., not both.")
+        rename_config, rename = rename, None
+    if rename is not None and not isinstance(rename, dict):
+        raise TypeError(f"rename takes a RenameConfig or a dict {{native name: alias}}, got {type(rename).__name__}.")
+    entries.update(rename or {})
+    hints: dict[str, list[str]] = {}
+    extra: dict = {}
+    for native, alias in entries.items():
+        if alias in STANDARD_NAMES or alias == CONTAINER:
+            hints.setdefault(alias, []).append(native)
+        else:
+            extra[native] = alias
+    return rename_config or RenameConfig(), hints, extra
 
 
 @dataclass(frozen=True)
 class ModuleNames:
-    """Where each standard module lives natively. ``self_attn``/``mlp`` are relative to a layer.
+    """Where each standard module lives natively. ``self_attn``/``mlp`` are relative to a layer;
+    ``container`` is the backbone holding the layers (``model.model``), ``in_container`` the root modules also
+    mounted on it under their standard names, ``extra`` the user's other aliases.
 
     ``ln_final`` is None where the model has no final norm (``found_by['ln_final'] == IDENTITY``): the
     standardized model treats it as the identity. It may name modules applied in sequence, joined by ``+``
@@ -90,18 +242,32 @@ class ModuleNames:
     self_attn: str | None
     mlp: str | None
     found_by: dict[str, str] = field(default_factory=dict, compare=False)
+    container: str | None = field(default=None, compare=False)
+    in_container: tuple[str, ...] = field(default=(), compare=False)
+    extra: dict = field(default_factory=dict, compare=False)
 
-    def nnsight_rename(self) -> dict[str, str]:
-        """The ``rename=`` mapping that mounts the native modules under their standard names. A path through a
-        module named after a value nnsight serves on every envoy (GIT's LM head is ``output``) is left out:
-        nnsight moves such a module to ``E_<name>`` and would match the key on every envoy that has one, so the
-        standardized model mounts it itself (``envoy_path``)."""
-        rename = {}
+    def nnsight_rename(self) -> dict[str, list[str]]:
+        """The ``rename=`` mapping that mounts the native modules under their standard names: at the root,
+        in the backbone (``model.model.layers``, also where it is called ``transformer``) and in each layer.
+        A path through a module named after a value nnsight serves on every envoy (GIT's LM head is ``output``)
+        is left out: nnsight moves such a module to ``E_<name>`` and would match the key on every envoy that has
+        one, so the standardized model mounts it itself (``envoy_path``)."""
+        rename: dict[str, list[str]] = {}
+        if self.container and self.container != CONTAINER:
+            rename[self.container] = [CONTAINER]
         for standard in STANDARD_NAMES:
             native = self.module_path(standard)
-            if native is not None and native != standard and envoy_path(native) == native:
-                rename[native] = standard
-        return rename
+            if native is None or envoy_path(native) != native:
+                continue
+            aliases = [] if native == standard else [standard]
+            if standard in self.in_container:
+                aliases.append(f"{self.container}.{standard}")  # bound on the backbone
+            for alias in aliases:
+                if alias not in rename.setdefault(native, []):
+                    rename[native].append(alias)
+        for native, alias in self.extra.items():
+            rename.setdefault(native, []).extend(_as_list(alias))
+        return {native: aliases for native, aliases in rename.items() if aliases}
 
     def module_path(self, standard: str) -> str | None:
         """The native path of the module mounted as ``standard`` (of a sequence, its last module)."""
@@ -122,10 +288,6 @@ def envoy_path(path: str) -> str:
         else part
         for part in path.split(".")
     )
-
-
-class UnknownArchitectureError(ValueError):
-    """A standard module could not be located in the model."""
 
 
 def _has(module: torch.nn.Module, path: str) -> bool:
@@ -210,23 +372,64 @@ def layer_child(layer: torch.nn.Module, standard: str, names: ModuleNames) -> st
     return _first_alias_child(layer, standard)
 
 
-def resolve_names(model: torch.nn.Module, rename: RenameConfig | None = None) -> ModuleNames:
-    """Locate every standard module in ``model``: user override, then alias table, then structure."""
+def _ends_with(path: str, name: str) -> bool:
+    parts, tail = path.split("."), name.split(".")
+    return len(tail) <= len(parts) and parts[-len(tail):] == tail
+
+
+def _find_module(model: torch.nn.Module, name: str) -> str | None:
+    """The module ``name`` names: the path itself from the root, else the shallowest module whose path
+    ends with it (a bare name such as ``"ln_f"``, as nnterp 1.x and nnsight's ``rename`` take them)."""
+    if name and _has(model, name):
+        return name
+    matches = [path for path, _ in model.named_modules() if path and _ends_with(path, name)]
+    return min(matches, key=lambda path: path.count(".")) if matches else None
+
+
+def _given(rename: RenameConfig, standard: str) -> str:
+    """How the user spelled a standard module in the config, for error messages."""
+    fields = [standard] if standard != CONTAINER else []
+    fields += [LEGACY_FIELDS[standard]] if standard in LEGACY_FIELDS else []
+    return "RenameConfig(" + ", ".join(f"{f}={getattr(rename, f)!r}" for f in fields if getattr(rename, f)) + ")"
+
+
+def _first(candidates: list[str], locate: Callable[[str], str | None]) -> str | None:
+    return next((path for path in map(locate, candidates) if path is not None), None)
+
+
+def resolve_names(
+    model: torch.nn.Module,
+    rename: RenameConfig | None = None,
+    hints: dict[str, list[str]] | None = None,
+    extra: dict | None = None,
+) -> ModuleNames:
+    """Locate every standard module in ``model``: the user's config (which must match), then the user's
+    hints (``rename`` dict entries, skipped where absent), then the alias tables, then the structure."""
     rename = rename or RenameConfig()
+    hints = hints or {}
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     num_layers = getattr(text_config, "num_hidden_layers", None)
     found: dict[str, str | None] = {}
     found_by: dict[str, str] = {}
 
+    def locate_root(name: str) -> str | None:
+        return _find_module(model, name)
+
     for standard, aliases in ROOT_ALIASES.items():
-        override = rename.override(standard)
-        if override is not None:
-            if not _has(model, override):
+        given = rename.candidates(standard)
+        if given:
+            path = _first(given, locate_root)
+            if path is None:
                 raise UnknownArchitectureError(
-                    f"RenameConfig({standard}={override!r}) names no module of {type(model).__name__}."
+                    f"{_given(rename, standard)} names no module of {type(model).__name__} (top-level modules: "
+                    + ", ".join(name for name, _ in model.named_children()) + ")."
                 )
-            found[standard], found_by[standard] = override, "rename_config"
+            found[standard], found_by[standard] = path, "rename_config"
+            continue
+        path = _first(hints.get(standard, []), locate_root)
+        if path is not None:
+            found[standard], found_by[standard] = path, "rename"
             continue
         path = next((alias for alias in aliases if _has(model, alias)), None)
         if path is not None:
@@ -254,19 +457,59 @@ def resolve_names(model: torch.nn.Module, rename: RenameConfig | None = None) ->
             + ")). Top-level modules: "
             + ", ".join(name for name, _ in model.named_children())
         )
-
     layers = model.get_submodule(found["layers"])
+    if not isinstance(layers, (torch.nn.ModuleList, torch.nn.Sequential)) or len(layers) == 0:
+        raise UnknownArchitectureError(
+            f"The layers of {type(model).__name__} were located at {found['layers']!r}, a {type(layers).__name__}, "
+            "not a non-empty list of layers. Pass the path of the decoder layer list, e.g. RenameConfig(layers_name='<path>')."
+        )
+
     first_layer = layers[0]
     for standard in LAYER_ALIASES:
-        override = rename.override(standard)
-        if override is not None:
-            if not _has(first_layer, override):
+        given = rename.candidates(standard)
+        if given:
+            child = next((name for name in given if _has(first_layer, name)), None)
+            if child is None:
                 raise UnknownArchitectureError(
-                    f"RenameConfig({standard}={override!r}) names no child of layer 0 "
+                    f"{_given(rename, standard)} names no child of layer 0 "
                     f"({type(first_layer).__name__}); its children are {list(dict(first_layer.named_children()))}."
                 )
-            found[standard], found_by[standard] = override, "rename_config"
+            found[standard], found_by[standard] = child, "rename_config"
+            continue
+        child = next((name for name in hints.get(standard, []) if _has(first_layer, name)), None)
+        if child is not None:
+            found[standard], found_by[standard] = child, "rename"
         else:
             found[standard] = _layer_child(layers, standard)
             found_by[standard] = "alias" if found[standard] else "absent"
-    return ModuleNames(**found, found_by=found_by)
+    container = _container(model, rename, hints, found["layers"])
+    return ModuleNames(**found, found_by=found_by, container=container,
+                       in_container=_mountable_in(model, container, found), extra=dict(extra or {}))
+
+
+def _mountable_in(model: torch.nn.Module, container: str | None, found: dict[str, str | None]) -> tuple[str, ...]:
+    """The root standard modules under ``container`` that can also be named there (the name is free)."""
+    if container is None:
+        return ()
+    backbone = model.get_submodule(container)
+    return tuple(
+        standard for standard in ROOT_ALIASES
+        if found[standard] is not None and found[standard].startswith(container + ".") and not hasattr(backbone, standard)
+    )
+
+
+def _container(model: torch.nn.Module, rename: RenameConfig, hints: dict[str, list[str]], layers: str) -> str | None:
+    """The backbone exposed as ``model.model``: the user's, else the root child the layers live under. None
+    where that name cannot be given (the root already has another ``model``)."""
+    given = rename.candidates(CONTAINER)
+    if given:
+        container = _first(given, lambda name: _find_module(model, name))
+        if container is None:
+            raise UnknownArchitectureError(f"{_given(rename, CONTAINER)} names no module of {type(model).__name__}.")
+    else:
+        container = _first(hints.get(CONTAINER, []), lambda name: _find_module(model, name))
+        if container is None:
+            container = layers.partition(".")[0] if "." in layers else None
+    if container is None or container == CONTAINER:
+        return container
+    return None if hasattr(model, CONTAINER) else container

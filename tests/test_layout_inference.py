@@ -101,13 +101,14 @@ def test_dual_stream_read_is_sum_and_write_replaces_both():
     assert torch.equal(written[0] + written[1], new)
 
 
-def test_input_with_residual_reads_sum_and_write_clears_residual():
+def test_input_with_residual_reads_sum_and_write_zeroes_residual():
+    """The residual is zeroed, not dropped: vLLM batches every request's residual and needs a tensor."""
     layout = InputLayout("hidden_states", 1, "residual", 2)
     positions, hidden, residual = torch.arange(3), torch.randn(3, H), torch.randn(3, H)
     assert torch.equal(layout.read((positions, hidden, residual), {}), hidden + residual)
     new = torch.randn(3, H)
     args, kwargs = layout.write((positions, hidden, residual), {}, new)
-    assert args[0] is positions and torch.equal(args[1], new) and args[2] is None
+    assert args[0] is positions and torch.equal(args[1], new) and torch.equal(args[2], torch.zeros_like(residual))
     assert torch.equal(layout.read(args, kwargs), new)
 
 

@@ -38,7 +38,7 @@ def test_prepacked_expert_weights_are_refused_not_returned(moe_pair):
     assert hf_model.parameter("layers.0.mlp.experts.gate_up_proj").ndim == 3
     with pytest.raises(RuntimeError, match="prepacks MoE expert weights"):
         with torch.no_grad(), vllm_model.trace(PROMPTS[0]):
-            vllm_model.parameter("layers.0.mlp.experts.w13_weight").save()
+            vllm_model.parameter("layers.0.mlp.experts.routed_experts.w13_weight").save()
 
 
 def test_sampled_architectures_equal_hf_on_every_accessor():
@@ -55,3 +55,19 @@ def test_sampled_architectures_equal_hf_on_every_accessor():
         assert result["status"] == "pass", (model_type, result["reason"])
         assert len(result["max_abs_diff"]) == 8
         assert result["generations"]["vllm"] == result["generations"]["hf"]
+
+
+def test_moe_model_builds_after_a_dense_engine_in_the_same_process(tiny_path):
+    """vLLM sets up its expert-parallel group with the process's first engine, and only for a MoE model; a MoE
+    model loaded after a dense engine still builds (a fresh process, so no earlier MoE engine made the group)."""
+    script = (
+        "import sys\n"
+        "from nnterp.standardized.vllm import StandardizedVLLM\n"
+        "StandardizedVLLM(sys.argv[1], dtype='float32', max_model_len=128, max_num_seqs=2)\n"
+        "moe = StandardizedVLLM(sys.argv[2], dispatch=False, dtype='float32', max_model_len=128, check_renaming=False)\n"
+        "print('built', type(moe._module).__name__)\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script, str(tiny_path("gpt2")), str(tiny_path("mixtral"))],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "built MixtralForCausalLM" in run.stdout

@@ -1,6 +1,7 @@
 """vLLM's CPU engine under tensor and pipeline parallelism (one core per rank) against one rank: every
 accessor on 3 prompts, the logit lens, a steered next-token distribution, arithmetic across the first and
-last layer consumed inside the trace, and greedy generations (plain and steered at every step)."""
+last layer consumed inside the trace, greedy generations (plain and steered at every step), and extraction
+(each stage captures its own layers)."""
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from nnterp.testing.equivalence import compare_reads  # noqa: E402
 from nnterp.testing.parallel import parallel_reads  # noqa: E402
 
 CHECKED = {"layers_output", "attentions_input", "mlps_output", "token_embeddings", "next_token_probs", "logit_lens",
-           "steered_probs", "unembedding_steered_probs", "norm_ratio", "generation_plain", "generation_steered"}
+           "steered_probs", "unembedding_steered_probs", "norm_ratio", "generation_plain", "generation_steered",
+           "extracted_layers_output", "extracted_attentions_input"}
 
 
 @pytest.fixture(scope="module")

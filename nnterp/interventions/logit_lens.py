@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import nnsight
 import torch
 
+from ..nnsight_utils import (
+    get_layer_output,
+    get_num_layers,
+    layer_index,
+    project_negated_on_vocab,
+    project_on_vocab,
+    read_token_activations,
+)
+from ..tracing import token_positions, trace_prompts
+
 
 def _layers(model, layers: Sequence[int] | None) -> list[int]:
-    return list(range(model.num_layers)) if layers is None else [model._check_layer_index(l, "layers") for l in layers]
+    return list(range(get_num_layers(model))) if layers is None else [layer_index(model, l, "layers") for l in layers]
 
 
 def layer_streams(model, prompts: str | Sequence[str], layers: Sequence[int] | None = None) -> list[torch.Tensor]:
@@ -23,30 +33,45 @@ def layer_streams(model, prompts: str | Sequence[str], layers: Sequence[int] | N
     return [streams[order.index(layer)] for layer in layers]
 
 
+@torch.no_grad()
 def logit_lens(
-    model,
-    prompts: str | Sequence[str],
+    nn_model: Any,
+    prompts: list[str] | str,
+    remote: bool = False,
+    return_inv_logits: bool = False,
+    *,
     layers: Sequence[int] | None = None,
     positions: int | Sequence[int] = -1,
     tokens: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """Next-token probabilities read off each layer's output (projected inside the trace, so it also runs
-    where the weights live on the engine's side).
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Next-token probabilities read off each layer's output at each prompt's last token:
+    ``[num_prompts, num_layers, vocab]`` on CPU (float32).
 
-    Returns ``[layers, batch, positions, vocab]`` (or ``[..., len(tokens)]`` when ``tokens`` is given);
-    an integer ``positions`` drops that axis.
+    ``return_inv_logits`` also returns the probabilities of the LM head applied to ``-ln_final(h)``.
+    Keyword-only: ``layers`` (default all), ``positions`` (token indices counted in each prompt's own
+    tokens, negative from its last; a list adds a positions axis after the layers), ``tokens`` (keep only
+    these vocabulary entries). The projection runs inside the trace, so it also runs where the engine
+    holds the weights (vLLM, tensor or pipeline parallel).
     """
-    layers = _layers(model, layers)
-    order = sorted(set(layers))
+    layers = _layers(nn_model, layers)
     index = [positions] if isinstance(positions, int) else list(positions)
-    with torch.no_grad(), model.trace(prompts):
-        per_layer = nnsight.save([])
-        for layer in order:
-            stream = model.as_batch(model.layers_output[layer])[:, index]
-            probs = model.project_on_vocab(stream).float().softmax(-1)
-            per_layer.append(probs if tokens is None else probs[..., list(tokens)])
-    probs = torch.stack([per_layer[order.index(layer)] for layer in layers])
-    return probs[:, :, 0] if isinstance(positions, int) else probs
+
+    def probabilities(logits: torch.Tensor) -> torch.Tensor:
+        probs = logits.float().softmax(-1)
+        return (probs if tokens is None else probs[..., list(tokens)]).cpu()
+
+    def compute(model, rows):
+        where = [token_positions(model, position) for position in index]
+        hidden = read_token_activations(model, layers, get_layer_output, where).transpose(0, 1)
+        probs = probabilities(project_on_vocab(model, hidden))
+        if not return_inv_logits:
+            return probs
+        return probs, probabilities(project_negated_on_vocab(model, hidden))
+
+    result = trace_prompts(nn_model, prompts, compute, remote)
+    if isinstance(positions, int):
+        result = tuple(part[:, :, 0] for part in result) if return_inv_logits else result[:, :, 0]
+    return result
 
 
 def get_topk_closest_tokens(model, vector: torch.Tensor, k: int = 5, use_unembed: bool = True) -> list[tuple[str, float]]:

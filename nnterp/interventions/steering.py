@@ -11,7 +11,33 @@ import torch
 
 # nnsight's notice when an open `tracer.iter[:]` loop outlives a generation stopped early by the
 # end-of-sequence token: expected here, the tokens generated so far are the result.
-_LOOP_CUT_SHORT = ".*was never reached.*"
+LOOP_CUT_SHORT = ".*was never reached.*"
+
+
+def steer(
+    nn_model,
+    layers: int | Sequence[int],
+    steering_vector: torch.Tensor,
+    factor: float = 1,
+    positions=None,
+    token_positions=None,
+    batch_index=None,
+) -> None:
+    """Inside a trace: add ``factor * steering_vector`` to the output of each of ``layers`` (the model's
+    ``steer``; ``token_positions`` / ``batch_index`` restrict it to those tokens / prompts)."""
+    from ..nnsight_utils import get_layer_output, is_standardized, layer_index, set_layer_output
+
+    restrict = {name: value for name, value in (("positions", positions), ("token_positions", token_positions),
+                                                ("batch_index", batch_index)) if value is not None}
+    if is_standardized(nn_model):
+        nn_model.steer(layers, steering_vector, factor, **restrict)
+        return
+    if restrict:
+        raise ValueError(f"steer({', '.join(restrict)}=...) needs a StandardizedTransformer (each prompt's own "
+                         f"token positions); {type(nn_model).__name__} can only be steered at every position.")
+    for layer in sorted(layer_index(nn_model, l, "steer") for l in ([layers] if isinstance(layers, int) else layers)):
+        stream = get_layer_output(nn_model, layer)
+        set_layer_output(nn_model, layer, stream + factor * steering_vector.to(device=stream.device, dtype=stream.dtype))
 
 
 @dataclass
@@ -41,7 +67,7 @@ def steered_generation(
         )
     layers = [layers] if isinstance(layers, int) else list(layers)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_LOOP_CUT_SHORT)
+        warnings.filterwarnings("ignore", message=LOOP_CUT_SHORT)
         with torch.no_grad(), model.generate(prompt, **model.greedy_generation_kwargs(max_new_tokens)) as tracer:
             tokens = nnsight.save([])
             for _ in tracer.iter[:]:

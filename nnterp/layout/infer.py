@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -81,10 +82,17 @@ def call_style_from_source(parent: torch.nn.Module, child_attr: str, param: str,
     return None
 
 
-def _call_style_in(forward, child_attr: str, param: str, param_index: int) -> str | None:
+def parse_source(function) -> ast.AST | None:
+    """The syntax tree of ``function``'s source (None when the source is unavailable)."""
     try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+        return ast.parse(textwrap.dedent(inspect.getsource(function)))
     except (OSError, TypeError, SyntaxError):
+        return None
+
+
+def _call_style_in(forward, child_attr: str, param: str, param_index: int) -> str | None:
+    tree = parse_source(forward)
+    if tree is None:
         return None
     loop_names = _loop_variables_over(tree, child_attr)
     keyword_dicts = _dict_literal_keys(tree)
@@ -146,11 +154,25 @@ def _calls_child(func: ast.AST, attr: str, loop_names: set[str]) -> bool:
 
 @dataclass(frozen=True)
 class Observation:
-    """One call of a module captured by the probe."""
+    """One call of a module captured by the probe: copies of its arguments and output as they were at the
+    call, and (``at_end``) the same objects, as they are once the forward pass is over."""
 
     args: tuple
     kwargs: dict
     output: Any
+    at_end: tuple[tuple, dict, Any] | None = None
+
+
+def snapshot(value: Any) -> Any:
+    """A copy of every tensor in ``value`` (through tuples, lists and dicts), to compare with later."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, (tuple, list)):
+        items = [snapshot(item) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+    if isinstance(value, dict):
+        return {key: snapshot(item) for key, item in value.items()}
+    return value
 
 
 def observe(model: torch.nn.Module, modules: dict[str, torch.nn.Module], run: Callable[[], Any]) -> dict[str, Observation]:
@@ -161,11 +183,12 @@ def observe(model: torch.nn.Module, modules: dict[str, torch.nn.Module], run: Ca
     for key, module in modules.items():
         def pre(mod, args, kwargs, key=key):
             if key not in seen and key not in pending:
-                pending[key] = (args, dict(kwargs))
+                pending[key] = (snapshot(args), snapshot(dict(kwargs)), args, dict(kwargs))
 
         def post(mod, args, kwargs, output, key=key):
             if key not in seen and key in pending:
-                seen[key] = Observation(*pending.pop(key), output)
+                args_at_call, kwargs_at_call, live_args, live_kwargs = pending.pop(key)
+                seen[key] = Observation(args_at_call, kwargs_at_call, snapshot(output), (live_args, live_kwargs, output))
 
         handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         handles.append(module.register_forward_hook(post, with_kwargs=True))
@@ -221,18 +244,33 @@ def output_from_probe(output: Any, sig: Signature, hidden_size: int, where: str)
 
 def output_from_source(module: torch.nn.Module, sig: Signature) -> OutputLayout | None:
     """The output kind read off ``return`` statements of ``module.forward`` (used without a probe)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(type(module).forward)))
-    except (OSError, TypeError, SyntaxError):
+    returned = _returned_values(type(module))
+    if returned is None:
         return None
     kinds = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Return) and node.value is not None:
-            if isinstance(node.value, ast.Tuple):
-                kinds.add("dual" if sig.residual is not None and len(node.value.elts) == 2 else "tuple")
-            else:
-                kinds.add("tensor")
+    for value in returned:
+        if isinstance(value, ast.Tuple):
+            kinds.add("dual" if sig.residual is not None and len(value.elts) == 2 else "tuple")
+        else:
+            kinds.add("tensor")
     return OutputLayout(kinds.pop()) if len(kinds) == 1 else None
+
+
+def _returned_values(module_class: type) -> list[ast.expr] | None:
+    """The expressions ``module_class.forward`` returns (None when its source is unavailable)."""
+    tree = parse_source(module_class.forward)
+    if tree is None:
+        return None
+    return [node.value for node in ast.walk(tree) if isinstance(node, ast.Return) and node.value is not None]
+
+
+@functools.lru_cache(maxsize=None)
+def returned_tuple_length(module_class: type) -> int | None:
+    """How many entries ``module_class.forward`` returns when every ``return`` statement is a tuple display of
+    the same length (vLLM's StableLM layer returns ``hidden_states, residual``), else None."""
+    lengths = {len(value.elts) if isinstance(value, ast.Tuple) and not any(isinstance(e, ast.Starred) for e in value.elts)
+               else None for value in _returned_values(module_class) or ()}
+    return lengths.pop() if len(lengths) == 1 else None
 
 
 def _describe(value: Any) -> str:
@@ -258,15 +296,24 @@ def infer_module_layout(
         output_layout = output_from_source(module, sig)
         if output_layout is None:
             return None, evidence
-        if style not in ("keyword", "positional"):
+        if style in ("keyword", "positional"):
+            position = None if style == "keyword" else sig.index
+            residual_position = None if style == "keyword" or sig.residual is None else sig.residual_index
+            input_layout = InputLayout(sig.name, position, sig.residual, residual_position)
+        else:
             # The source does not say how the parent passes the hidden state: bind each call to the signature.
-            residual_position = None if sig.residual is None else sig.residual_index
-            return ModuleLayout(InputLayout(sig.name, sig.index, sig.residual, residual_position, by_signature=True),
-                                output_layout), evidence
-        position = None if style == "keyword" else sig.index
-        residual_position = None if style == "keyword" or sig.residual is None else sig.residual_index
-        return ModuleLayout(InputLayout(sig.name, position, sig.residual, residual_position), output_layout), evidence
+            input_layout = InputLayout(sig.name, sig.index, sig.residual, sig.residual_index, by_signature=True)
+        return ModuleLayout(_residual_only_if_dual(input_layout, output_layout), output_layout), evidence
     input_layout = input_from_probe(obs, sig, hidden_size, where)
     output_layout = output_from_probe(obs.output, sig, hidden_size, where)
     evidence["probe"] = "keyword" if input_layout.position is None else "positional"
-    return ModuleLayout(input_layout, output_layout), evidence
+    return ModuleLayout(_residual_only_if_dual(input_layout, output_layout), output_layout), evidence
+
+
+def _residual_only_if_dual(input_layout: InputLayout, output_layout: OutputLayout) -> InputLayout:
+    """A ``residual`` argument is half of the stream only in a fused add+norm module, which returns the dual
+    ``(hidden, residual)``. Elsewhere (HF Bloom's attention and MLP take the residual to add it to their own
+    output) the module's input is the hidden state alone."""
+    if input_layout.residual is None or output_layout.kind == "dual":
+        return input_layout
+    return replace(input_layout, residual=None, residual_position=None)

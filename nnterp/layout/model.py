@@ -18,6 +18,8 @@ class InputLayout:
 
     ``position`` is its index in ``args`` when the parent passes it positionally, ``None`` when by keyword.
     ``residual`` names a second input added to it (vLLM fused add+norm layers); the stream is their sum.
+    ``edited_in_place``: the module or its parent edits this tensor in place after the module receives it,
+    so a read copies it and a write hands the module a copy.
     ``by_signature``: the parent's source does not tell how it passes them (arguments unpacked from a
     computed container, calls of both kinds); each is then taken by keyword when passed so, else at its
     position in the signature, as Python binds the call.
@@ -27,6 +29,7 @@ class InputLayout:
     position: int | None
     residual: str | None = None
     residual_position: int | None = None
+    edited_in_place: bool = False
     by_signature: bool = False
 
     def _by_keyword(self, kwargs: dict, name: str, position: int | None) -> bool:
@@ -52,24 +55,28 @@ class InputLayout:
         return self.read_stream(args, kwargs, where)[0]
 
     def read_stream(self, args: tuple, kwargs: dict, where: str = "module") -> tuple[torch.Tensor, bool]:
-        """The residual stream entering the module, and whether it is a fresh ``hidden + residual`` (False:
-        the caller's own buffer, e.g. vLLM's first layer, which gets ``residual=None``)."""
+        """The residual stream entering the module, and whether it is a fresh tensor: a ``hidden + residual``
+        sum or a copy (False: the caller's own buffer, e.g. vLLM's first layer, which gets ``residual=None``)."""
         hidden = self._get(args, kwargs, self.name, self.position, where)
         if self.residual is not None:
             residual = self._get(args, kwargs, self.residual, self.residual_position, where, optional=True)
             if residual is not None:
                 check_same_shape(hidden, residual, f"{where} (hidden_states + residual)")
                 return hidden + residual, True
-        return hidden, False
+        return copy_if(self.edited_in_place, hidden)
 
     def write(self, args: tuple, kwargs: dict, value: torch.Tensor, where: str = "module") -> tuple[tuple, dict]:
         current = self._get(args, kwargs, self.name, self.position, where)
         check_same_shape(current, value, where)
+        value = copy_if(self.edited_in_place, value)[0]
         args, kwargs = self._set(args, kwargs, self.name, self.position, value, where)
         if self.residual is not None:
-            # The stream is hidden + residual: put it all in hidden and clear the residual.
-            if self._get(args, kwargs, self.residual, self.residual_position, where, optional=True) is not None:
-                args, kwargs = self._set(args, kwargs, self.residual, self.residual_position, None, where)
+            # The stream is hidden + residual: put it all in hidden and zero the residual (a tensor, not None:
+            # the engine batches every request's residual and expects one from each).
+            residual = self._get(args, kwargs, self.residual, self.residual_position, where, optional=True)
+            if residual is not None:
+                args, kwargs = self._set(args, kwargs, self.residual, self.residual_position,
+                                         torch.zeros_like(residual), where)
         return args, kwargs
 
     def _get(self, args, kwargs, name, position, where, optional=False):
@@ -92,10 +99,23 @@ OutputKind = Literal["tensor", "tuple", "dual"]
 @dataclass(frozen=True)
 class OutputLayout:
     """What a module returns: a tensor, a tuple whose ``index`` entry is the hidden state, or a
-    dual stream ``(hidden, residual)`` whose sum is the residual stream (vLLM fused add+norm)."""
+    dual stream ``(hidden, residual)`` whose sum is the residual stream (vLLM fused add+norm).
+
+    ``edited_in_place``: the parent edits the returned tensor in place after the module returns (HF Falcon
+    adds the attention output into the MLP's), so a read copies it and a write hands the parent a copy.
+    """
 
     kind: OutputKind
     index: int = 0
+    edited_in_place: bool = False
+
+    def read_stream(self, output: Any, where: str = "module") -> tuple[torch.Tensor, bool]:
+        """The residual-stream part of ``output``, and whether it is a fresh tensor (a dual-stream sum or a
+        copy) rather than the module's own buffer."""
+        value = self.read(output, where)
+        if self.kind == "dual":
+            return value, True
+        return copy_if(self.edited_in_place, value)
 
     def read(self, output: Any, where: str = "module") -> torch.Tensor:
         if self.kind == "tensor":
@@ -112,24 +132,23 @@ class OutputLayout:
 
     def write(self, output: Any, value: torch.Tensor, where: str = "module") -> Any:
         check_same_shape(self.read(output, where), value, where)
+        value = copy_if(self.edited_in_place, value)[0]
         if self.kind == "tensor":
             return value
         if self.kind == "dual":
             return type(output)((value, torch.zeros_like(output[1]), *output[2:]))
         return type(output)(value if index == self.index else item for index, item in enumerate(output))
 
-    def build(self, value: torch.Tensor) -> Any:
-        """A whole output of this layout carrying ``value`` as the stream (for skipping a module)."""
+    def build(self, value: torch.Tensor, length: int | None = None) -> Any:
+        """A whole output of this layout carrying ``value`` as the stream (for skipping a module); a tuple has
+        ``length`` entries (the module's own count, which a parent that unpacks it needs), None elsewhere."""
+        value = copy_if(self.edited_in_place, value)[0]
         if self.kind == "tensor":
             return value
         if self.kind == "dual":
             return (value, torch.zeros_like(value))
-        return tuple(value if index == self.index else None for index in range(self.index + 1))
+        return tuple(value if index == self.index else None for index in range(max(length or 0, self.index + 1)))
 
-    @property
-    def returns_fresh_tensor(self) -> bool:
-        """A dual-stream read is a new tensor (a sum); other reads alias the module's buffer."""
-        return self.kind == "dual"
 
 
 @dataclass(frozen=True)
@@ -138,14 +157,25 @@ class ModuleLayout:
     output: OutputLayout
 
     def to_json(self) -> dict:
-        inputs = asdict(self.input)
-        if not inputs["by_signature"]:
-            del inputs["by_signature"]  # the common case keeps the reviewed snapshots' form
-        return {"input": inputs, "output": asdict(self.output)}
+        """Plain dicts; the flags ``edited_in_place`` and ``by_signature`` appear only where true (most modules
+        are neither), so reviewed snapshots keep their form."""
+        return {"input": _without_false_flags(asdict(self.input)), "output": _without_false_flags(asdict(self.output))}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModuleLayout":
         return cls(InputLayout(**data["input"]), OutputLayout(**data["output"]))
+
+
+def _without_false_flags(fields: dict) -> dict:
+    for flag in ("edited_in_place", "by_signature"):
+        if not fields.get(flag):
+            fields.pop(flag, None)
+    return fields
+
+
+def copy_if(edited_in_place: bool, value: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``value``, copied when something edits it in place later; and whether it was copied."""
+    return (value.clone(), True) if edited_in_place else (value, False)
 
 
 def check_same_shape(current: Any, value: Any, where: str) -> None:

@@ -9,10 +9,12 @@ import torch
 
 from ..distributed.pp import is_local
 from ..rename import IDENTITY, ModuleNames, UnknownArchitectureError, layer_child
+from .edits import embedding_edits, with_in_place_edits
 from .infer import Observation, infer_module_layout, input_from_probe, observe, output_from_probe, signature_of
-from .model import LayoutError, ModuleLayout, OutputLayout
+from .model import LayoutError, ModuleLayout
 
 ROLES = ("layer", "self_attn", "mlp")
+EMBEDDINGS_KEY = "embed_tokens"
 
 
 @dataclass
@@ -25,6 +27,7 @@ class ModelLayout:
     modules: dict[str, ModuleLayout]
     residual_additive: bool | None = None
     evidence: dict = field(default_factory=dict)
+    embeddings_edited_in_place: bool = False  # the parent edits embed_tokens' output in place (HF CTRL)
 
     def for_module(self, role: str, module: torch.nn.Module) -> ModuleLayout:
         key = module_key(role, module)
@@ -36,7 +39,7 @@ class ModelLayout:
         return self.modules[key]
 
     def to_json(self) -> dict:
-        return {
+        data = {
             "backend": self.backend,
             "architecture": self.architecture,
             "names": self.names.as_dict(),
@@ -44,6 +47,9 @@ class ModelLayout:
             "residual_additive": self.residual_additive,
             "evidence": self.evidence,
         }
+        if self.embeddings_edited_in_place:  # recorded only where it holds
+            data["embeddings_edited_in_place"] = True
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "ModelLayout":
@@ -54,6 +60,7 @@ class ModelLayout:
             modules={key: ModuleLayout.from_json(value) for key, value in data["modules"].items()},
             residual_additive=data.get("residual_additive"),
             evidence=data.get("evidence", {}),
+            embeddings_edited_in_place=data.get("embeddings_edited_in_place", False),
         )
 
 
@@ -96,20 +103,28 @@ def infer_model_layout(
 ) -> ModelLayout:
     """Infer every module class's layout; ``run`` (a forward pass) enables the runtime probe."""
     instances = role_instances(model, names)
+    embedding = model.get_submodule(names.embed_tokens)
     observations: dict[str, Observation] = {}
     parts = _block_parts(model, names, instances)
     if run is not None:
-        observations = observe(model, {**{module_key(r, m): m for r, m, *_ in instances}, **parts}, run)
+        watched = {EMBEDDINGS_KEY: embedding, **{module_key(r, m): m for r, m, *_ in instances}, **parts}
+        observations = observe(model, watched, run)
     modules, evidence = {}, {}
     for role, module, parent, attr, index in instances:
         key = module_key(role, module)
         where = f"{role} {index} ({type(module).__name__})"
         layout, module_evidence = infer_module_layout(module, parent, attr, observations.get(key), hidden_size, where)
+        if layout is not None:
+            layout, module_evidence = with_in_place_edits(layout, module_evidence, module, parent, attr, observations.get(key))
         evidence[key] = module_evidence
         if layout is not None:
             modules[key] = layout if role == "layer" else _as_block_layout(layout)
     additive = _residual_additive(parts, modules, observations) if observations else None
-    return ModelLayout(backend, architecture, names, modules, additive, evidence)
+    parent_path, _, attr = names.embed_tokens.rpartition(".")
+    embedding_sources = embedding_edits(model.get_submodule(parent_path), attr, observations.get(EMBEDDINGS_KEY))
+    if embedding_sources:
+        evidence[EMBEDDINGS_KEY] = {"edited_in_place": {"output": embedding_sources}}
+    return ModelLayout(backend, architecture, names, modules, additive, evidence, bool(embedding_sources))
 
 
 def _as_block_layout(layout: ModuleLayout) -> ModuleLayout:
@@ -118,7 +133,7 @@ def _as_block_layout(layout: ModuleLayout) -> ModuleLayout:
     residual argument and ``(hidden, residual)`` output (vLLM's fused add and norm) carry the stream."""
     if layout.input.residual is None and layout.output.kind != "dual":
         return layout
-    output = OutputLayout("tuple", 0) if layout.output.kind == "dual" else layout.output
+    output = replace(layout.output, kind="tuple", index=0) if layout.output.kind == "dual" else layout.output
     return ModuleLayout(replace(layout.input, residual=None, residual_position=None), output)
 
 

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Sequence
+import warnings
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
 from ..accessors import LayerAccessor, ModuleListView
-from ..layout import ModelLayout, drift, load_snapshot
+from ..forward_order import in_forward_order, record_access
+from ..layout import LayoutError, ModelLayout, check_same_shape, drift, infer_model_layout, load_snapshot
+from ..layout.model import copy_if
+from ..layout.infer import returned_tuple_length
 from ..distributed.pp import EMBEDDINGS, HEAD
-from ..rename import SEQUENCE, ModuleNames, envoy_path, layer_child
+from ..padding import at_last_token, current_attention_mask, in_trace
+from ..rename import SEQUENCE, ModuleNames, RenameConfig, RenamingError, envoy_path, layer_child
+from .checks import check_renaming as check_standard_modules
+from .positions import Positions, chosen_tokens
+
+if TYPE_CHECKING:
+    from ..extraction import Activations
 
 logger = logging.getLogger("nnterp")
 
-HIDDEN_SIZE_KEYS = ("hidden_size", "n_embd", "d_model", "dim")
 # Config keys of a factor the logits (or the bias-free LM head's input) are divided by: Granite's
 # `logits_scaling`, Inkling's muP width multiplier.
 LOGIT_DIVISORS = ("logits_scaling", "logits_mup_width_multiplier")
@@ -56,7 +65,7 @@ class Backend:
 
     def run_value(self, where: str, read: Callable[[], Any]) -> Any:
         """A value the engine serves outside any module (logits, sampled tokens)."""
-        return read()
+        return in_forward_order(where, read)
 
     def run_write(self, write: Callable[[Any], None], value: Any) -> None:
         write(value)
@@ -66,17 +75,57 @@ class Backend:
         return compute(*inputs)
 
 
-class StandardizedMixin:
-    """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend``.
+def infer_layout(
+    module: torch.nn.Module, names: ModuleNames, hidden_size: int, backend: str, run: Any, architecture: str | None = None
+) -> ModelLayout:
+    """The model's layout, snapshotted under ``architecture`` (default: the module's class); a module that does
+    not carry the residual stream where its standard name says raises ``RenamingError`` (the name likely points
+    at the wrong module)."""
+    try:
+        return infer_model_layout(module, names, hidden_size, backend, architecture or type(module).__name__, run)
+    except LayoutError as error:
+        raise RenamingError(
+            f"{error} The module taken for this standard name is probably the wrong one: name the right one in a "
+            "RenameConfig (attn_name=..., mlp_name=..., layers_name=...)."
+        ) from error
 
-    Subclasses set those three, then call ``_init_standard_surface()``.
-    """
+
+def first_config_int(config: Any, keys) -> int | None:
+    """The first of ``keys`` that ``config`` sets to an integer."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+def refuse_remote(remote: bool, loader: str) -> None:
+    """nnterp 1.x's ``remote=True`` (NDIF remote execution) cannot be honoured: say so instead of ignoring it."""
+    if remote:
+        raise NotImplementedError(
+            f"{loader}(..., remote=True): remote execution on NDIF is not available in nnterp; its models run in "
+            "this process. Load the model locally (remote=False, the default)."
+        )
+
+
+VLLM_ONE_PROMPT = " (on vLLM each invoke is one prompt: call steer inside the invoke of the prompt to steer)"
+
+
+class StandardizedMixin:
+    """Accessors and helpers over ``self.names`` / ``self.layout`` / ``self._backend`` / ``self._rename_config``,
+    which subclasses set through ``_init_standard_surface`` once their model is loaded."""
 
     names: ModuleNames
     layout: ModelLayout
     _backend: Backend
+    _rename_config: RenameConfig
+    _tokenizer_source: str | None = None
 
-    def _init_standard_surface(self) -> None:
+    def _init_standard_surface(
+        self, names: ModuleNames, rename_config: RenameConfig, backend: Backend, layout: ModelLayout, tokenizer_source: str | None
+    ) -> None:
+        self.names, self._rename_config, self._backend, self.layout = names, rename_config, backend, layout
+        self._tokenizer_source = tokenizer_source
         self._mount_root_names()
         self.layers_input = LayerAccessor(self, "layer", "input")
         self.layers_output = LayerAccessor(self, "layer", "output")
@@ -99,6 +148,17 @@ class StandardizedMixin:
             if native is not None and native != standard and standard not in self.__dict__:
                 object.__setattr__(self, standard, self.get(envoy_path(native)))
 
+    def _check_loaded(self, check_layout: bool, check_renaming: bool, allow_multimodal: bool) -> None:
+        """The load-time checks: layout against the reviewed snapshot, then the renaming (``checks``)."""
+        self._check_against_snapshot(check_layout)
+        if check_renaming:
+            check_standard_modules(self, allow_multimodal)
+
+    @property
+    def _model(self) -> torch.nn.Module:
+        """The wrapped torch model (nnterp 1.x's name for nnsight's ``_module``)."""
+        return self._module
+
     # -- sizes -------------------------------------------------------------
 
     @property
@@ -107,15 +167,27 @@ class StandardizedMixin:
 
     @property
     def hidden_size(self) -> int:
-        return _config_value(self._text_config, HIDDEN_SIZE_KEYS)
+        """From ``RenameConfig(hidden_size_config_key=...)``, the config, else the embedding width."""
+        return self._config_size("hidden_size", lambda: getattr(self._torch_module("embed_tokens"), "embedding_dim", None))
 
     @property
-    def num_heads(self) -> int:
-        return _config_value(self._text_config, ("num_attention_heads", "n_head", "num_heads", "n_heads"))
+    def num_heads(self) -> int | None:
+        """From ``RenameConfig(attn_head_config_key=...)`` or the config; None when neither says."""
+        return self._config_size("num_heads")
 
     @property
-    def vocab_size(self) -> int:
-        return _config_value(self._text_config, ("vocab_size", "padded_vocab_size"))
+    def vocab_size(self) -> int | None:
+        """From ``RenameConfig(vocab_size_config_key=...)`` or the config; None when neither says."""
+        return self._config_size("vocab_size")
+
+    def _config_size(self, size: str, fallback: Callable[[], int | None] | None = None) -> int | None:
+        keys, given = self._rename_config.config_keys(size)
+        if given is not None:
+            return given
+        value = first_config_int(self._text_config, keys)
+        if value is not None:
+            return value
+        return fallback() if fallback is not None else None
 
     # -- module lookup -------------------------------------------------------
 
@@ -181,6 +253,42 @@ class StandardizedMixin:
             return ".".join([self.names.layers, *parts[1:]])
         return path
 
+    # -- extraction --------------------------------------------------------------
+
+    def extract(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        layers: int | Sequence[int] | None = None,
+        accessors: str | Sequence[str] = ("layers_output",),
+        batch_size: int | None = None,
+        max_new_tokens: int = 0,
+        progress: bool = True,
+        **generation_kwargs: Any,
+    ) -> Iterator["Activations"]:
+        """Activations of many prompts, one :class:`~nnterp.extraction.Activations` per prompt, in prompt
+        order, as they are computed (``save_activations`` writes them to safetensors shards).
+
+        ``values[accessor]`` is ``[len(layers), tokens, hidden]`` on the CPU: the same values the accessor
+        reads in a trace of that prompt alone (``as_batch(...)[0]``), read through plain forward hooks over
+        whole batches. ``layers=None`` is every layer. ``batch_size``: prompts per forward pass on HF (default
+        32); prompts queued in the engine ahead of the consumer on vLLM (default: all). ``max_new_tokens``
+        generates greedily (extra keyword arguments go to the engine's sampling / ``generate``) and adds the
+        rows of the generated tokens but the last (the model never runs on it)."""
+        from ..extraction import plan_extraction
+
+        plan = plan_extraction(self, accessors, layers)
+        if not prompts or isinstance(prompts, str):
+            raise TypeError("extract takes a list of prompts (strings or token-id lists), e.g. extract([prompt]).")
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be 0 or more, got {max_new_tokens}.")
+        results = self._run_extraction(plan, prompts, batch_size, max_new_tokens, generation_kwargs)
+        return _with_progress(results, len(prompts), progress)
+
+    def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs) -> Iterator["Activations"]:
+        raise NotImplementedError(f"{type(self).__name__} does not implement extraction.")
+
     # -- layout ---------------------------------------------------------------
 
     def _check_against_snapshot(self, check_layout: bool) -> None:
@@ -205,11 +313,14 @@ class StandardizedMixin:
     def token_embeddings(self) -> torch.Tensor:
         """The output of ``embed_tokens`` (read inside a trace)."""
         if not self._backend.owns(EMBEDDINGS):
+            record_access("model.token_embeddings")
             return self._backend.remote_read("model.token_embeddings", EMBEDDINGS)
+        output = in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output)
+        output, fresh = copy_if(self.layout.embeddings_edited_in_place, output)
         scale = self._embedding_scale
         if scale is None:
-            return self._backend.after_read(self.embed_tokens.output, fresh=False, where="model.token_embeddings")
-        return self._backend.after_read(self.embed_tokens.output * scale, fresh=True, where="model.token_embeddings")
+            return self._backend.after_read(output, fresh=fresh, where="model.token_embeddings")
+        return self._backend.after_read(output * scale, fresh=True, where="model.token_embeddings")
 
     @token_embeddings.setter
     def token_embeddings(self, value: torch.Tensor) -> None:
@@ -217,8 +328,10 @@ class StandardizedMixin:
 
         if not self._backend.owns(EMBEDDINGS):
             return  # the stage that runs the embeddings applies the write
-        check_same_shape(self.embed_tokens.output, value, "token_embeddings")
+        check_same_shape(in_forward_order("model.token_embeddings", lambda: self.embed_tokens.output), value,
+                         "token_embeddings")
         scale = self._embedding_scale
+        value = copy_if(self.layout.embeddings_edited_in_place, value)[0]
         self.embed_tokens.output = self._backend.before_write(value if scale is None else value / scale)
 
     @property
@@ -228,58 +341,197 @@ class StandardizedMixin:
 
     @property
     def next_token_probs(self) -> torch.Tensor:
-        """Softmax over the vocabulary at each prompt's last position, shape ``[batch, vocab]``."""
+        """Softmax over the vocabulary at each prompt's last real token, shape ``[batch, vocab]``."""
         return self.last_position(self.logits).float().softmax(-1)
 
-    def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The last position of each prompt of a ``[batch, seq, ...]`` activation."""
-        return tensor[:, -1]
+    def last_position(self, tensor: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Each prompt's last real token of a ``[batch, seq, ...]`` activation or logits, ``[batch, ...]``.
+
+        Inside a trace the prompts' padding (left or right) comes from the attention mask the forward received;
+        outside one, pass the batch's ``attention_mask`` (a single prompt or a left-padding tokenizer needs none).
+        """
+        if attention_mask is None:
+            if in_trace():
+                attention_mask = self.trace_attention_mask()
+            elif tensor.shape[0] > 1 and getattr(self.tokenizer, "padding_side", "left") != "left":
+                raise ValueError(
+                    "last_position outside a trace: the tokenizer pads on the right, so each prompt's last token "
+                    "depends on its length; pass attention_mask=... (the batch's mask) or call it inside the trace."
+                )
+        return at_last_token(tensor, attention_mask)
+
+    def trace_attention_mask(self) -> torch.Tensor | None:
+        """Inside a trace: the attention mask of this invoke's prompts as the forward received them,
+        ``[batch, seq]`` (1: a token of the prompt, 0: padding); None when the forward got no mask."""
+        return current_attention_mask()
 
     def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
         """An activation as ``[batch, seq, hidden]`` (the HF layout already is)."""
         return activation
 
-    def skip_layers(self, start: int, end: int | None = None) -> None:
-        """Skip layers ``start..end`` (inclusive): each outputs the residual stream entering ``start``."""
-        end = start if end is None else end
-        first = self._check_layer_index(start, "skip_layers")
-        last = self._check_layer_index(end, "skip_layers")
+    def skip_layers(
+        self,
+        start_layer: int,
+        end_layer: int | None = None,
+        skip_with: torch.Tensor | None = None,
+        layer_returns_tuple: bool | None = None,
+    ) -> None:
+        """Skip layers ``start_layer..end_layer`` (inclusive, inside a trace): each outputs ``skip_with``, by
+        default the residual stream entering ``start_layer``. ``layer_returns_tuple`` is accepted for nnterp 1.x
+        code and not needed: the layout says what each layer returns."""
+        end_layer = start_layer if end_layer is None else end_layer
+        first = self._check_layer_index(start_layer, "skip_layers")
+        last = self._check_layer_index(end_layer, "skip_layers")
         if last < first:
-            raise ValueError(f"skip_layers: end ({end}) comes before start ({start}).")
+            raise ValueError(f"skip_layers: end_layer ({end_layer}) comes before start_layer ({start_layer}).")
         if not any(self._backend.owns(index) for index in range(first, last + 1)):
             return  # all of them run on other pipeline stages
         stream = self.layers_input[first]
+        if skip_with is not None:
+            if isinstance(skip_with, (tuple, list)):
+                skip_with = skip_with[0]  # nnterp 1.x took a layer's whole tuple output
+            check_same_shape(stream, skip_with, f"skip_layers({start_layer}, {end_layer}, skip_with=...)")
+            stream = self._backend.before_write(skip_with)
         for index in range(first, last + 1):
             if not self._backend.owns(index):
                 continue  # another pipeline stage skips its own layers
             envoy = self.layers[index]
             layout = self.layout.for_module("layer", envoy._module)
-            envoy.skip(layout.output.build(stream))
+            envoy.skip(layout.output.build(stream, returned_tuple_length(type(envoy._module))))
 
-    def skip_layer(self, index: int) -> None:
-        self.skip_layers(index, index)
+    def skip_layer(self, layer: int, skip_with: torch.Tensor | None = None) -> None:
+        """Skip one layer (inside a trace): it outputs ``skip_with``, by default its own input."""
+        self.skip_layers(layer, layer, skip_with)
 
     def steer(
         self,
         layers: int | Sequence[int],
         steering_vector: torch.Tensor,
-        factor: float = 1.0,
-        positions: int | Sequence[int] | slice | None = None,
+        factor: float = 1,
+        positions: Positions = None,
+        token_positions: Positions = None,
+        batch_index: Positions = None,
     ) -> None:
-        """Add ``factor * steering_vector`` to the output of each layer in ``layers`` (inside a trace)."""
-        for layer in [layers] if isinstance(layers, int) else layers:
-            if not self._backend.owns(self._check_layer_index(layer, "steer")):
+        """Add ``factor * steering_vector`` to the output of each layer in ``layers`` (inside a trace).
+
+        ``token_positions`` (int, list, slice or tensor; None: every position) index each prompt's own tokens,
+        padding excluded, whatever the padding side: 0 is a prompt's first real token and -1 its last, so
+        a prompt steers the same in a padded batch as alone. In a generation step after the first, they
+        index the tokens that step processes. ``batch_index`` (None: every prompt) picks prompts of the
+        batch (of the invoke, inside ``tracer.invoke``); on vLLM each invoke is one prompt, so it can only be
+        0. ``positions`` is the deprecated spelling of ``token_positions``.
+        """
+        if positions is not None:
+            if token_positions is not None:
+                raise ValueError("Cannot specify both `positions` (deprecated) and `token_positions`.")
+            warnings.warn("`positions` is deprecated, use `token_positions` instead.", DeprecationWarning, stacklevel=2)
+            token_positions = positions
+        if steering_vector.shape[-1] != self.hidden_size:
+            raise ValueError(
+                f"steer: the steering vector has width {steering_vector.shape[-1]}, the model's hidden size is {self.hidden_size}."
+            )
+        indices = sorted({self._check_layer_index(layer, "steer") for layer in ([layers] if isinstance(layers, int) else layers)})
+        chooses_tokens = token_positions is not None or batch_index is not None
+        for layer in indices:  # forward order, as a trace must read them
+            if not self._backend.owns(layer):
                 continue  # the pipeline stage that runs this layer steers it
             stream = self.layers_output[layer]
-            self.layers_output[layer] = add_at_positions(stream, factor * steering_vector, positions, self.hidden_size)
+            vector = (factor * steering_vector).to(device=stream.device, dtype=stream.dtype)
+            if chooses_tokens:
+                mask = self._steering_mask(self.as_batch(stream).shape[:2], token_positions, batch_index)
+                vector = mask.reshape(stream.shape[:-1] + (1,)).to(stream) * vector
+            self.layers_output[layer] = stream + vector
 
-    def project_on_vocab(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _steering_mask(self, batch_and_tokens: torch.Size, token_positions: Positions, batch_index: Positions) -> torch.Tensor:
+        """``[batch, tokens]``: True at the chosen prompts' chosen real tokens of this forward pass."""
+        note = "" if self._backend.batches_prompts else VLLM_ONE_PROMPT
+        return chosen_tokens(self._real_tokens(batch_and_tokens), token_positions, batch_index, note)
+
+    def _real_tokens(self, batch_and_tokens: torch.Size) -> torch.Tensor:
+        """``[batch, tokens]``: which tokens of an activation of this forward pass are real (not padding). The
+        forward's attention mask covers the prompts; a generation step after the first processes only new
+        tokens, all real."""
+        mask = self.trace_attention_mask()
+        if mask is None or tuple(mask.shape) != tuple(batch_and_tokens):
+            return torch.ones(batch_and_tokens, dtype=torch.bool)
+        return mask.bool()
+
+    # -- inputs ---------------------------------------------------------------
+
+    def _forward_input(self, name: str, position: int | None = None) -> torch.Tensor | None:
+        """An argument of the model's own forward call this pass (inside a trace)."""
+        args, kwargs = self.inputs
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+        return args[position] if position is not None and len(args) > position else None
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """The token ids of this forward pass, ``[batch, tokens]`` (inside a trace)."""
+        return self._forward_input("input_ids", 0)
+
+    @property
+    def attention_mask(self) -> torch.Tensor:
+        """``[batch, tokens]``, 1 for real tokens and 0 for padding (inside a trace)."""
+        mask = self._forward_input("attention_mask")
+        return torch.ones_like(self.input_ids) if mask is None else mask
+
+    @property
+    def input_size(self) -> torch.Size:
+        """``(batch, tokens)`` of this forward pass (inside a trace)."""
+        return self.input_ids.shape
+
+    @property
+    def add_prefix_false_tokenizer(self):
+        """The model's tokenizer loaded with ``add_prefix_space=False``."""
+        if getattr(self, "_add_prefix_false_tokenizer", None) is None:
+            from transformers import AutoTokenizer
+
+            if self._tokenizer_source is None:
+                raise ValueError("add_prefix_false_tokenizer: this model was loaded without a path to load its tokenizer from.")
+            self._add_prefix_false_tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_source, add_prefix_space=False)
+        return self._add_prefix_false_tokenizer
+
+    def detect_layer_output_type(self) -> None:
+        """Kept for nnterp 1.x code: layouts are inferred at load, so ``layers_output.returns_tuple`` is already known."""
+
+    @property
+    def attn_probs_available(self) -> bool:
+        return self.attention_probabilities.enabled
+
+    # -- vocabulary -------------------------------------------------------------
+
+    def project_on_vocab(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """Logits of a residual-stream tensor: final norm, LM head, and the model's logit post-processing."""
         def project(stream: torch.Tensor) -> torch.Tensor:
             normed = self._torch_module("ln_final")(stream)
+            if isinstance(normed, tuple):
+                normed = normed[0]  # vLLM's Command-R norm returns (normed, residual) even without a residual
             return self.postprocess_logits(self._lm_head_logits(normed))
 
-        return self._backend.compute_at("model.project_on_vocab", HEAD, project, hidden)
+        return self._backend.compute_at("model.project_on_vocab", HEAD, project, hidden_state)
+
+    def _project_now(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """``project_on_vocab`` outside a trace (the weights are in this process)."""
+        with torch.no_grad():
+            return self.project_on_vocab(hidden_state)
+
+    def probs_to_dict(self, tokens: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
+        """``{token string: probability}`` for paired token ids and probabilities."""
+        return {token: float(prob) for token, prob in zip(self.tokenizer.convert_ids_to_tokens(tokens.tolist()), probs)}
+
+    def get_topk_closest_tokens(self, hidden_state: torch.Tensor, k: int = 5) -> dict[str, float] | list[dict[str, float]]:
+        """The ``k`` most probable tokens of ``project_on_vocab(hidden_state)``: ``{token: probability}`` for a
+        ``[hidden]`` vector, one such dict per row for ``[n, hidden]``."""
+        if hidden_state.ndim not in (1, 2):
+            raise ValueError(f"get_topk_closest_tokens takes a [hidden] or [n, hidden] tensor, got shape {tuple(hidden_state.shape)}.")
+        if hidden_state.shape[-1] != self.hidden_size:
+            raise ValueError(f"Hidden state shape {tuple(hidden_state.shape)} does not match the model's hidden size {self.hidden_size}.")
+        probs = self._project_now(hidden_state).float().softmax(-1)
+        top = torch.topk(probs, k=k, dim=-1)
+        if hidden_state.ndim == 1:
+            return self.probs_to_dict(top.indices, top.values)
+        return [self.probs_to_dict(indices, values) for indices, values in zip(top.indices, top.values)]
 
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         return self._torch_module("lm_head")(normed)
@@ -300,23 +552,13 @@ class StandardizedMixin:
         return logits
 
 
-def add_at_positions(
-    stream: torch.Tensor, vector: torch.Tensor, positions: int | Sequence[int] | slice | None, hidden_size: int
-) -> torch.Tensor:
-    """``stream`` with ``vector`` added at ``positions`` of its sequence axis (all when None)."""
-    if vector.shape[-1] != hidden_size:
-        raise ValueError(f"steering vector has width {vector.shape[-1]}, the model's hidden size is {hidden_size}.")
-    vector = vector.to(device=stream.device, dtype=stream.dtype)
-    if positions is None:
-        return stream + vector
-    mask = torch.zeros(stream.shape[:-1] + (1,), dtype=stream.dtype, device=stream.device)
-    mask[..., positions, :] = 1
-    return stream + mask * vector
+def _with_progress(results: Iterator, total: int, progress: bool) -> Iterator:
+    from tqdm.auto import tqdm
 
-
-def _config_value(config: Any, keys: Iterable[str]) -> int:
-    for key in keys:
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    raise AttributeError(f"{type(config).__name__} has none of {list(keys)}")
+    with tqdm(total=total, disable=not progress, desc="extract", unit="prompt") as bar:
+        try:
+            for item in results:
+                yield item
+                bar.update()
+        finally:
+            results.close()  # an abandoned extraction releases the engine's requests and hooks

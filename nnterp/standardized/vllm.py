@@ -5,18 +5,21 @@ from __future__ import annotations
 import ast
 import contextlib
 import functools
-import inspect
 import json
+import logging
 import os
-import textwrap
+from pathlib import Path
+import uuid
 from typing import Any
 
 import torch
 
-from ..layout import infer_model_layout
-from ..rename import RenameConfig, layer_child, resolve_names
-from .base import Backend, StandardizedMixin
+from ..layout.infer import parse_source
+from ..rename import RenameConfig, layer_child, resolve_names, split_rename
+from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
 from .readonly import read_only
+from .source import check_model_source
+from .vllm_collect import collect_like_local
 
 
 class VLLMBackend(Backend):
@@ -38,9 +41,23 @@ class VLLMBackend(Backend):
 
 
 CPU_KV_CACHE_BYTES = 2**30
+VLLM_NO_PROBABILITIES = (
+    "vLLM's attention kernels (paged / flash) never materialize attention probabilities; use "
+    "StandardizedTransformer(..., enable_attention_probs=True) on the same weights for them."
+)
+
+
+def _quiet_vllm_logging() -> None:
+    """vLLM logs ~45 INFO lines per engine start: WARNING unless the user set ``VLLM_LOGGING_LEVEL``. The
+    variable reaches vLLM's logging config and the engine's worker processes; the logger's own level also
+    covers what vLLM logs before it applies that config, and a vllm imported before nnterp."""
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    if level in logging.getLevelNamesMapping():
+        logging.getLogger("vllm").setLevel(level)
 
 
 def _vllm_class():
+    _quiet_vllm_logging()
     from nnsight.modeling.vllm import VLLM
 
     return VLLM
@@ -48,6 +65,22 @@ def _vllm_class():
 
 def _no_accelerator() -> bool:
     return not torch.cuda.is_available()
+
+
+def _expert_group_after_a_dense_engine() -> None:
+    """vLLM creates its expert-parallel group when the process's first engine sets up its parallel groups, and
+    only for a MoE model: a MoE model loaded after a dense one in the same process (engines run in-process)
+    finds none and fails to build. On a single-rank world, create it then over that rank, as vLLM would have."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._EP is not None or not parallel_state.model_parallel_is_initialized():
+        return
+    world = parallel_state.get_world_group()
+    if world.world_size != 1:
+        return  # a multi-rank world sets its groups up once, with the model it was made for
+    backend = torch.distributed.get_backend(world.device_group)
+    parallel_state._EP = parallel_state.init_model_parallel_group([[world.rank]], world.local_rank, backend,
+                                                                  group_name="ep")
 
 
 def _cpu_meta_build():
@@ -81,19 +114,51 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
 
     Prefix caching is off (cached tokens skip the forward pass, so interventions would silently miss
     them); pass ``unsafe_enable_prefix_caching=True`` to turn it on anyway. Activations are flat
-    ``[tokens, hidden]``; each ``tracer.invoke`` is one prompt.
+    ``[tokens, hidden]``; each ``tracer.invoke`` is one prompt. vLLM's per-call progress bars ("Rendering
+    prompts", "Processed prompts") are off unless ``use_tqdm=True``.
+
+    ``model`` is a model directory, hub id or GGUF file; other keyword arguments go to the engine. nnterp
+    1.x's arguments mean what they mean on ``StandardizedTransformer``, except ``enable_attention_probs=True``
+    (vLLM never materializes the probabilities: an error) and ``check_attn_probs_with_trace`` (unused).
     """
 
     def __init__(
         self,
-        model: str,
-        rename: RenameConfig | None = None,
+        model: str | Path,
+        trust_remote_code: bool = False,
+        check_renaming: bool = True,
+        remote: bool = False,
+        allow_dispatch: bool = True,
+        enable_attention_probs: bool = False,
+        check_attn_probs_with_trace: bool = True,
+        allow_multimodal: bool = False,
+        rename_config: RenameConfig | None = None,
+        *,
+        rename: RenameConfig | dict | None = None,
+        tokenizer_kwargs: dict | None = None,
         check_layout: bool = True,
         unsafe_enable_prefix_caching: bool = False,
+        use_tqdm: bool = False,
         **vllm_kwargs: Any,
     ) -> None:
+        refuse_remote(remote, "StandardizedVLLM")
+        if enable_attention_probs:
+            from ..attention import AttentionProbabilitiesUnavailable
+
+            raise AttentionProbabilitiesUnavailable(VLLM_NO_PROBABILITIES)
+        config, hints, extra = split_rename(rename, rename_config, vllm_kwargs)
+        model = check_model_source(model, "StandardizedVLLM", loaded_ok=False)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        object.__setattr__(self, "_use_tqdm", use_tqdm)  # read by _load_sync, inside super().__init__
+        if vllm_kwargs.get("enable_prefix_caching"):
+            raise ValueError(
+                "StandardizedVLLM keeps vLLM's prefix caching off: tokens served from the cache skip the forward "
+                "pass, so reads would miss them and interventions would silently not apply to them. To turn it on "
+                "anyway, pass unsafe_enable_prefix_caching=True instead of enable_prefix_caching=True."
+            )
         vllm_kwargs = _translate_hf_kwargs(vllm_kwargs)
+        if trust_remote_code:
+            vllm_kwargs["trust_remote_code"] = True
         for key, value in json.loads(os.environ.get("NNTERP_VLLM_ARGS", "{}")).items():
             vllm_kwargs.setdefault(key, value)  # machine-wide engine defaults, e.g. an attention backend
         vllm_kwargs["enable_prefix_caching"] = unsafe_enable_prefix_caching
@@ -102,23 +167,28 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             # An explicit KV cache: vLLM's CPU worker otherwise sizes it as a fraction of host memory minus this
             # process's resident memory, which fails once the process holds other models (an HF one, say).
             vllm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        _expert_group_after_a_dense_engine()
         with _cpu_meta_build():
             super().__init__(model, **vllm_kwargs)
-        names = resolve_names(self._module, rename)
-        self.names = names
-        self._backend = VLLMBackend()
+        names = resolve_names(self._module, config, hints, extra)
         width = self._module.get_submodule(names.embed_tokens).embedding_dim
-        self.layout = infer_model_layout(self._module, names, width, "vllm", layout_key(self._module), run=None)
-        self._init_standard_surface()
+        layout = infer_layout(self._module, names, width, "vllm", run=None, architecture=layout_key(self._module))
+        _bind_aliases(self, names.nnsight_rename())
+        self._init_standard_surface(names, config, VLLMBackend(), layout, model)
         _mount_layer_children(self, names)
-        self._check_against_snapshot(check_layout)
+        for key, value in (tokenizer_kwargs or {}).items():
+            setattr(self.tokenizer, key, value)
+        self._check_loaded(check_layout, check_renaming, allow_multimodal)
 
     _WORKER_CLS = "nnterp.standardized.vllm_worker.NNterpGPUWorker"
 
     def _load_sync(self, repo_id: str, **kwargs: Any) -> Any:
         if _no_accelerator():
             self._WORKER_CLS = "nnterp.standardized.vllm_cpu.NNsightCPUWorker"
-        return super()._load_sync(repo_id, **kwargs)
+        llm = super()._load_sync(repo_id, **kwargs)
+        # nnsight calls llm.generate without use_tqdm, and vLLM's default draws two bars per trace.
+        llm.generate = functools.partial(llm.generate, use_tqdm=self._use_tqdm)
+        return llm
 
     def __setstate__(self, state: dict) -> None:
         """Unpickled inside an engine worker: on a pipeline stage, reads and writes go through the stage."""
@@ -126,6 +196,11 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         from .vllm_worker import stage_backend
 
         self._backend = stage_backend(self, self._backend)
+
+    def _collect(self, mediators: list, outputs: list) -> None:
+        """nnsight's collection, with containers shared by several invokes merged in invoke order and worker
+        errors raised with their original type (see ``vllm_collect``)."""
+        collect_like_local(mediators, outputs, super()._collect)
 
     logits = _served_by_engine("logits", "This step's logits, one row per request.")
     samples = _served_by_engine("samples", "The token ids sampled this step, one per request.")
@@ -146,10 +221,15 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     def attention_probabilities(self):
         from ..attention import AttentionProbabilitiesUnavailable
 
-        raise AttentionProbabilitiesUnavailable(
-            "vLLM's attention kernels (paged / flash) never materialize attention probabilities; use "
-            "StandardizedTransformer(..., attn_implementation='eager') on the same weights for them."
-        )
+        raise AttentionProbabilitiesUnavailable(VLLM_NO_PROBABILITIES)
+
+    attn_probs_available = False
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """This request's token ids, ``[1, tokens]`` (each invoke is one unpadded prompt); a copy, as the engine
+        reuses its input buffer."""
+        return self._forward_input("input_ids", 0).to(torch.long, copy=True).reshape(1, -1)
 
     @property
     def engine_kind(self) -> str:
@@ -173,20 +253,60 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
                     return value
         return None
 
-    def last_position(self, tensor: torch.Tensor) -> torch.Tensor:
-        """vLLM logits are already one row per request at its last position."""
-        return tensor
+    def last_position(self, tensor: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The request's last token, ``[1, ...]``: the last row of a flat ``[tokens, ...]`` activation (or of
+        ``[1, tokens, ...]``); logits, one row per request, are already at it. vLLM never pads a prompt."""
+        return self.as_batch(tensor)[:, -1]
+
+    def trace_attention_mask(self) -> None:
+        """None: each invoke is one unpadded prompt."""
+        return None
 
     def as_batch(self, activation: torch.Tensor) -> torch.Tensor:
         """One request's activation as ``[1, tokens, hidden]``: native vLLM models are flat ``[tokens, hidden]``,
         models vLLM runs through its Transformers backend already have the leading 1."""
         return activation if activation.ndim == 3 else activation[None]
 
+    _extractions_running = 0  # extract() generators stepping the engine right now
+
     def trace(self, *inputs: Any, **kwargs: Any):
         """A forward pass: greedy and one token unless ``temperature``/``max_tokens`` say otherwise."""
+        if self._extractions_running:
+            raise RuntimeError(
+                "An extract() generator is still running on this engine, and a trace would run its requests "
+                "too. Consume or close it (`results.close()`) before tracing."
+            )
         kwargs.setdefault("temperature", 0.0)
         kwargs.setdefault("max_tokens", 1)
+        self._share_with_workers()
         return super().trace(*inputs, **kwargs)
+
+    def _share_with_workers(self) -> None:
+        """Ship this model to the engine's workers once, and make trace requests refer to that copy.
+
+        Each request otherwise pickles the whole envoy tree (one envoy per module) and the worker unpickles it:
+        most of a trace request's fixed cost. The copy is shipped again when the model's attributes change
+        (a trace body may read them). Off under pipeline parallelism, where each request's copy gets a stage
+        backend of its own."""
+        engine = getattr(self.vllm_entrypoint, "llm_engine", None)
+        if engine is None or engine.vllm_config.parallel_config.pipeline_parallel_size > 1:
+            return
+        fingerprint = tuple((name, id(value)) for name, value in self.__dict__.items() if name not in _SHARING_STATE)
+        shared = self.__dict__.get("_persistent_id")
+        if shared is not None and self.__dict__.get("_shared_fingerprint") == fingerprint:
+            return
+        from nnsight.intervention.serialization import dumps
+
+        self.__dict__.pop("_persistent_id", None)  # pickle the model itself this once
+        key = f"nnterp:StandardizedVLLM:{uuid.uuid4().hex}"
+        engine.collective_rpc("nnterp_share_model", args=(key, dumps(self), shared))
+        self.__dict__["_persistent_id"] = key
+        self.__dict__["_shared_fingerprint"] = fingerprint
+
+    def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs):
+        from ..extraction.vllm import run
+
+        return run(self, plan, prompts, batch_size or len(prompts), max_new_tokens, generation_kwargs)
 
     def greedy_generation_kwargs(self, max_new_tokens: int) -> dict:
         """Sampling parameters for greedy decoding on the raw logits (the checkpoint's penalties overridden),
@@ -201,6 +321,14 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     def step_token(self) -> torch.Tensor:
         """Inside a generation step: the token the engine sampled, ``[requests]``."""
         return self.samples
+
+    def _project_now(self, hidden_state: torch.Tensor) -> torch.Tensor:
+        """The weights live in the engine: project inside a short request."""
+        from .checks import CHECK_PROMPT
+
+        with torch.no_grad(), self.trace(CHECK_PROMPT):
+            logits = self.project_on_vocab(hidden_state).save()
+        return logits
 
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         # vLLM's LM head is only a weight holder for its logits processor: padded past the vocabulary, and
@@ -224,9 +352,8 @@ def _scale_path(holder_class: type, attr: str) -> tuple[str, ...] | None:
 
 
 def _scale_path_in(klass: type, attr: str) -> tuple[str, ...] | None:
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
-    except (OSError, TypeError, SyntaxError):
+    tree = parse_source(klass)
+    if tree is None:
         return None
     for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
         bound = {target.id for node in ast.walk(function) if isinstance(node, ast.Assign) and _calls_self(node.value, attr)
@@ -278,6 +405,18 @@ def _mount_layer_children(model, names) -> None:
             native = layer_child(layer._module, standard, names)
             if native is not None and native != standard:
                 object.__setattr__(layer, standard, getattr(layer, native))
+
+_SHARING_STATE = ("_persistent_id", "_shared_fingerprint")
+
+
+def _bind_aliases(root, rename: dict) -> None:
+    """Mount ``rename`` aliases on an envoy tree built before the names were known, as nnsight binds them at
+    construction: children first."""
+    from nnsight.intervention import aliasing
+
+    for envoy in root.modules():
+        object.__setattr__(envoy, "_rename", rename)
+        aliasing.bind(envoy)
 
 
 def _translate_hf_kwargs(kwargs: dict) -> dict:

@@ -15,18 +15,20 @@ from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
 from ..distributed.tp import REPACKED
-from .vllm_worker import PipelineRunner
+from ..extraction.worker import ExtractionRunner, ExtractionWorker
+from .vllm_worker import PipelineRunner, SharedModelRunner, SharedModelWorker
 
 
-class NNsightCPUModelRunner(PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
-    """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages."""
+class NNsightCPUModelRunner(ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
+    """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages, extraction and
+    shared model copy."""
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         mark_prepacked_moe_weights(self.model)
 
 
-class NNsightCPUWorker(NNsightGPUWorker, CPUWorker):
+class NNsightCPUWorker(ExtractionWorker, SharedModelWorker, NNsightGPUWorker, CPUWorker):
     """vLLM's CPU worker whose runner interleaves interventions (nnsight's RPCs come from NNsightGPUWorker)."""
 
     def init_device(self) -> None:

@@ -21,6 +21,7 @@ import torch
 from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner, Requests
 from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 
+from ..extraction.worker import ExtractionRunner, ExtractionWorker
 from ..distributed.pp import (
     STAGE_END,
     STAGE_START,
@@ -196,11 +197,34 @@ def _request_error(request) -> Any:
     return error
 
 
-class NNterpGPUModelRunner(PipelineRunner, NNsightGPUModelRunner):
-    """nnsight's GPU model runner with pipeline stages."""
+class SharedModelRunner:
+    """Keeps the model copies traces refer to, so a request carries a reference instead of the whole module tree.
+
+    Unpickling a request's ``StandardizedVLLM`` (one envoy per module, ~185 for a 16-layer Llama) was most of a
+    trace request's fixed cost; the client now ships the model once per engine and tags it so its requests
+    pickle a persistent id that resolves here (see ``StandardizedVLLM._share_with_workers``)."""
+
+    def nnterp_share_model(self, key: str, payload: bytes, replaces: Optional[str] = None) -> None:
+        from nnsight.intervention.serialization import loads
+
+        objects = self.nnsight_persistent_objects
+        objects[key] = loads(payload, persistent_objects=objects)
+        if replaces is not None:
+            objects.pop(replaces, None)
 
 
-class NNterpGPUWorker(NNsightGPUWorker):
+class NNterpGPUModelRunner(ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner):
+    """nnsight's GPU model runner with pipeline stages, extraction and a shared model copy for traces."""
+
+
+class SharedModelWorker:
+    """The RPC that installs a model copy traces refer to (``collective_rpc`` calls it by name)."""
+
+    def nnterp_share_model(self, key: str, payload: bytes, replaces: Optional[str] = None) -> None:
+        return self.model_runner.nnterp_share_model(key, payload, replaces)
+
+
+class NNterpGPUWorker(ExtractionWorker, SharedModelWorker, NNsightGPUWorker):
     """nnsight's GPU worker, with nnterp's runner."""
 
     def init_device(self) -> None:

@@ -179,7 +179,9 @@ def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float):
             return (channel.fetch(channel.key(where), where), *args[1:]), kwargs
 
         layers[split].register_forward_pre_hook(receive, with_kwargs=True)
-    model = StandardizedTransformer(hf_model, tokenizer=AutoTokenizer.from_pretrained(str(path)), check_layout=False)
+    # no load-time renaming check: until the stage backend below is installed, the other stage's layers are stubs
+    model = StandardizedTransformer(hf_model, tokenizer=AutoTokenizer.from_pretrained(str(path)), check_layout=False,
+                                    check_renaming=False)
 
     def boundary(location: str):  # the step boundaries vLLM's runner serves, around this stage's forward
         def serve(*_):

@@ -23,6 +23,7 @@ import torch
 from .equivalence import PROMPTS, compare_reads, read_prompts
 
 RESULT_PREFIX = "nnterp-parallel: "
+EXTRACTED = ("layers_output", "attentions_input")  # read by model.extract too (all layers, prompts together)
 
 
 def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
@@ -60,6 +61,8 @@ def dump_reads(path: str, out: str, tp: int, pp: int) -> None:
     reads = read_prompts(model)
     for prompt_reads, prompt in zip(reads, PROMPTS):
         prompt_reads.update(tool_reads(model, prompt))
+    for prompt_reads, extracted in zip(reads, model.extract(list(PROMPTS), accessors=EXTRACTED, progress=False)):
+        prompt_reads.update({f"extracted_{name}": list(extracted[name]) for name in EXTRACTED})
     torch.save(reads, out)
 
 

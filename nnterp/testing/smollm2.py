@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -27,16 +28,21 @@ def gguf_path() -> Path:
     return path
 
 
-def smollm2_path() -> Path:
-    """A HuggingFace directory of SmolLM2-135M-Instruct (dequantised to float32), converted once and cached."""
+def smollm2_path(progress: Callable[[str], None] | None = None) -> Path:
+    """A HuggingFace directory of SmolLM2-135M-Instruct (dequantised to float32), converted once and cached;
+    ``progress`` is told each step of the conversion (it takes a minute or so on 2 cores)."""
     target = cache_root() / "SmolLM2-135M-Instruct"
     if (target / "config.json").exists() and (target / "tokenizer_config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    announce = progress or (lambda message: None)
     source = gguf_path()
+    announce(f"reading the tokenizer from {source.name}...")
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    announce("reading and de-quantizing the weights...")
     dequantised = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name)
+    announce(f"saving a float32 HuggingFace directory in {target}...")
     # The GGUF-marked model refuses to serialise: rebuild a plain float32 model with the same weights.
     config = dequantised.config
     if hasattr(config, "quantization_config"):

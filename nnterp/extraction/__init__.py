@@ -1,0 +1,12 @@
+"""Activation extraction at engine speed: many prompts in, one prompt's activations out at a time.
+
+``model.extract(prompts, layers=..., accessors=...)`` reads the same streams as the accessors inside a trace
+(same layouts, dual-stream sums, values copied when read), but through plain forward hooks over whole batches
+instead of one intervention per prompt. See :meth:`nnterp.standardized.base.StandardizedMixin.extract`.
+"""
+
+from .plan import ACCESSORS, ExtractionPlan, Tap, plan_extraction
+from .result import Activations
+from .shards import save_activations
+
+__all__ = ["ACCESSORS", "Activations", "ExtractionPlan", "Tap", "plan_extraction", "save_activations"]

@@ -1,0 +1,133 @@
+"""nnterp 1.x's ``rename_utils``: the renaming vocabulary and the config lookups of model sizes.
+
+``RenameConfig``, ``RenamingError`` and ``AttnProbFunction`` are defined in :mod:`nnterp.rename`; the
+accessor classes in :mod:`nnterp.accessors` and :mod:`nnterp.attention`.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from .accessors import LayerAccessor
+from .attention import AttentionProbabilities as AttentionProbabilitiesAccessor
+from .rename import LAYER_ALIASES, ROOT_ALIASES, STANDARD_NAMES, RenameConfig
+
+_DEFINED_IN_RENAME = ("RenamingError", "AttnProbFunction")
+
+# The standard names, and the native names nnterp tries for each (alias tables of nnterp.rename).
+MODEL_NAMES = ["model", "transformer", "gpt_neox", "decoder", "language_model", "backbone"]
+ATTENTION_NAMES = list(LAYER_ALIASES["self_attn"])
+MLP_NAMES = list(LAYER_ALIASES["mlp"])
+LAYER_NAMES = list(ROOT_ALIASES["layers"])
+LN_NAMES = list(ROOT_ALIASES["ln_final"])
+LM_HEAD_NAMES = list(ROOT_ALIASES["lm_head"])
+EMBED_TOKENS_NAMES = list(ROOT_ALIASES["embed_tokens"])
+
+# nnterp 1.x RenameConfig field for each standard name.
+_CONFIG_FIELDS = {"model": "model_name", "layers": "layers_name", "self_attn": "attn_name", "mlp": "mlp_name",
+                  "ln_final": "ln_final_name", "lm_head": "lm_head_name"}
+
+
+class IOType(Enum):
+    """Whether an accessor reads a module's input or its output."""
+
+    INPUT = "input"
+    OUTPUT = "output"
+
+
+def default_attn_head_config_keys() -> list[str]:
+    return ["n_heads", "num_attention_heads", "n_head", "num_heads"]
+
+
+def default_hidden_size_config_keys() -> list[str]:
+    return ["hidden_size", "d_model", "n_embd", "dim"]
+
+
+def default_vocab_size_config_keys() -> list[str]:
+    return ["vocab_size", "n_vocab", "padded_vocab_size"]
+
+
+def _names_given(rename_config: RenameConfig, standard: str) -> list[str]:
+    """The native names a RenameConfig gives for a standard module (both spellings of its fields)."""
+    names = []
+    for field in (standard, _CONFIG_FIELDS.get(standard)):
+        value = getattr(rename_config, field, None) if field else None
+        names += [value] if isinstance(value, str) else list(value or [])
+    return names
+
+
+def get_rename_dict(rename_config: RenameConfig | None = None) -> dict[str, str]:
+    """``{native name or path: standard name}``: the aliases nnterp tries, with ``rename_config``'s entries.
+
+    A layer child (``attn``, ``feed_forward``) is named relative to its layer; the other modules by their
+    path from the model root (``transformer.h``, ``model.norm``).
+    """
+    rename: dict[str, str] = {}
+    if rename_config is not None:
+        for standard in (*STANDARD_NAMES, "model"):
+            for native in _names_given(rename_config, standard):
+                rename[native] = standard
+    for standard, aliases in (*ROOT_ALIASES.items(), *LAYER_ALIASES.items()):
+        for alias in aliases:
+            rename.setdefault(alias, standard)
+    for container in MODEL_NAMES[1:]:
+        rename.setdefault(container, "model")
+    return rename
+
+
+def text_config(model: Any) -> Any:
+    """The config of the language model: ``config.text_config`` for multimodal models, else ``config``."""
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def _config_size(model: Any, what: str, keys: list[str], given: Any, raise_error: bool) -> int | None:
+    if isinstance(given, int) and not isinstance(given, bool):
+        return given
+    if given is not None and not isinstance(given, (str, list, tuple)):
+        raise ValueError(f"Invalid {what} config key: {given!r}, expected None, str, list[str] or int")
+    keys = ([given] if isinstance(given, str) else list(given or [])) + keys
+    config = text_config(model)
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int):
+            return value
+    if raise_error:
+        raise ValueError(f"{type(config).__name__} has none of the {what} keys {keys}; name the key (or give the "
+                         f"number) with RenameConfig({what}_config_key=...).")
+    return None
+
+
+def get_num_attention_heads(model: Any, raise_error: bool = True, rename_config: RenameConfig | None = None) -> int | None:
+    """The number of attention heads from the model's config (``rename_config.attn_head_config_key`` first)."""
+    given = getattr(rename_config, "attn_head_config_key", None)
+    return _config_size(model, "attn_head", default_attn_head_config_keys(), given, raise_error)
+
+
+def get_hidden_size(model: Any, raise_error: bool = True, rename_config: RenameConfig | None = None) -> int | None:
+    """The hidden size from the model's config (``rename_config.hidden_size_config_key`` first)."""
+    given = getattr(rename_config, "hidden_size_config_key", None)
+    return _config_size(model, "hidden_size", default_hidden_size_config_keys(), given, raise_error)
+
+
+def get_vocab_size(model: Any, raise_error: bool = True, rename_config: RenameConfig | None = None) -> int | None:
+    """The vocabulary size from the model's config (``rename_config.vocab_size_config_key`` first)."""
+    given = getattr(rename_config, "vocab_size_config_key", None)
+    return _config_size(model, "vocab_size", default_vocab_size_config_keys(), given, raise_error)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DEFINED_IN_RENAME:
+        from . import rename
+
+        return getattr(rename, name)
+    raise AttributeError(f"module 'nnterp.rename_utils' has no attribute {name!r}")
+
+
+__all__ = [
+    "ATTENTION_NAMES", "EMBED_TOKENS_NAMES", "IOType", "LAYER_NAMES", "LM_HEAD_NAMES", "LN_NAMES", "MLP_NAMES",
+    "MODEL_NAMES", "AttentionProbabilitiesAccessor", "LayerAccessor", "RenameConfig",
+    "default_attn_head_config_keys", "default_hidden_size_config_keys", "default_vocab_size_config_keys",
+    "get_hidden_size", "get_num_attention_heads", "get_rename_dict", "get_vocab_size", "text_config",
+]

@@ -1,0 +1,34 @@
+"""Plain HF forwards with hooks on the raw torch model: the independent reference of the surface tests."""
+
+import torch
+
+
+def stream_of(output):
+    """The residual stream in a layer's output (a tensor, or the first entry of a tuple)."""
+    return output[0] if isinstance(output, tuple) else output
+
+
+def with_stream(output, stream):
+    return (stream,) + tuple(output[1:]) if isinstance(output, tuple) else stream
+
+
+def add_at(vector: torch.Tensor, positions: list[int]):
+    """An edit of a one-prompt stream ``[1, tokens, hidden]`` adding ``vector`` at ``positions``."""
+    def edit(stream):
+        stream = stream.clone()
+        stream[0, positions] += vector
+        return stream
+    return edit
+
+
+def hooked_logits(raw: torch.nn.Module, layers: torch.nn.ModuleList, input_ids: torch.Tensor, edits: dict) -> torch.Tensor:
+    """Logits ``[tokens, vocab]`` of a plain forward on one prompt's ``input_ids`` ``[1, tokens]``, with
+    ``edits[layer](stream) -> stream`` applied to layer outputs by forward hooks."""
+    handles = [layers[i].register_forward_hook(lambda m, a, out, fn=fn: with_stream(out, fn(stream_of(out))))
+               for i, fn in edits.items()]
+    try:
+        with torch.no_grad():
+            return raw(input_ids=input_ids).logits[0]
+    finally:
+        for handle in handles:
+            handle.remove()

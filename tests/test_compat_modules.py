@@ -1,0 +1,74 @@
+"""nnterp.utils, nnterp.rename_utils and nnterp.logging against the model configs and modules they describe."""
+
+import logging
+
+import pytest
+import torch
+
+from nnterp import utils
+from nnterp.rename import RenameConfig
+from nnterp.rename_utils import (
+    IOType,
+    get_hidden_size,
+    get_num_attention_heads,
+    get_rename_dict,
+    get_vocab_size,
+    text_config,
+)
+
+
+def test_logger_is_nnterps():
+    from nnterp.logging import logger
+
+    assert logger is logging.getLogger("nnterp") and logger.handlers
+
+
+def test_small_utils(llama):
+    assert utils.unpack_tuple((1, 2)) == 1 and utils.unpack_tuple(3) == 3
+    assert utils.DummyCache().to_legacy_cache() is None and not utils.is_notebook()
+    with torch.no_grad():
+        logits = llama._module(**utils.dummy_inputs()).logits
+    assert logits.shape == (1, 3, llama.vocab_size)
+    import nnsight
+    import transformers
+
+    assert (utils.NNSIGHT_VERSION, utils.TRANSFORMERS_VERSION) == (nnsight.__version__, transformers.__version__)
+
+
+def test_try_with_scan_reports_scan_or_trace_and_raises_the_given_error(llama):
+    seen = []
+    assert utils.try_with_scan(llama, lambda: seen.append(llama.layers_output[0].shape), RuntimeError("x"), allow_dispatch=True)
+    assert seen and tuple(seen[0]) == (1, 3, llama.hidden_size)
+
+    def broken():
+        raise KeyError("boom")
+
+    with pytest.raises(RuntimeError, match="given") as caught:
+        utils.try_with_scan(llama, broken, RuntimeError("given"), allow_dispatch=True, warn_if_scan_fails=False)
+    assert isinstance(caught.value.__cause__, KeyError)
+    with pytest.raises(KeyError):
+        utils.try_with_scan(llama, broken, RuntimeError("given"), allow_dispatch=True, errors_to_raise=KeyError)
+
+
+def test_config_sizes_honour_keys_and_numbers(llama, gpt2):
+    assert get_num_attention_heads(llama) == llama._module.config.num_attention_heads
+    assert get_hidden_size(gpt2) == gpt2._module.config.n_embd and get_vocab_size(gpt2) == gpt2._module.config.vocab_size
+    assert text_config(llama) is llama._module.config
+    config = type("Config", (), {"width": 7, "heads": 2})()
+    model = type("Model", (), {"config": config})()
+    assert get_hidden_size(model, raise_error=False) is None
+    with pytest.raises(ValueError, match="hidden_size_config_key"):
+        get_hidden_size(model)
+    keys = type("Keys", (), {"hidden_size_config_key": ["width"], "attn_head_config_key": 3, "vocab_size_config_key": None})()
+    assert get_hidden_size(model, rename_config=keys) == 7 and get_num_attention_heads(model, rename_config=keys) == 3
+
+
+def test_rename_dict_maps_every_alias_to_its_standard_name(llama):
+    rename = get_rename_dict(RenameConfig(layers="backbone.blocks", self_attn="mixer"))
+    assert rename["backbone.blocks"] == "layers" and rename["mixer"] == "self_attn"
+    assert rename["transformer.h"] == "layers" and rename["attn"] == "self_attn" and rename["model.norm"] == "ln_final"
+    assert rename["transformer"] == "model" and rename["lm_head"] == "lm_head"
+    names = llama.names
+    for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
+        assert get_rename_dict()[getattr(names, standard)] == standard
+    assert IOType("input") is IOType.INPUT and IOType.OUTPUT.value == "output"

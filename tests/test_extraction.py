@@ -1,0 +1,148 @@
+"""model.extract on HF models: against HF's own hidden states and raw-module hooks of each prompt run alone
+(padding, absolute positions, in-place parent updates), against the trace path, and its errors."""
+
+import nnsight
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from nnterp import StandardizedTransformer
+from nnterp.extraction import ACCESSORS, save_activations
+from nnterp.extraction.result import PromptRows
+from nnterp.extraction.transfer import HostTransfer
+
+PROMPTS = ["The capital of France is", "Hello", "One two three four five six. The cat sat on the mat.", "A"]
+
+
+def hidden_states_alone(model, prompt: str) -> tuple[torch.Tensor, ...]:
+    """HF's ``hidden_states`` of the prompt run alone: entry i is the stream entering layer i."""
+    ids = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model._module(input_ids=ids, output_hidden_states=True).hidden_states
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gpt2"])  # GPT-2's absolute positions break under left padding
+def test_layers_input_equals_hf_hidden_states_of_each_prompt_alone(tiny_path, model_type):
+    model = StandardizedTransformer(str(tiny_path(model_type)))
+    results = list(model.extract(PROMPTS, accessors="layers_input", batch_size=3, progress=False))
+    assert [result.index for result in results] == list(range(len(PROMPTS)))
+    for result, prompt in zip(results, PROMPTS):
+        reference = torch.stack(hidden_states_alone(model, prompt)[:model.num_layers])[:, 0]
+        assert result["layers_input"].shape == reference.shape  # [layers, tokens, hidden]: no padding rows
+        assert torch.allclose(result["layers_input"], reference, atol=1e-5), prompt
+        assert result.token_ids == model.tokenizer(prompt)["input_ids"]
+
+
+def test_every_accessor_equals_the_trace_of_each_prompt_alone(llama):
+    results = list(llama.extract(PROMPTS, accessors=ACCESSORS, layers=[0, 2], batch_size=2, progress=False))
+    for result, prompt in zip(results, PROMPTS):
+        for name in ACCESSORS:
+            with torch.no_grad(), llama.trace(prompt):
+                first = getattr(llama, name)[0].save()
+                last = getattr(llama, name)[2].save()
+            traced = torch.stack([first[0], last[0]])
+            assert torch.allclose(result[name], traced, atol=1e-5), (name, prompt)
+
+
+def test_a_copy_is_taken_when_read_not_after_the_parent_adds_into_it(tiny_path):
+    """Falcon's layer adds the attention output into the tensor its MLP returned, in place."""
+    model = StandardizedTransformer(str(tiny_path("falcon")))
+    layer = model._module.transformer.h[1]
+    seen = {}
+    handles = [layer.mlp.register_forward_hook(lambda module, args, output: seen.update(mlp=output.clone())),
+               layer.self_attention.register_forward_hook(lambda module, args, output: seen.update(attn=output[0].clone()))]
+    try:
+        with torch.no_grad():
+            model._module(input_ids=model.tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"])
+    finally:
+        for handle in handles:
+            handle.remove()
+    result = next(model.extract(PROMPTS[:1], accessors="mlps_output", layers=1, progress=False))
+    assert torch.allclose(result["mlps_output"][0], seen["mlp"][0], atol=1e-6)
+    assert not torch.allclose(result["mlps_output"][0], seen["mlp"][0] + seen["attn"][0], atol=1e-3)
+
+
+def test_the_forward_pass_stops_after_the_last_tap(llama):
+    calls = []
+    handle = llama._module.lm_head.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        result = next(llama.extract(PROMPTS[:1], layers=0, progress=False))
+    finally:
+        handle.remove()
+    assert calls == []
+    assert torch.allclose(result["layers_output"][0], hidden_states_alone(llama, PROMPTS[0])[1][0], atol=1e-5)
+
+
+def test_generation_adds_the_rows_of_generated_tokens(llama):
+    results = list(llama.extract(PROMPTS[:2], layers=[1], max_new_tokens=3, progress=False))
+    for result, prompt in zip(results, PROMPTS):
+        prompt_ids = llama.tokenizer(prompt)["input_ids"]
+        assert 1 <= len(result.generated) <= 3
+        assert result.token_ids == prompt_ids + result.generated[:-1]
+        with torch.no_grad():
+            continued = llama._module.generate(torch.tensor([prompt_ids]), **llama.greedy_generation_kwargs(3))
+            hidden = llama._module(input_ids=torch.tensor([result.token_ids]), output_hidden_states=True).hidden_states
+        assert continued[0, len(prompt_ids):].tolist()[:len(result.generated)] == result.generated
+        assert torch.allclose(result["layers_output"][0], hidden[2][0], atol=1e-5)
+
+
+def test_token_id_prompts_and_text_prompts_agree(llama):
+    ids = llama.tokenizer(PROMPTS[0])["input_ids"]
+    from_text, from_ids = llama.extract([PROMPTS[0], ids], layers=1, progress=False)
+    assert from_ids.token_ids == ids
+    assert torch.allclose(from_text["layers_output"], from_ids["layers_output"], atol=1e-6)
+
+
+def test_abandoned_extraction_removes_its_hooks(llama):
+    def hooks():
+        return [(len(module._forward_hooks), len(module._forward_pre_hooks)) for module in llama._module.modules()]
+
+    before = hooks()
+    results = llama.extract(PROMPTS, accessors=("layers_input", "layers_output"), layers=[0, 1], batch_size=1,
+                            progress=False)
+    next(results)
+    assert hooks() != before
+    results.close()
+    assert hooks() == before
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    ({"accessors": "layer_output"}, ValueError, r"layer_output.* is not one of them"),
+    ({"accessors": ("layers_output", "layers_output")}, ValueError, "names one accessor twice"),
+    ({"layers": [0, 0]}, ValueError, "names one layer twice"),
+    ({"layers": 7}, IndexError, r"out of range: the model has 3 layers"),
+    ({"batch_size": 0}, ValueError, "batch_size must be at least 1"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(llama, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        llama.extract(PROMPTS, progress=False, **kwargs)
+
+
+def test_a_single_string_is_refused(llama):
+    with pytest.raises(TypeError, match="list of prompts"):
+        llama.extract("The capital of France is")
+
+
+def test_shards_hold_every_prompt(llama, tmp_path):
+    results = list(llama.extract(PROMPTS, accessors=("layers_output", "mlps_input"), layers=[0, 2], progress=False))
+    paths = save_activations(iter(results), tmp_path, prompts_per_shard=3)
+    assert [path.name for path in paths] == ["shard-00000.safetensors", "shard-00001.safetensors"]
+    stored = {**load_file(str(paths[0])), **load_file(str(paths[1]))}
+    for result in results:
+        for name in ("layers_output", "mlps_input"):
+            assert torch.equal(stored[f"{result.index}/{name}"], result[name])
+        assert stored[f"{result.index}/token_ids"].tolist() == result.token_ids
+
+
+def test_prompt_rows_replace_recomputed_tokens_and_refuse_gaps():
+    """An engine that preempts a request recomputes it from an earlier position; a prefix cache skips tokens."""
+    transfer = HostTransfer()
+    first, second = torch.arange(24.0).reshape(1, 6, 4), -torch.arange(20.0).reshape(1, 5, 4)
+    rows = PromptRows()
+    rows.add(transfer.start(first), 0, 4, 0, "prompt 0")
+    rows.add(transfer.start(first), 4, 2, 4, "prompt 0")
+    rows.add(transfer.start(second), 0, 5, 3, "prompt 0")  # recomputed from token 3
+    assert torch.equal(rows.assemble(), torch.cat([first[:, :3], second], dim=1))
+    with pytest.raises(RuntimeError, match="tokens 8..9 were never run"):
+        rows.add(transfer.start(second), 0, 1, 10, "prompt 0")
+

@@ -1,0 +1,154 @@
+"""model.extract on vLLM's CPU engine: several prompts per engine step (and steps per prompt when generating)
+against the trace of each prompt alone, against HF, the engine's errors, and trace requests that refer to the
+model instead of carrying it."""
+
+import nnsight
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+pytestmark = pytest.mark.vllm
+
+from nnterp import StandardizedTransformer  # noqa: E402
+from nnterp.extraction import ACCESSORS, plan_extraction  # noqa: E402
+from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
+
+PROMPTS = ["The capital of France is", "Hello", "One two three four five six. The cat sat on the mat.", "A",
+           "Le chat est noir. Der Hund ist braun."]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    # 3 requests per step at most: the 5 prompts share steps, and a step holds other prompts' tokens.
+    return StandardizedVLLM(str(tiny_path("llama")), dtype="float32", max_model_len=128, max_num_seqs=3)
+
+
+@pytest.fixture(scope="module")
+def extracted(model):
+    return list(model.extract(PROMPTS, accessors=ACCESSORS, progress=False))
+
+
+def traced(model, prompt, name: str) -> torch.Tensor:
+    with model.trace(prompt):
+        values = nnsight.save([getattr(model, name)[i] for i in range(model.num_layers)])
+    return torch.stack(list(values))
+
+
+def test_every_accessor_equals_the_trace_of_each_prompt_alone(model, extracted):
+    """Dual-stream sums (layers), keyword inputs (attention), positional inputs (MLP), and layer 0's input, which
+    is the embedding's own buffer (the clone policy)."""
+    assert [result.index for result in extracted] == list(range(len(PROMPTS)))
+    for result, prompt in zip(extracted, PROMPTS):
+        assert result.token_ids == model.tokenizer(prompt)["input_ids"]
+        for name in ACCESSORS:
+            reference = traced(model, prompt, name)
+            assert result[name].shape == reference.shape == (model.num_layers, len(result.token_ids), model.hidden_size)
+            assert torch.allclose(result[name], reference, atol=1e-5), (name, prompt)
+
+
+def test_vllm_extraction_equals_hf_extraction(tiny_path, extracted):
+    hf = StandardizedTransformer(str(tiny_path("llama")))
+    for vllm_result, hf_result in zip(extracted, hf.extract(PROMPTS, accessors=ACCESSORS, progress=False)):
+        assert vllm_result.token_ids == hf_result.token_ids
+        for name in ACCESSORS:
+            assert torch.allclose(vllm_result[name], hf_result[name], atol=1e-4), name
+
+
+def test_generated_rows_equal_the_traced_generation_steps(model):
+    """Each decode step adds one row per request, in steps shared with other requests."""
+    results = list(model.extract(PROMPTS[:3], layers=[1], max_new_tokens=4, ignore_eos=True, progress=False))
+    for result, prompt in zip(results, PROMPTS):
+        with model.trace(prompt, max_tokens=4, ignore_eos=True) as tracer:
+            steps, tokens = nnsight.save([]), nnsight.save([])
+            for _ in tracer.iter[:]:
+                steps.append(model.layers_output[1])
+                tokens.append(model.samples.item())
+        assert result.generated == list(tokens) and len(result.generated) == 4
+        assert result.token_ids == model.tokenizer(prompt)["input_ids"] + result.generated[:-1]
+        assert torch.allclose(result["layers_output"][0], torch.cat(list(steps))[:len(result.token_ids)], atol=1e-5)
+
+
+def test_a_small_window_keeps_prompt_order_and_values(model, extracted):
+    windowed = list(model.extract(PROMPTS, accessors=ACCESSORS, batch_size=2, progress=False))
+    assert [result.index for result in windowed] == list(range(len(PROMPTS)))
+    for small, full in zip(windowed, extracted):
+        assert all(torch.allclose(small[name], full[name], atol=1e-5) for name in ACCESSORS)
+
+
+def worker_state(model):
+    """(extractions, requests nnsight tracks) on the engine's worker."""
+    def read(worker):
+        runner = worker.model_runner
+        return len(runner.nnterp_extractions.running), len(runner.nnsight_requests.requests)
+
+    return model.vllm_entrypoint.llm_engine.collective_rpc(read)[0]
+
+
+def test_tracing_during_an_extraction_is_refused_and_closing_releases_the_engine(model):
+    results = model.extract(PROMPTS, progress=False)
+    next(results)
+    with pytest.raises(RuntimeError, match=r"extract\(\) generator is still running"):
+        model.trace(PROMPTS[0])
+    results.close()
+    with model.trace(PROMPTS[0]):
+        value = model.layers_output[0].save()
+    assert value.shape[0] == len(model.tokenizer(PROMPTS[0])["input_ids"])
+    assert worker_state(model) == (0, 0)
+
+
+def test_an_error_in_the_engine_is_reported_and_the_engine_keeps_serving(model):
+    from dataclasses import replace
+
+    from nnterp.extraction.vllm import run
+    from nnterp.layout import InputLayout
+
+    plan = plan_extraction(model, "attentions_input", [1])
+    broken = replace(plan.taps[0], layout=replace(plan.taps[0].layout, input=InputLayout("hidden", None)))
+    with pytest.raises(RuntimeError, match=r"extraction failed in the engine: LayoutError: attentions_input\[1\].*'hidden'"):
+        list(run(model, replace(plan, taps=(broken,)), PROMPTS[:2], 2, 0, {}))
+    result = next(model.extract(PROMPTS[:1], accessors="attentions_input", layers=1, progress=False))
+    assert torch.allclose(result["attentions_input"], traced(model, PROMPTS[0], "attentions_input")[1:2], atol=1e-5)
+    assert worker_state(model) == (0, 0)
+
+
+def test_trace_requests_refer_to_the_model_instead_of_carrying_it(model):
+    from nnsight.intervention.serialization import dumps
+    from nnsight.modeling.vllm.vllm import VLLM
+
+    payloads = []
+    attach = VLLM._attach_mediators
+
+    def recording(self, params, **kwargs):
+        attached = attach(self, params, **kwargs)
+        payloads.extend(len(param.extra_args["nnsight_mediator"]) for param in params)
+        return attached
+
+    VLLM._attach_mediators = recording
+    try:
+        with model.trace(PROMPTS[0]):
+            model.layers_output[1].save()
+    finally:
+        VLLM._attach_mediators = attach
+    model.__dict__.pop("_persistent_id")
+    try:
+        whole = len(dumps(model))
+    finally:
+        model._share_with_workers()
+    assert payloads and max(payloads) * 20 < whole, (payloads, whole)
+
+
+def test_a_model_attribute_set_after_a_trace_reaches_later_traces(model):
+    vector = torch.full((model.hidden_size,), 0.5)
+
+    def steered(direction=None):
+        with model.trace(PROMPTS[0]):
+            step = model.steering_direction if direction is None else direction
+            model.layers_output[0] = model.layers_output[0] + step
+            value = model.layers_output[1].save()
+        return value
+
+    with_local = steered(vector)
+    model.steering_direction = vector
+    assert torch.equal(steered(), with_local)
+    model.steering_direction = -vector
+    assert torch.allclose(steered(), steered(-vector)) and not torch.allclose(steered(), with_local)
