@@ -14,9 +14,7 @@ pytestmark = pytest.mark.vllm
 
 from nnterp import StandardizedTransformer  # noqa: E402
 from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
-from nnterp.testing.equivalence import RESULT_PREFIX, compare, within_tolerance  # noqa: E402
-
-PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
+from nnterp.testing.equivalence import PROMPTS, RESULT_PREFIX, compare, within_tolerance  # noqa: E402
 
 
 @pytest.fixture(scope="module")
