@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -24,14 +25,24 @@ ROOT_ALIASES: dict[str, tuple[str, ...]] = {
         "model.h", "rwkv.blocks", "model.blocks", "transformer.encoder.layer", "model.transformer.h",
     ),
     "ln_final": (
+        # hyper-connections (DeepSeek-V4, HY-V4): a head mixes the parallel copies of the stream, then the norm
+        "model.hc_head+model.norm",
         "model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm",
         "transformer.norm_f", "model.final_layernorm", "backbone.norm_f", "model.ln_f",
         "transformer.encoder.final_layernorm", "model.language_model.norm", "transformer.final_layernorm",
         "model.decoder.layer_norm", "model.final_norm", "model.norm_f", "rwkv.ln_out", "transformer.norm",
         "model.final_layer_norm", "transformer.ln_final",
+        "model.embedding_norm",  # LFM2: registered as an embedding norm, applied after the last layer
+        "generator_predictions",  # ELECTRA: activation and norm between the last layer and the LM head
     ),
-    "lm_head": ("lm_head", "embed_out", "output_layer", "transformer.output_layer", "head", "output"),
+    # "cls": BERT-style heads, whose prediction transform (dense, activation, norm) precedes the decoder
+    "lm_head": ("lm_head", "embed_out", "output_layer", "transformer.output_layer", "head", "output", "cls"),
 }
+
+# How ``ln_final`` is found where the model has no final norm (post-norm models such as BERT, RoBERTa,
+# Marian): the stream leaving the last layer goes straight into the LM head, so ``ln_final`` is the identity.
+IDENTITY = "identity"
+SEQUENCE = "+"  # joins the paths of modules a standard name applies in order
 
 # Names, relative to one decoder layer, of its attention and MLP blocks.
 LAYER_ALIASES: dict[str, tuple[str, ...]] = {
@@ -217,11 +228,16 @@ def split_rename(
 class ModuleNames:
     """Where each standard module lives natively. ``self_attn``/``mlp`` are relative to a layer;
     ``container`` is the backbone holding the layers (``model.model``), ``in_container`` the root modules also
-    mounted on it under their standard names, ``extra`` the user's other aliases."""
+    mounted on it under their standard names, ``extra`` the user's other aliases.
+
+    ``ln_final`` is None where the model has no final norm (``found_by['ln_final'] == IDENTITY``): the
+    standardized model treats it as the identity. It may name modules applied in sequence, joined by ``+``
+    (``"model.hc_head+model.norm"``); the last one is the norm the ``ln_final`` envoy mounts.
+    """
 
     embed_tokens: str
     layers: str
-    ln_final: str
+    ln_final: str | None
     lm_head: str
     self_attn: str | None
     mlp: str | None
@@ -232,13 +248,16 @@ class ModuleNames:
 
     def nnsight_rename(self) -> dict[str, list[str]]:
         """The ``rename=`` mapping that mounts the native modules under their standard names: at the root,
-        in the backbone (``model.model.layers``, also where it is called ``transformer``) and in each layer."""
+        in the backbone (``model.model.layers``, also where it is called ``transformer``) and in each layer.
+        A path through a module named after a value nnsight serves on every envoy (GIT's LM head is ``output``)
+        is left out: nnsight moves such a module to ``E_<name>`` and would match the key on every envoy that has
+        one, so the standardized model mounts it itself (``envoy_path``)."""
         rename: dict[str, list[str]] = {}
         if self.container and self.container != CONTAINER:
             rename[self.container] = [CONTAINER]
         for standard in STANDARD_NAMES:
-            native = getattr(self, standard)
-            if native is None:
+            native = self.module_path(standard)
+            if native is None or envoy_path(native) != native:
                 continue
             aliases = [] if native == standard else [standard]
             if standard in self.in_container:
@@ -250,13 +269,31 @@ class ModuleNames:
             rename.setdefault(native, []).extend(_as_list(alias))
         return {native: aliases for native, aliases in rename.items() if aliases}
 
+    def module_path(self, standard: str) -> str | None:
+        """The native path of the module mounted as ``standard`` (of a sequence, its last module)."""
+        native = getattr(self, standard)
+        return native.split(SEQUENCE)[-1] if native is not None else None
+
     def as_dict(self) -> dict[str, str | None]:
         return {name: getattr(self, name) for name in STANDARD_NAMES}
 
 
+def envoy_path(path: str) -> str:
+    """``path`` as nnsight's envoy tree spells it: a module named after a value nnsight serves on every envoy
+    (``output``, ``input``, ...) is mounted as ``E_<name>``."""
+    from nnsight.intervention.envoy import Envoy
+
+    return ".".join(
+        f"{Envoy.OVERLOAD_PREFIX}{part}" if not part.startswith("_") and inspect.isdatadescriptor(getattr(Envoy, part, None))
+        else part
+        for part in path.split(".")
+    )
+
+
 def _has(module: torch.nn.Module, path: str) -> bool:
     try:
-        module.get_submodule(path)
+        for part in path.split(SEQUENCE):
+            module.get_submodule(part)
         return True
     except AttributeError:
         return False
@@ -284,24 +321,55 @@ def _structural_layers(root: torch.nn.Module, num_layers: int | None) -> str | N
 
 
 def _structural_final_norm(root: torch.nn.Module, layers_path: str) -> str | None:
-    """A norm that is a sibling of the layer list, named like a final norm, registered after it."""
-    parent_path = layers_path.rpartition(".")[0]
-    parent = root.get_submodule(parent_path) if parent_path else root
-    names = list(dict(parent.named_children()))
-    after = names[names.index(layers_path.rpartition(".")[2]) + 1:] if layers_path.rpartition(".")[2] in names else names
-    for name in after:
-        lowered = name.lower()
-        if "norm" in lowered or lowered.startswith("ln"):
-            return f"{parent_path}.{name}" if parent_path else name
+    """A norm registered after the layer list as its sibling, or after the module holding it
+    (RoBERTa-PreLayerNorm's ``LayerNorm`` follows its ``encoder``). The name alone cannot tell a final norm:
+    Pegasus-style decoders apply ``layernorm_embedding`` after the last layer, BART to the embeddings; a
+    runtime probe confirms it (``nnterp.layout.confirm_final_norm``)."""
+    path = layers_path
+    for _ in range(2):
+        if not path:
+            break
+        parent_path, _, name = path.rpartition(".")
+        parent = root.get_submodule(parent_path) if parent_path else root
+        names = list(dict(parent.named_children()))
+        for sibling in names[names.index(name) + 1:] if name in names else []:
+            lowered = sibling.lower()
+            if "norm" in lowered or lowered.startswith("ln"):
+                return f"{parent_path}.{sibling}" if parent_path else sibling
+        path = parent_path
     return None
 
 
-def _layer_child(layer: torch.nn.Module, standard: str) -> str | None:
+def _layer_child(layers: torch.nn.ModuleList, standard: str) -> str | None:
+    """The native name of ``standard`` in the layers: the standard name itself where a layer has an attribute
+    of that name (hybrid stacks set ``self_attn`` on every layer, None where a state-space mixer replaces it;
+    renaming the mixer onto it would hide the attention layers), else the first alias layer 0 has."""
+    if any(hasattr(layer, standard) and not _is_container(getattr(layer, standard)) for layer in layers):
+        return standard
+    return _first_alias_child(layers[0], standard)
+
+
+def _is_container(value: object) -> bool:
+    """A list or dict of modules (LongCat's two attentions per layer): not one block the stream runs through."""
+    return isinstance(value, (torch.nn.ModuleList, torch.nn.ModuleDict))
+
+
+def _first_alias_child(layer: torch.nn.Module, standard: str) -> str | None:
     children = dict(layer.named_children())
-    for alias in LAYER_ALIASES[standard]:
-        if alias in children:
-            return alias
-    return None
+    return next((alias for alias in LAYER_ALIASES[standard] if alias in children and not _is_container(children[alias])), None)
+
+
+def layer_child(layer: torch.nn.Module, standard: str, names: ModuleNames) -> str | None:
+    """The native name of ``standard`` (``self_attn`` or ``mlp``) in this ``layer``: the resolved name, or in a
+    hybrid stack whose layers differ (a state-space mixer here, attention there) the first alias this layer
+    has. A name the user gave in ``RenameConfig`` has no fallback."""
+    native = getattr(names, standard)
+    child = getattr(layer, native, None) if native is not None else None
+    if isinstance(child, torch.nn.Module) and not _is_container(child):
+        return native
+    if names.found_by.get(standard) == "rename_config":
+        return None
+    return _first_alias_child(layer, standard)
 
 
 def _ends_with(path: str, name: str) -> bool:
@@ -377,8 +445,10 @@ def resolve_names(
         found["lm_head"], found_by["lm_head"] = found["embed_tokens"], "tied embeddings"
     if "ln_final" not in found and found.get("layers"):
         found["ln_final"], found_by["ln_final"] = _structural_final_norm(model, found["layers"]), "structure"
+        if found["ln_final"] is None:
+            found_by["ln_final"] = IDENTITY
 
-    missing = [name for name in ROOT_ALIASES if not found.get(name)]
+    missing = [name for name in ROOT_ALIASES if not found.get(name) and found_by.get(name) != IDENTITY]
     if missing:
         raise UnknownArchitectureError(
             f"nnterp could not find the standard module(s) {missing} in {type(model).__name__}. "
@@ -410,7 +480,7 @@ def resolve_names(
         if child is not None:
             found[standard], found_by[standard] = child, "rename"
         else:
-            found[standard] = _layer_child(first_layer, standard)
+            found[standard] = _layer_child(layers, standard)
             found_by[standard] = "alias" if found[standard] else "absent"
     container = _container(model, rename, hints, found["layers"])
     return ModuleNames(**found, found_by=found_by, container=container,
@@ -424,7 +494,7 @@ def _mountable_in(model: torch.nn.Module, container: str | None, found: dict[str
     backbone = model.get_submodule(container)
     return tuple(
         standard for standard in ROOT_ALIASES
-        if found[standard].startswith(container + ".") and not hasattr(backbone, standard)
+        if found[standard] is not None and found[standard].startswith(container + ".") and not hasattr(backbone, standard)
     )
 
 

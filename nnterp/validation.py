@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from .rename import layer_child
+
 DEFAULT_PROMPTS = ("The capital of France is", "Hello world")
 SUBMODULE_ACCESSORS = ("attentions_input", "attentions_output", "mlps_input", "mlps_output")
 
@@ -59,19 +61,13 @@ def validate(model, prompts: Sequence[str] = DEFAULT_PROMPTS, rtol: float = 1e-4
         reference = model._module(*args, **kwargs, output_hidden_states=True, use_cache=False)
     chain = [close(outputs[i], inputs[i + 1], 0) for i in range(n - 1)]
     report.add("layers_output[i] == layers_input[i+1]", all(ok for ok, _ in chain), f"max diff {max((d for _, d in chain), default=0):.2e}")
-    report.add("token_embeddings readable", embeddings.shape[-1] == model.hidden_size)
+    # factorised embeddings (RemBERT) are narrower than the stream and projected up inside the model
+    embedding_weight = getattr(model._torch_module("embed_tokens"), "weight", None)
+    widths = {model.hidden_size} | ({embedding_weight.shape[-1]} if isinstance(embedding_weight, torch.Tensor) else set())
+    report.add("token_embeddings readable", embeddings.shape[-1] in widths)
     report.add("logits == HF forward", *_ok_detail(close(logits, reference.logits, rtol)))
 
-    hidden = reference.hidden_states
-    if hidden is not None and len(hidden) == n + 1:
-        per_layer = [close(inputs[i], hidden[i], rtol) for i in range(n)]
-        report.add("layers_input[i] == HF hidden_states[i]", all(ok for ok, _ in per_layer), f"max diff {max(d for _, d in per_layer):.2e}")
-        last_raw = close(outputs[-1], hidden[-1], rtol)
-        last_normed = close(model._torch_module("ln_final")(outputs[-1]), hidden[-1], rtol)
-        report.add("layers_output[-1] matches HF last hidden state (raw or after ln_final)", last_raw[0] or last_normed[0],
-                   f"raw {last_raw[1]:.2e} / normed {last_normed[1]:.2e}")
-    else:
-        report.add("layers_input[i] == HF hidden_states[i]", None, "model exposes no per-layer hidden_states")
+    _check_hidden_states(model, reference.hidden_states, inputs, outputs, report, rtol)
 
     with torch.no_grad():
         projected = model.project_on_vocab(outputs[-1])
@@ -80,6 +76,28 @@ def validate(model, prompts: Sequence[str] = DEFAULT_PROMPTS, rtol: float = 1e-4
     _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rtol)
     _check_writes(model, prompts, logits, outputs, report)
     return report
+
+
+def _check_hidden_states(model, hidden, inputs, outputs, report, rtol) -> None:
+    """The stream between blocks against HF's ``output_hidden_states``. Most models record the embeddings
+    then each block's output, the last one after the final norm; state-space and recurrent models (Mamba,
+    RWKV) record each block's output only, the last one again after the final norm. Either way every entry
+    but the last is the stream between two blocks."""
+    n = model.num_layers
+    if hidden is None or len(hidden) != n + 1:
+        report.add("layers_input[i] == HF hidden_states[i]", None, "model exposes no per-layer hidden_states")
+        return
+    if close(inputs[0], hidden[0], rtol)[0] or not close(outputs[0], hidden[0], rtol)[0]:
+        per_layer = [close(inputs[i], hidden[i], rtol) for i in range(n)]
+        name = "layers_input[i] == HF hidden_states[i]"
+    else:
+        per_layer = [close(outputs[i], hidden[i], rtol) for i in range(n)]
+        name = "layers_output[i] == HF hidden_states[i] (HF records no embeddings: block outputs only)"
+    report.add(name, all(ok for ok, _ in per_layer), f"max diff {max((d for _, d in per_layer), default=0):.2e}")
+    last_raw = close(outputs[-1], hidden[-1], rtol)
+    last_normed = close(model._torch_module("ln_final")(outputs[-1]), hidden[-1], rtol)
+    report.add("layers_output[-1] matches HF last hidden state (raw or after ln_final)", last_raw[0] or last_normed[0],
+               f"raw {last_raw[1]:.2e} / normed {last_normed[1]:.2e}")
 
 
 def _read_stream(model, prompts):
@@ -131,7 +149,7 @@ def _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rto
                    f"max diff {max(d for _, d in per_layer):.2e}")
     if model.layout.residual_additive:
         sums = [
-            close(inputs[i] + values["attentions_output"][i] + values["mlps_output"][i], outputs[i], rtol)
+            _close_sum(inputs[i], (values["attentions_output"][i], values["mlps_output"][i]), outputs[i], rtol)
             for i in range(model.num_layers)
         ]
         report.add("layers_input + attentions_output + mlps_output == layers_output", all(ok for ok, _ in sums),
@@ -139,6 +157,15 @@ def _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rto
     else:
         report.add("layers_input + attentions_output + mlps_output == layers_output", None,
                    "not additive (post-norms, scaling or gating in the block)")
+
+
+def _close_sum(stream: torch.Tensor, parts: Sequence[torch.Tensor], expected: torch.Tensor, rtol: float) -> tuple[bool, float]:
+    """``close(stream + sum(parts), expected)``; a part the module returns with its tokens flattened
+    (Llama-4's MoE: ``[batch * seq, hidden]``) is compared in the stream's shape."""
+    parts = [part.reshape(stream.shape) if part.numel() == stream.numel() else part for part in parts]
+    if any(part.shape != stream.shape for part in parts):
+        return False, float("inf")
+    return close(stream + sum(parts), expected, rtol)
 
 
 def _hooked_submodule_values(model, model_inputs) -> dict[str, list[torch.Tensor]]:
@@ -149,7 +176,7 @@ def _hooked_submodule_values(model, model_inputs) -> dict[str, list[torch.Tensor
     handles = []
     for index, layer in enumerate(model._torch_module("layers")):
         for role, plural in (("self_attn", "attentions"), ("mlp", "mlps")):
-            module = getattr(layer, getattr(model.names, role))
+            module = getattr(layer, layer_child(layer, role, model.names))
 
             def pre(mod, args, kwargs, key=f"{plural}_input", index=index):
                 found[key][index] = _hidden_width_copy([*args, *kwargs.values()], width)

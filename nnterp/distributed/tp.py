@@ -87,6 +87,9 @@ def sharding_spec(module: torch.nn.Module, param_name: str = "weight") -> Shardi
     return ShardingSpec(placement, (size,), (1,))
 
 
+REPACKED = "_nnterp_repacked"  # set by an engine worker on parameters whose values are in a kernel's layout
+
+
 def gather_param(module: torch.nn.Module, param_name: str = "weight", group=None) -> torch.Tensor:
     """The full logical ``module.<param_name>``: all-gathered over tensor-parallel ranks, fused parts
     regrouped, replicated KV shards dropped, vocabulary padding stripped.
@@ -94,7 +97,14 @@ def gather_param(module: torch.nn.Module, param_name: str = "weight", group=None
     A collective: call it on every rank of the group (inside an nnsight trace the intervention body runs
     on every rank, so it does). With one rank it only strips padding.
     """
-    local = getattr(module, param_name).detach()
+    param = getattr(module, param_name)
+    if getattr(param, REPACKED, False):
+        raise RuntimeError(
+            f"{type(module).__name__}.{param_name} is in a kernel's layout on this engine: vLLM's CPU backend "
+            "prepacks MoE expert weights for its grouped GEMM (same shape, reordered values). Read it from the "
+            "HF model instead."
+        )
+    local = param.detach()
     if local.numel() == 0:
         raise RuntimeError(
             f"{type(module).__name__}.{param_name} is empty on this engine: vLLM's CPU backend repacks linear "

@@ -6,7 +6,7 @@ import ast
 import functools
 import inspect
 import textwrap
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 import torch
@@ -41,7 +41,30 @@ def signature_of(module: torch.nn.Module) -> Signature:
     if hidden is None:
         raise LayoutError(f"{type(module).__name__}.forward has no parameter that could be the hidden state: {names}")
     residual = next((n for n in RESIDUAL_NAMES if n in names), None)
+    if residual is not None and overwritten_before_read(type(module).forward, residual):
+        residual = None  # the stream is the hidden state alone (vLLM's post-norm Exaone-4 layer)
     return Signature(hidden, names.index(hidden), residual, names.index(residual) if residual else None)
+
+
+def overwritten_before_read(forward, param: str) -> bool:
+    """Whether ``forward`` assigns ``param`` before any statement reads it: the argument is then ignored.
+
+    Statements of the body are taken in order; the first that loads ``param`` means it is used, the first
+    that stores it (and does not load it) means it is discarded. A forward whose source is unavailable
+    counts as reading it.
+    """
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
+    except (OSError, TypeError, SyntaxError):
+        return False
+    function = next((node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
+    for statement in function.body if function is not None else []:
+        names = [node for node in ast.walk(statement) if isinstance(node, ast.Name) and node.id == param]
+        if any(isinstance(name.ctx, ast.Load) for name in names):
+            return False
+        if any(isinstance(name.ctx, ast.Store) for name in names):
+            return True
+    return False
 
 
 def call_style_from_source(parent: torch.nn.Module, child_attr: str, param: str, param_index: int) -> str | None:
@@ -72,16 +95,35 @@ def _call_style_in(forward, child_attr: str, param: str, param_index: int) -> st
     if tree is None:
         return None
     loop_names = _loop_variables_over(tree, child_attr)
+    keyword_dicts = _dict_literal_keys(tree)
     styles = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and _calls_child(node.func, child_attr, loop_names):
-            if any(keyword.arg == param for keyword in node.keywords):
+            if any(keyword.arg == param or _unpacks_key(keyword, param, keyword_dicts) for keyword in node.keywords):
                 styles.append("keyword")
             elif len(node.args) > param_index and not any(isinstance(a, ast.Starred) for a in node.args):
                 styles.append("positional")
     if not styles:
         return None
     return styles[0] if len(set(styles)) == 1 else "mixed"
+
+
+def _dict_literal_keys(tree: ast.AST) -> dict[str, set[str]]:
+    """``name -> keys`` of dicts built as literals (``kwargs = {"hidden_states": h}``) in the function."""
+    found: dict[str, set[str]] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Dict):
+            keys = {key.value for key in node.value.keys if isinstance(key, ast.Constant) and isinstance(key.value, str)}
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    found.setdefault(target.id, set()).update(keys)
+    return found
+
+
+def _unpacks_key(keyword: ast.keyword, param: str, keyword_dicts: dict[str, set[str]]) -> bool:
+    """``**kwargs`` where ``kwargs`` is a dict literal holding ``param`` (vLLM's A.X-K1 layer calls its attention
+    so)."""
+    return keyword.arg is None and isinstance(keyword.value, ast.Name) and param in keyword_dicts.get(keyword.value.id, ())
 
 
 def _mentions_self_attr(node: ast.AST, attr: str) -> bool:
@@ -92,10 +134,13 @@ def _mentions_self_attr(node: ast.AST, attr: str) -> bool:
 
 
 def _loop_variables_over(tree: ast.AST, attr: str) -> set[str]:
+    """Names bound to items of ``self.<attr>``: loop variables over it, and ``layer = self.<attr>[i]``."""
     names = set()
     for node in ast.walk(tree):
         if isinstance(node, (ast.For, ast.comprehension)) and _mentions_self_attr(node.iter, attr):
             names |= {sub.id for sub in ast.walk(node.target) if isinstance(sub, ast.Name)}
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Subscript) and _mentions_self_attr(node.value.value, attr):
+            names |= {target.id for target in node.targets if isinstance(target, ast.Name)}
     return names
 
 
@@ -248,14 +293,16 @@ def infer_module_layout(
     style = call_style_from_source(parent, child_attr, sig.name, sig.index)
     evidence = {"signature": {"hidden": sig.name, "index": sig.index, "residual": sig.residual}, "source": style}
     if obs is None:
-        if style not in ("keyword", "positional"):
-            return None, evidence
-        position = None if style == "keyword" else sig.index
-        residual_position = None if style == "keyword" or sig.residual is None else sig.residual_index
         output_layout = output_from_source(module, sig)
         if output_layout is None:
             return None, evidence
-        input_layout = InputLayout(sig.name, position, sig.residual, residual_position)
+        if style in ("keyword", "positional"):
+            position = None if style == "keyword" else sig.index
+            residual_position = None if style == "keyword" or sig.residual is None else sig.residual_index
+            input_layout = InputLayout(sig.name, position, sig.residual, residual_position)
+        else:
+            # The source does not say how the parent passes the hidden state: bind each call to the signature.
+            input_layout = InputLayout(sig.name, sig.index, sig.residual, sig.residual_index, by_signature=True)
         return ModuleLayout(_residual_only_if_dual(input_layout, output_layout), output_layout), evidence
     input_layout = input_from_probe(obs, sig, hidden_size, where)
     output_layout = output_from_probe(obs.output, sig, hidden_size, where)
@@ -269,4 +316,4 @@ def _residual_only_if_dual(input_layout: InputLayout, output_layout: OutputLayou
     output) the module's input is the hidden state alone."""
     if input_layout.residual is None or output_layout.kind == "dual":
         return input_layout
-    return InputLayout(input_layout.name, input_layout.position, edited_in_place=input_layout.edited_in_place)
+    return replace(input_layout, residual=None, residual_position=None)

@@ -20,6 +20,9 @@ class InputLayout:
     ``residual`` names a second input added to it (vLLM fused add+norm layers); the stream is their sum.
     ``edited_in_place``: the module or its parent edits this tensor in place after the module receives it,
     so a read copies it and a write hands the module a copy.
+    ``by_signature``: the parent's source does not tell how it passes them (arguments unpacked from a
+    computed container, calls of both kinds); each is then taken by keyword when passed so, else at its
+    position in the signature, as Python binds the call.
     """
 
     name: str
@@ -27,9 +30,13 @@ class InputLayout:
     residual: str | None = None
     residual_position: int | None = None
     edited_in_place: bool = False
+    by_signature: bool = False
+
+    def _by_keyword(self, kwargs: dict, name: str, position: int | None) -> bool:
+        return position is None or self.by_signature and name in kwargs
 
     def _locate(self, args: tuple, kwargs: dict, name: str, position: int | None, where: str) -> tuple[str, Any]:
-        if position is None:
+        if self._by_keyword(kwargs, name, position):
             if name not in kwargs:
                 raise LayoutError(
                     f"{where}: layout says '{name}' is passed by keyword, but the call had keywords "
@@ -73,7 +80,8 @@ class InputLayout:
         return args, kwargs
 
     def _get(self, args, kwargs, name, position, where, optional=False):
-        if optional and (position is None and name not in kwargs or position is not None and position >= len(args)):
+        by_keyword = self._by_keyword(kwargs, name, position)
+        if optional and (by_keyword and name not in kwargs or not by_keyword and position >= len(args)):
             return None
         kind, key = self._locate(args, kwargs, name, position, where)
         return kwargs[key] if kind == "kw" else args[key]
@@ -149,17 +157,19 @@ class ModuleLayout:
     output: OutputLayout
 
     def to_json(self) -> dict:
-        """Plain dicts; ``edited_in_place`` appears only where it is true (most modules never are)."""
-        return {"input": _without_false_edit(asdict(self.input)), "output": _without_false_edit(asdict(self.output))}
+        """Plain dicts; the flags ``edited_in_place`` and ``by_signature`` appear only where true (most modules
+        are neither), so reviewed snapshots keep their form."""
+        return {"input": _without_false_flags(asdict(self.input)), "output": _without_false_flags(asdict(self.output))}
 
     @classmethod
     def from_json(cls, data: dict) -> "ModuleLayout":
         return cls(InputLayout(**data["input"]), OutputLayout(**data["output"]))
 
 
-def _without_false_edit(fields: dict) -> dict:
-    if not fields.get("edited_in_place"):
-        fields.pop("edited_in_place", None)
+def _without_false_flags(fields: dict) -> dict:
+    for flag in ("edited_in_place", "by_signature"):
+        if not fields.get(flag):
+            fields.pop(flag, None)
     return fields
 
 

@@ -15,7 +15,7 @@ from ..layout.model import copy_if
 from ..layout.infer import returned_tuple_length
 from ..distributed.pp import EMBEDDINGS, HEAD
 from ..padding import at_last_token, current_attention_mask, in_trace
-from ..rename import ModuleNames, RenameConfig, RenamingError
+from ..rename import SEQUENCE, ModuleNames, RenameConfig, RenamingError, envoy_path, layer_child
 from .checks import check_renaming as check_standard_modules
 from .positions import Positions, chosen_tokens
 
@@ -23,6 +23,12 @@ if TYPE_CHECKING:
     from ..extraction import Activations
 
 logger = logging.getLogger("nnterp")
+
+# Config keys of a factor the logits (or the bias-free LM head's input) are divided by: Granite's
+# `logits_scaling`, Inkling's muP width multiplier.
+LOGIT_DIVISORS = ("logits_scaling", "logits_mup_width_multiplier")
+# Config keys of the soft cap applied to the logits: Gemma 2/3, RecurrentGemma, xLSTM.
+LOGIT_SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_soft_cap")
 
 
 class LayoutDriftWarning(UserWarning):
@@ -69,16 +75,28 @@ class Backend:
         return compute(*inputs)
 
 
-def infer_layout(module: torch.nn.Module, names: ModuleNames, hidden_size: int, backend: str, run: Any) -> ModelLayout:
-    """The model's layout; a module that does not carry the residual stream where its standard name says
-    raises ``RenamingError`` (the name likely points at the wrong module)."""
+def infer_layout(
+    module: torch.nn.Module, names: ModuleNames, hidden_size: int, backend: str, run: Any, architecture: str | None = None
+) -> ModelLayout:
+    """The model's layout, snapshotted under ``architecture`` (default: the module's class); a module that does
+    not carry the residual stream where its standard name says raises ``RenamingError`` (the name likely points
+    at the wrong module)."""
     try:
-        return infer_model_layout(module, names, hidden_size, backend, type(module).__name__, run)
+        return infer_model_layout(module, names, hidden_size, backend, architecture or type(module).__name__, run)
     except LayoutError as error:
         raise RenamingError(
             f"{error} The module taken for this standard name is probably the wrong one: name the right one in a "
             "RenameConfig (attn_name=..., mlp_name=..., layers_name=...)."
         ) from error
+
+
+def first_config_int(config: Any, keys) -> int | None:
+    """The first of ``keys`` that ``config`` sets to an integer."""
+    for key in keys:
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
 
 
 def refuse_remote(remote: bool, loader: str) -> None:
@@ -108,6 +126,7 @@ class StandardizedMixin:
     ) -> None:
         self.names, self._rename_config, self._backend, self.layout = names, rename_config, backend, layout
         self._tokenizer_source = tokenizer_source
+        self._mount_root_names()
         self.layers_input = LayerAccessor(self, "layer", "input")
         self.layers_output = LayerAccessor(self, "layer", "output")
         self.attentions_input = LayerAccessor(self, "self_attn", "input")
@@ -116,6 +135,18 @@ class StandardizedMixin:
         self.mlps_output = LayerAccessor(self, "mlp", "output")
         self.attentions = ModuleListView(self, "self_attn", "attentions")
         self.mlps = ModuleListView(self, "mlp", "mlps")
+        if self.names.ln_final is None:
+            from .identity import IdentityFinalNorm
+
+            object.__setattr__(self, "ln_final", IdentityFinalNorm(self))
+
+    def _mount_root_names(self) -> None:
+        """Bind each standard root name (``embed_tokens``, ``layers``, ``ln_final``, ``lm_head``) the envoy tree
+        does not have yet (no ``rename`` on vLLM; paths ``nnsight_rename`` leaves out) to its native envoy."""
+        for standard in ("embed_tokens", "layers", "ln_final", "lm_head"):
+            native = self.names.module_path(standard)
+            if native is not None and native != standard and standard not in self.__dict__:
+                object.__setattr__(self, standard, self.get(envoy_path(native)))
 
     def _check_loaded(self, check_layout: bool, check_renaming: bool, allow_multimodal: bool) -> None:
         """The load-time checks: layout against the reviewed snapshot, then the renaming (``checks``)."""
@@ -153,17 +184,19 @@ class StandardizedMixin:
         keys, given = self._rename_config.config_keys(size)
         if given is not None:
             return given
-        config = self._text_config
-        for key in keys:
-            value = getattr(config, key, None)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
+        value = first_config_int(self._text_config, keys)
+        if value is not None:
+            return value
         return fallback() if fallback is not None else None
 
     # -- module lookup -------------------------------------------------------
 
     def _torch_module(self, standard: str) -> torch.nn.Module:
-        return self._module.get_submodule(getattr(self.names, standard))
+        native = getattr(self.names, standard)
+        if native is None and standard == "ln_final":
+            return torch.nn.Identity()  # the model has no final norm
+        parts = [self._module.get_submodule(path) for path in native.split(SEQUENCE)]
+        return parts[0] if len(parts) == 1 else torch.nn.Sequential(*parts)
 
     def _check_layer_index(self, index: int, accessor: str) -> int:
         if not isinstance(index, int) or isinstance(index, bool):
@@ -177,8 +210,8 @@ class StandardizedMixin:
         layer = self.layers[index]
         if role == "layer":
             return layer
-        child = getattr(self.names, role)
-        if child is None or not hasattr(layer._module, child):
+        child = layer_child(layer._module, role, self.names)
+        if child is None:
             children = [name for name, _ in layer._module.named_children()]
             raise AttributeError(
                 f"{accessor}[{index}]: layer {index} ({type(layer._module).__name__}) has no {role} module "
@@ -209,11 +242,15 @@ class StandardizedMixin:
         """Translate the standard names in a dotted module path to the model's own."""
         parts = path.split(".") if path else []
         if parts and parts[0] in ("embed_tokens", "ln_final", "lm_head"):
-            return ".".join([getattr(self.names, parts[0]), *parts[1:]])
+            native = self.names.module_path(parts[0])
+            if native is None:
+                raise AttributeError(f"{path}: the model has no final norm (ln_final is the identity), so it has no parameters.")
+            return ".".join([native, *parts[1:]])
         if parts and parts[0] == "layers":
-            rest = [getattr(self.names, part) or part if part in ("self_attn", "mlp") and i == 2 else part
-                    for i, part in enumerate(parts[1:], start=1)]
-            return ".".join([self.names.layers, *rest])
+            if len(parts) > 2 and parts[2] in ("self_attn", "mlp") and parts[1].isdigit():
+                layer = self._module.get_submodule(self.names.layers)[int(parts[1])]
+                parts[2] = layer_child(layer, parts[2], self.names) or parts[2]
+            return ".".join([self.names.layers, *parts[1:]])
         return path
 
     # -- extraction --------------------------------------------------------------
@@ -468,6 +505,8 @@ class StandardizedMixin:
         """Logits of a residual-stream tensor: final norm, LM head, and the model's logit post-processing."""
         def project(stream: torch.Tensor) -> torch.Tensor:
             normed = self._torch_module("ln_final")(stream)
+            if isinstance(normed, tuple):
+                normed = normed[0]  # vLLM's Command-R norm returns (normed, residual) even without a residual
             return self.postprocess_logits(self._lm_head_logits(normed))
 
         return self._backend.compute_at("model.project_on_vocab", HEAD, project, hidden_state)
@@ -503,10 +542,11 @@ class StandardizedMixin:
         scale = getattr(config, "logit_scale", None)
         if isinstance(scale, (int, float)) and "cohere" in str(getattr(config, "model_type", "")):
             logits = logits * scale
-        divisor = getattr(config, "logits_scaling", None)
-        if isinstance(divisor, (int, float)) and divisor != 1:
-            logits = logits / divisor
-        cap = getattr(config, "final_logit_softcapping", None)
+        for key in LOGIT_DIVISORS:
+            divisor = getattr(config, key, None)
+            if isinstance(divisor, (int, float)) and divisor != 1:
+                logits = logits / divisor
+        cap = next((getattr(config, key) for key in LOGIT_SOFT_CAPS if getattr(config, key, None)), None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits

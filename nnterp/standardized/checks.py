@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import nnsight
 import torch
 
-from ..rename import RenamingError
+from ..rename import RenamingError, layer_child
 
 if TYPE_CHECKING:
     from .base import StandardizedMixin
@@ -36,7 +36,7 @@ def check_renaming(model: "StandardizedMixin", allow_multimodal: bool = False) -
                     f"(the vocabulary size). If the size is wrong, pass RenameConfig(vocab_size_config_key=...); if "
                     f"lm_head is the wrong module, pass RenameConfig(lm_head_name='<path>')."
                 )
-        elif tuple(model.as_batch(value).shape) != expected:
+        elif not _stream_shaped(model, name, value, expected, stream):
             raise RenamingError(
                 f"check_renaming: {name} has shape {tuple(value.shape)}, expected {expected} (batch, tokens, hidden "
                 f"size). The module behind it is probably the wrong one: pass its name in a RenameConfig, or "
@@ -54,8 +54,8 @@ def check_renaming(model: "StandardizedMixin", allow_multimodal: bool = False) -
                 plural[:-1], children, plural, plural, field, flag,
             )
             continue
-        for name, value in _read_submodule(model, plural).items():
-            if tuple(model.as_batch(value).shape) != expected:
+        for name, value in _read_submodule(model, role, plural).items():
+            if not _stream_shaped(model, name, value, expected, stream):
                 raise RenamingError(
                     f"check_renaming: {name} has shape {tuple(value.shape)}, expected {expected} (batch, tokens, "
                     f"hidden size). Pass the right module with RenameConfig({field}='<child of a layer>'), or skip "
@@ -89,13 +89,35 @@ def _read_stream(model: "StandardizedMixin", every_layer: bool) -> tuple[dict[st
     return reads, tuple(size)
 
 
-def _read_submodule(model: "StandardizedMixin", plural: str) -> dict[str, torch.Tensor]:
+def _stream_shaped(model: "StandardizedMixin", name: str, value: torch.Tensor, expected: tuple[int, ...],
+                   stream: dict[str, torch.Tensor]) -> bool:
+    """``value`` has the stream's shape ``expected``; token embeddings may have the embedding's own width where
+    the stream itself has the expected one (RemBERT projects narrower embeddings up inside the model), a block may return its tokens flattened
+    (Llama 4's MoE: ``[batch * tokens, hidden]``), and a hyper-connection stream carries parallel copies
+    (DeepSeek-V4: ``[batch, tokens, copies, hidden]``)."""
+    shape = tuple(model.as_batch(value).shape)
+    if shape == expected or len(shape) == 4 and shape[:2] == expected[:2] and shape[-1] == expected[-1]:
+        return True
+    if name == "token_embeddings":
+        width = getattr(getattr(model._torch_module("embed_tokens"), "weight", None), "shape", (None,))[-1]
+        stream_shape = tuple(model.as_batch(stream["layers_input[0]"]).shape)
+        return shape == (*expected[:-1], width) and stream_shape == expected
+    return shape == (expected[0] * expected[1], expected[2])
+
+
+def _read_submodule(model: "StandardizedMixin", role: str, plural: str) -> dict[str, torch.Tensor]:
+    """The block's input and output in the first layer that has one (a hybrid stack's first layer may be a
+    state-space mixer without attention)."""
+    layers = model._torch_module("layers")
+    index = next((i for i, layer in enumerate(layers) if layer_child(layer, role, model.names) is not None), 0)
     inputs, outputs = getattr(model, f"{plural}_input"), getattr(model, f"{plural}_output")
     try:
         with torch.no_grad(), model.trace(CHECK_PROMPT):
             reads = nnsight.save({})
-            reads[f"{plural}_input[0]"] = inputs[0]
-            reads[f"{plural}_output[0]"] = outputs[0]
+            reads[f"{plural}_input[{index}]"] = inputs[index]
+            reads[f"{plural}_output[{index}]"] = outputs[index]
     except Exception as error:
-        raise RenamingError(f"check_renaming: reading {plural}_input/output[0] failed: {type(error).__name__}: {error}") from error
+        raise RenamingError(
+            f"check_renaming: reading {plural}_input/output[{index}] failed: {type(error).__name__}: {error}"
+        ) from error
     return reads

@@ -10,9 +10,10 @@ from nnsight import LanguageModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..attention import AttentionProbabilities, eager_for_probabilities
+from ..layout import confirm_final_norm
 from ..padding import AttentionMaskBatcher, left_padding_shifts_positions
-from ..rename import RenameConfig, resolve_names, split_rename
-from .base import Backend, StandardizedMixin, infer_layout, logger, refuse_remote
+from ..rename import DEFAULT_CONFIG_KEYS, RenameConfig, resolve_names, split_rename
+from .base import Backend, StandardizedMixin, first_config_int, infer_layout, logger, refuse_remote
 from .source import check_model_source
 
 PROBE_TOKENS = 6
@@ -84,9 +85,10 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         model.eval()
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        names = resolve_names(model, config, hints, extra)
+        hidden_size, probe = self._probe_hidden_size(model), self._probe_run(model)
+        names = confirm_final_norm(model, resolve_names(model, config, hints, extra), hidden_size, probe)
         super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename(), tokenizer_kwargs=tokenizer_kwargs)
-        layout = infer_layout(model, names, self._probe_hidden_size(model), "hf", self._probe_run(model))
+        layout = infer_layout(model, names, hidden_size, "hf", probe)
         self._init_standard_surface(names, config, Backend(), layout, tokenizer_source)
         self.attention_probabilities = AttentionProbabilities(self, config.attn_prob_source)
         self._check_loaded(check_layout, check_renaming, allow_multimodal)
@@ -114,8 +116,11 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
 
     @staticmethod
     def _probe_hidden_size(model: PreTrainedModel) -> int:
-        embeddings = model.get_input_embeddings()
-        return embeddings.weight.shape[-1]
+        """The width of the stream between layers: the text config's hidden size (RemBERT's embeddings are
+        narrower and projected up), else the input embeddings' width."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        width = first_config_int(config, DEFAULT_CONFIG_KEYS["hidden_size"])
+        return width if width is not None else model.get_input_embeddings().weight.shape[-1]
 
     @staticmethod
     def _probe_run(model: PreTrainedModel):

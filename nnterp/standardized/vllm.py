@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import functools
 import gc
-import inspect
 import json
 import logging
 import os
@@ -15,7 +15,8 @@ from typing import Any
 
 import torch
 
-from ..rename import RenameConfig, resolve_names, split_rename
+from ..layout.infer import parse_source
+from ..rename import RenameConfig, layer_child, resolve_names, split_rename
 from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
 from .readonly import read_only
 from .source import check_model_source
@@ -65,6 +66,22 @@ def _vllm_class():
 
 def _no_accelerator() -> bool:
     return not torch.cuda.is_available()
+
+
+def _expert_group_after_a_dense_engine() -> None:
+    """vLLM creates its expert-parallel group when the process's first engine sets up its parallel groups, and
+    only for a MoE model: a MoE model loaded after a dense one in the same process (engines run in-process)
+    finds none and fails to build. On a single-rank world, create it then over that rank, as vLLM would have."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._EP is not None or not parallel_state.model_parallel_is_initialized():
+        return
+    world = parallel_state.get_world_group()
+    if world.world_size != 1:
+        return  # a multi-rank world sets its groups up once, with the model it was made for
+    backend = torch.distributed.get_backend(world.device_group)
+    parallel_state._EP = parallel_state.init_model_parallel_group([[world.rank]], world.local_rank, backend,
+                                                                  group_name="ep")
 
 
 def _cpu_meta_build():
@@ -151,13 +168,15 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             # An explicit KV cache: vLLM's CPU worker otherwise sizes it as a fraction of host memory minus this
             # process's resident memory, which fails once the process holds other models (an HF one, say).
             vllm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+        _expert_group_after_a_dense_engine()
         with _cpu_meta_build():
             super().__init__(model, **vllm_kwargs)
         names = resolve_names(self._module, config, hints, extra)
         width = self._module.get_submodule(names.embed_tokens).embedding_dim
-        layout = infer_layout(self._module, names, width, "vllm", run=None)
+        layout = infer_layout(self._module, names, width, "vllm", run=None, architecture=layout_key(self._module))
         _bind_aliases(self, names.nnsight_rename())
         self._init_standard_surface(names, config, VLLMBackend(), layout, model)
+        _mount_layer_children(self, names)
         for key, value in (tokenizer_kwargs or {}).items():
             setattr(self.tokenizer, key, value)
         self._check_loaded(check_layout, check_renaming, allow_multimodal)
@@ -188,7 +207,9 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     samples = _served_by_engine("samples", "The token ids sampled this step, one per request.")
 
     def _load_meta(self, repo_id: str, **kwargs: Any):
-        with _cpu_meta_build():
+        from .vllm_meta import meta_tree_build
+
+        with meta_tree_build():
             return super()._load_meta(repo_id, **kwargs)
 
     @property
@@ -214,16 +235,23 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     @property
     def engine_kind(self) -> str:
         """``native`` for vLLM's own implementation, ``transformers-backend`` where vLLM wraps the HF model."""
-        return "transformers-backend" if type(self._module).__module__.endswith(".transformers") else "native"
+        return "transformers-backend" if _wrapped_hf_model(self._module) is not None else "native"
 
     @property
-    def _embedding_scale(self) -> torch.Tensor | None:
-        # vLLM's Gemma family multiplies the embeddings by a `normalizer` buffer in the model's forward,
-        # where HF scales inside the embedding module: token_embeddings means the scaled value on both.
-        parent = self._module.get_submodule(self.names.embed_tokens.rpartition(".")[0])
-        scale = getattr(parent, "normalizer", None)
-        if isinstance(scale, torch.Tensor) and "* self.normalizer" in inspect.getsource(type(parent)):
-            return scale
+    def _embedding_scale(self) -> torch.Tensor | float | None:
+        """A factor vLLM applies to ``embed_tokens``' output outside the module where HF scales inside its
+        embedding module (Gemma's ``normalizer`` buffer, MiniCPM's ``config.scale_emb``): token_embeddings means
+        the scaled value on both. Read off the source of the modules that hold the embedding."""
+        embed = self._torch_module("embed_tokens")
+        for holder in self._module.modules():
+            attr = next((name for name, child in holder.named_children() if child is embed), None)
+            path = _scale_path(type(holder), attr) if attr is not None else None
+            if path is not None:
+                value = holder
+                for name in path:
+                    value = getattr(value, name, None)
+                if isinstance(value, (torch.Tensor, float, int)) and not isinstance(value, bool):
+                    return value
         return None
 
     def last_position(self, tensor: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -335,6 +363,75 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         weight = self._backend.local_parameter(self._torch_module("lm_head"), "weight")[: self.vocab_size]
         return torch.nn.functional.linear(normed, weight.to(normed.dtype))
 
+
+@functools.lru_cache(maxsize=None)
+def _scale_path(holder_class: type, attr: str) -> tuple[str, ...] | None:
+    """The attribute path from ``self`` of the factor the source of ``holder_class`` (or a base class: MiniCPM3's
+    model inherits MiniCPM's) multiplies ``self.<attr>(...)`` by, directly or through a name the call's result is
+    bound to: ``("config", "scale_emb")``."""
+    for klass in holder_class.__mro__:
+        if klass.__module__.startswith("torch."):
+            break
+        path = _scale_path_in(klass, attr)
+        if path is not None:
+            return path
+    return None
+
+
+def _scale_path_in(klass: type, attr: str) -> tuple[str, ...] | None:
+    tree = parse_source(klass)
+    if tree is None:
+        return None
+    for function in (node for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)):
+        bound = {target.id for node in ast.walk(function) if isinstance(node, ast.Assign) and _calls_self(node.value, attr)
+                 for target in node.targets if isinstance(target, ast.Name)}
+        for node in ast.walk(function):
+            if not (isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult)):
+                continue
+            for product, factor in ((node.left, node.right), (node.right, node.left)):
+                if _calls_self(product, attr) or isinstance(product, ast.Name) and product.id in bound:
+                    path = _self_path(factor)
+                    if path:
+                        return path
+    return None
+
+
+def _calls_self(node: ast.AST, attr: str) -> bool:
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == attr
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "self")
+
+
+def _self_path(node: ast.AST) -> tuple[str, ...] | None:
+    """``self.a.b`` as ``("a", "b")``; None for anything else."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return tuple(reversed(names)) if names and isinstance(node, ast.Name) and node.id == "self" else None
+
+
+def _wrapped_hf_model(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The HF model vLLM's Transformers backend runs inside ``module`` (None for vLLM's own implementations)."""
+    if not type(module).__module__.endswith(".transformers"):
+        return None
+    return getattr(module, "model", None)
+
+
+def layout_key(module: torch.nn.Module) -> str:
+    """The name the layout of ``module`` is snapshotted under: its class, and for vLLM's Transformers backend
+    (one class wrapping any HF model) also the wrapped HF model's class."""
+    wrapped = _wrapped_hf_model(module)
+    return type(module).__name__ if wrapped is None else f"{type(module).__name__}/{type(wrapped).__name__}"
+
+
+def _mount_layer_children(model, names) -> None:
+    """Bind ``self_attn`` / ``mlp`` on each layer envoy to its native child (the tree is built before names are
+    known, so there is no ``rename``)."""
+    for standard in ("self_attn", "mlp"):
+        for layer in model.layers:
+            native = layer_child(layer._module, standard, names)
+            if native is not None and native != standard:
+                object.__setattr__(layer, standard, getattr(layer, native))
 
 _SHARING_STATE = ("_persistent_id", "_shared_fingerprint")
 

@@ -14,6 +14,7 @@ from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 from vllm.v1.worker.cpu_worker import CPUWorker
 
+from ..distributed.tp import REPACKED
 from ..extraction.worker import ExtractionRunner, ExtractionWorker
 from .vllm_worker import PipelineRunner, SharedModelRunner, SharedModelWorker
 
@@ -21,6 +22,10 @@ from .vllm_worker import PipelineRunner, SharedModelRunner, SharedModelWorker
 class NNsightCPUModelRunner(ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
     """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages, extraction and
     shared model copy."""
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        mark_prepacked_moe_weights(self.model)
 
 
 class NNsightCPUWorker(ExtractionWorker, SharedModelWorker, NNsightGPUWorker, CPUWorker):
@@ -64,3 +69,17 @@ def allocate_stage_inputs(runner) -> None:
     runner.intermediate_tensors = runner.model.make_empty_intermediate_tensors(
         batch_size=runner.max_num_tokens, dtype=runner.model_config.dtype, device=runner.device
     )
+
+
+def mark_prepacked_moe_weights(model: torch.nn.Module) -> None:
+    """Tag the expert weights vLLM's CPU MoE prepacked into its grouped-GEMM layout (same shape, other values),
+    so that reading them as parameters fails clearly instead of returning the packed values."""
+    from vllm.model_executor.layers.fused_moe.experts.cpu_moe import CPUUnquantizedExperts
+
+    for module in model.modules():
+        kernel = getattr(getattr(module, "quant_method", None), "moe_kernel", None)
+        experts = getattr(kernel, "fused_experts", None)
+        if isinstance(experts, CPUUnquantizedExperts) and not getattr(experts, "_use_zentorch", False):
+            for name in ("w13_weight", "w2_weight"):
+                if isinstance(getattr(module, name, None), torch.Tensor):
+                    setattr(getattr(module, name), REPACKED, True)

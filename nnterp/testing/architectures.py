@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Callable
 
+from .isolation import run_isolated
 from .tiny import build_tiny_model, causal_lm_architectures
 
 SMOLLM2 = "smollm2-135m"
@@ -41,48 +42,41 @@ def check_architecture(model_type: str, workdir: str | Path | None = None, write
         if report.passed and write_layout:
             write_snapshot(model.layout)
     except Exception as error:  # a sweep records why an architecture fails instead of stopping
-        result["reason"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+        result["reason"] = error_reason(error)
     result["seconds"] = round(time.time() - start, 1)
     return result
 
 
-def sweep(model_types: list[str], write_layout: bool, timeout: int = 300, workers: int = 2) -> list[dict]:
-    """Run ``check_architecture`` for each model type in a forked child (a crash fails one entry only)."""
+def error_reason(error: BaseException, limit: int = 300) -> str:
+    """An exception as one table cell: its type and message lines (pydantic's help links dropped)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and "errors.pydantic.dev" not in line]
+    return f"{type(error).__name__}: {' '.join(lines)}"[:limit]
+
+
+def sweep(model_types: list[str], write_layout: bool, timeout: int = 300, workers: int = 2,
+          on_result: Callable[[str, dict], None] | None = None) -> list[dict]:
+    """Run ``check_architecture`` for each model type in a forked child (a crash fails one entry only);
+    ``on_result(model_type, result)`` is called as each one finishes."""
     from concurrent.futures import ThreadPoolExecutor
 
     import nnsight  # noqa: F401  (imported once here, inherited by every forked child)
 
     from ..standardized import StandardizedTransformer  # noqa: F401
 
+    def check(model_type: str) -> dict:
+        result = _check_in_child(model_type, workdir, write_layout, timeout)
+        if on_result is not None:
+            on_result(model_type, result)
+        return result
+
     with tempfile.TemporaryDirectory() as workdir, ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda model_type: _check_in_child(model_type, workdir, write_layout, timeout), model_types))
-
-
-def _child(model_type: str, workdir: str, write_layout: bool, connection) -> None:
-    connection.send(check_architecture(model_type, workdir, write_layout))
-    connection.close()
+        return list(pool.map(check, model_types))
 
 
 def _check_in_child(model_type: str, workdir: str, write_layout: bool, timeout: int) -> dict:
-    context = multiprocessing.get_context("fork")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(model_type, workdir, write_layout, sender))
-    process.start()
-    sender.close()
-    result = None
-    if receiver.poll(timeout):
-        try:
-            result = receiver.recv()
-        except EOFError:
-            pass
-    process.join(5)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    if result is None:
-        reason = f"timeout after {timeout}s" if process.exitcode is None or process.exitcode == -9 and not receiver.poll(0) else ""
-        result = {"model_type": model_type, "architecture": causal_lm_architectures().get(model_type), "status": "fail",
-                  "reason": reason or f"process died (exit code {process.exitcode}, e.g. out of memory)"}
+    result = run_isolated(check_architecture, (model_type, workdir, write_layout), timeout)
+    result.setdefault("model_type", model_type)
+    result.setdefault("architecture", causal_lm_architectures().get(model_type))
     print(f"{result['status']:4} {model_type} {result.get('reason', '')[:120]}", file=sys.stderr, flush=True)
     return result
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import nnsight
 import torch
@@ -19,14 +18,17 @@ RESULT_PREFIX = "nnterp-equivalence: "
 
 
 def read_accessors(model, prompt: str) -> dict[str, list[torch.Tensor]]:
-    """Every accessor of every layer as ``[tokens, ...]`` tensors (one trace per role, forward order);
-    roles the architecture has no module for (OPT's MLP is inlined in the layer) are left out."""
+    """Every accessor of every layer as ``[tokens, ...]`` tensors (one trace per role, forward order); layers
+    without a module for the role (OPT's MLP is inlined in the layer, LFM2's convolution layers have no
+    attention) are left out."""
     reads: dict[str, list[torch.Tensor]] = {}
-    present = {"layers": True, "attentions": model.names.self_attn is not None, "mlps": model.names.mlp is not None}
-    for role in (role for role in ROLES if present[role]):
+    for role in ROLES:
+        indices = _layers_with(model, role)
+        if not indices:
+            continue
         with torch.no_grad(), model.trace(prompt):
             ins, outs = nnsight.save([]), nnsight.save([])
-            for i in range(model.num_layers):
+            for i in indices:
                 ins.append(getattr(model, f"{role}_input")[i])
                 outs.append(getattr(model, f"{role}_output")[i])
         reads[f"{role}_input"], reads[f"{role}_output"] = list(ins), list(outs)
@@ -34,9 +36,26 @@ def read_accessors(model, prompt: str) -> dict[str, list[torch.Tensor]]:
         embeddings = model.token_embeddings.save()
         probs = model.next_token_probs.save()
     reads["token_embeddings"] = [embeddings]
-    flat = {name: [model.as_batch(value)[0].detach().float().cpu() for value in values] for name, values in reads.items()}
+    flat = {name: [_prompt_tokens(value).detach().float().cpu() for value in values] for name, values in reads.items()}
     flat["next_token_probs"] = [probs.reshape(-1, probs.shape[-1])[0].float().cpu()]  # [batch, vocab] on both backends
     return flat
+
+
+def _prompt_tokens(activation: torch.Tensor) -> torch.Tensor:
+    """One prompt's activation as ``[tokens, ...]``: batched as ``[1, tokens, ...]`` (HF, vLLM's Transformers
+    backend) or already flat (native vLLM, and HF modules that flatten their tokens: Llama 4's MoE)."""
+    return activation[0] if activation.ndim >= 3 and activation.shape[0] == 1 else activation
+
+
+def _layers_with(model, role: str) -> list[int]:
+    """The layers that have a module for ``role`` (a hybrid stack's convolution layers have no attention)."""
+    if role == "layers":
+        return list(range(model.num_layers))
+    from ..rename import layer_child
+
+    standard = {"attentions": "self_attn", "mlps": "mlp"}[role]
+    layers = model._module.get_submodule(model.names.layers)
+    return [i for i in range(model.num_layers) if layer_child(layers[i], standard, model.names) is not None]
 
 
 def read_prompts(model, prompts: Sequence[str] = PROMPTS) -> list[dict[str, list[torch.Tensor]]]:
@@ -104,12 +123,35 @@ def check_vllm_architecture(path: str | Path) -> dict:
         result["reason"] = ", ".join(bad)
         result["layout"] = vllm_model.layout.to_json()
     except Exception as error:  # a sweep records why an architecture fails instead of stopping
-        result["reason"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200] if str(error).strip() else ''}"
+        from .architectures import error_reason
+
+        result["reason"] = error_reason(error)
     result["seconds"] = round(time.time() - start, 1)
     return result
 
 
-def _child(model_type: str, workdir: str, connection) -> None:
+# Model types vLLM's registry does not name that it still runs through its generic Transformers backend.
+UNLISTED_TRANSFORMERS_BACKEND = ("helium", "ministral", "phimoe")
+
+
+def vllm_model_types() -> list[str]:
+    """SmolLM2 and every transformers causal-LM model type vLLM's registry names: implemented natively (its
+    text-generation and multimodal classes), run through its Transformers backend (the classes it lists as
+    supported there), or dropped in an earlier release (recorded with vLLM's own reason); and a few it runs
+    through the Transformers backend unlisted."""
+    from vllm.model_executor.models import registry
+
+    from .architectures import SMOLLM2
+    from .tiny import causal_lm_architectures
+
+    runs = set(registry._TEXT_GENERATION_MODELS) | set(registry._MULTIMODAL_MODELS) | set(
+        registry._TRANSFORMERS_SUPPORTED_MODELS) | set(registry._PREVIOUSLY_SUPPORTED_MODELS)
+    named = {mt for mt, architecture in causal_lm_architectures().items() if architecture in runs}
+    return [SMOLLM2, *sorted(named | set(UNLISTED_TRANSFORMERS_BACKEND))]
+
+
+def check_vllm_model_type(model_type: str, workdir: str | Path) -> dict:
+    """:func:`check_vllm_architecture` on the tiny model of ``model_type`` (or SmolLM2) built under ``workdir``."""
     from .architectures import SMOLLM2
     from .tiny import build_tiny_model
 
@@ -119,28 +161,23 @@ def _child(model_type: str, workdir: str, connection) -> None:
         path = smollm2_path()
     else:
         path = build_tiny_model(model_type, Path(workdir) / model_type).path
-    connection.send(check_vllm_architecture(path))
-    connection.close()
+    return check_vllm_architecture(path)
 
 
-def sweep(model_types: Sequence[str], timeout: int = 600) -> dict[str, dict]:
-    """``check_vllm_architecture`` for each model type, each in a forked child (one engine per process)."""
+def sweep(model_types: Sequence[str], timeout: int = 600,
+          on_result: Callable[[str, dict], None] | None = None) -> dict[str, dict]:
+    """:func:`check_vllm_model_type` for each model type, each in a forked child (one engine per process);
+    ``on_result(model_type, result)`` is called as each one finishes."""
     from ..standardized import StandardizedTransformer  # noqa: F401  (inherited by the children)
+    from .isolation import run_isolated
 
     results = {}
-    context = multiprocessing.get_context("fork")
     with tempfile.TemporaryDirectory() as workdir:
         for model_type in model_types:
-            receiver, sender = context.Pipe(duplex=False)
-            process = context.Process(target=_child, args=(model_type, workdir, sender))
-            process.start()
-            sender.close()
-            result = receiver.recv() if receiver.poll(timeout) else None
-            process.join(10)
-            if process.is_alive():
-                process.kill()
-            results[model_type] = result or {"status": "fail", "reason": f"no result (exit code {process.exitcode})"}
+            results[model_type] = run_isolated(check_vllm_model_type, (model_type, workdir), timeout)
             print(f"{results[model_type]['status']:4} {model_type} {results[model_type]['reason'][:150]}", file=sys.stderr, flush=True)
+            if on_result is not None:
+                on_result(model_type, results[model_type])
     return results
 
 

@@ -2,49 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
+from .tiny_configs import CONFIG_OVERRIDES, SMALL_CONFIG, VOCAB_SIZE
 from .tokenizer import save_tokenizer
-
-VOCAB_SIZE = 320
-HIDDEN = 128
-LAYERS = 3
-HEADS = 4
-HEAD_DIM = HIDDEN // HEADS
-
-# Every spelling transformers configs use for the size knobs, set wherever the config has the field.
-SMALL_CONFIG = {
-    "vocab_size": VOCAB_SIZE, "padded_vocab_size": VOCAB_SIZE,
-    "hidden_size": HIDDEN, "n_embd": HIDDEN, "d_model": HIDDEN, "n_embed": HIDDEN, "dim": HIDDEN,
-    "intermediate_size": 2 * HIDDEN, "n_inner": 2 * HIDDEN, "ffn_dim": 2 * HIDDEN,
-    "ffn_hidden_size": 2 * HIDDEN, "hidden_dim": 2 * HIDDEN, "decoder_ffn_dim": 2 * HIDDEN,
-    "num_hidden_layers": LAYERS, "n_layer": LAYERS, "num_layers": LAYERS, "n_layers": LAYERS,
-    "decoder_layers": LAYERS,
-    "num_attention_heads": HEADS, "n_head": HEADS, "num_heads": HEADS, "n_heads": HEADS,
-    "decoder_attention_heads": HEADS,
-    "num_key_value_heads": HEADS // 2, "n_kv_heads": HEADS // 2, "num_kv_heads": HEADS // 2,
-    "multi_query_group_num": HEADS // 2,
-    "head_dim": HEAD_DIM, "kv_channels": HEAD_DIM, "attention_head_dim": HEAD_DIM,
-    "max_position_embeddings": 256, "n_positions": 256, "n_ctx": 256, "max_sequence_length": 256,
-    "seq_length": 256,
-    "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "moe_num_experts": 4,
-    "num_experts_per_tok": 2, "moe_topk": 2, "top_k": 2, "moe_k": 2,
-    "moe_intermediate_size": HIDDEN, "shared_expert_intermediate_size": HIDDEN,
-    "expert_intermediate_size": HIDDEN,
-    "n_shared_experts": 1, "first_k_dense_replace": 1, "n_group": 1, "topk_group": 1,
-    "kv_lora_rank": 32, "q_lora_rank": 32, "qk_rope_head_dim": 8, "qk_nope_head_dim": 16,
-    "v_head_dim": HEAD_DIM, "qk_head_dim": 24,
-    "sliding_window": 64, "attention_window": 64,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "decoder_start_token_id": 1,
-    "tie_word_embeddings": False, "use_cache": True,
-}
 
 
 @dataclass(frozen=True)
@@ -62,15 +33,41 @@ def causal_lm_architectures() -> dict[str, str]:
 
 
 def tiny_config(model_type: str, **overrides) -> PretrainedConfig:
-    """The default config of ``model_type`` shrunk to a few layers of width 64."""
+    """The default config of ``model_type`` shrunk to a few layers of width 128: every size knob of
+    ``SMALL_CONFIG`` the config (and each of its sub-configs: text, vision, audio) has, then the family's
+    ``CONFIG_OVERRIDES``, then ``overrides``."""
     config_class = CONFIG_MAPPING[model_type]
-    defaults = config_class().to_dict()
-    known = set(defaults) | set(getattr(config_class, "attribute_map", {}))
-    kwargs = {key: value for key, value in SMALL_CONFIG.items() if key in known}
-    kwargs.update(overrides)
-    config = config_class(**kwargs)
+    config = config_class(**_small_kwargs(config_class, _merged(CONFIG_OVERRIDES.get(model_type, {}), overrides)))
     config.architectures = [causal_lm_architectures()[model_type]]
     return config
+
+
+def _small_kwargs(config_class: type[PretrainedConfig], overrides: dict[str, Any]) -> dict[str, Any]:
+    known = _config_fields(config_class)
+    kwargs: dict[str, Any] = {key: value for key, value in SMALL_CONFIG.items() if key in known}
+    for name, sub_class in getattr(config_class, "sub_configs", {}).items():
+        if name in known and getattr(sub_class, "model_type", ""):  # AutoConfig slots have no defaults to shrink
+            kwargs[name] = _small_kwargs(sub_class, overrides.get(name, {}))
+    return _merged(kwargs, overrides)
+
+
+def _config_fields(config_class: type[PretrainedConfig]) -> set[str]:
+    if dataclasses.is_dataclass(config_class):
+        fields = {field.name for field in dataclasses.fields(config_class)}
+    else:
+        fields = set(inspect.signature(config_class.__init__).parameters)
+    return fields | set(getattr(config_class, "attribute_map", {}))
+
+
+def _merged(base: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``overrides``, nested dicts (sub-configs) merged key by key."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merged(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def build_tiny_model(model_type: str, directory: str | Path | None = None, seed: int = 0, **overrides) -> TinyModel:
@@ -81,6 +78,10 @@ def build_tiny_model(model_type: str, directory: str | Path | None = None, seed:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _spread_weights(model, seed)
     model.save_pretrained(str(directory))
+    if type(model.config) is not type(config):
+        # the class keeps only its text sub-config; a checkpoint carries the whole config, which is what
+        # AutoModelForCausalLM maps back to this class
+        config.save_pretrained(str(directory))
     save_tokenizer(directory, VOCAB_SIZE)
     return TinyModel(model_type, type(model).__name__, directory)
 
