@@ -6,7 +6,7 @@ import re
 import pytest
 
 from nnterp.__main__ import layout_origin, main
-from nnterp.validation import Check, ValidationReport
+from nnterp.validation import Check
 
 
 def test_validate_prints_every_check_and_the_reviewed_layout(tiny_path, capsys):

@@ -1,7 +1,6 @@
 """nnterp 1.x's model surface (constructor arguments, module tree, methods) on StandardizedTransformer, each
 checked against a plain HF forward with hooks on the raw torch model, the tokenizer, or a manual computation."""
 
-import warnings
 from pathlib import Path
 
 import nnsight

@@ -1,7 +1,6 @@
 """model.extract on HF models: against HF's own hidden states and raw-module hooks of each prompt run alone
 (padding, absolute positions, in-place parent updates), against the trace path, and its errors."""
 
-import nnsight
 import pytest
 import torch
 from safetensors.torch import load_file

@@ -7,7 +7,8 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from nnterp import StandardizedTransformer  # noqa: E402
+from engines import hf_and_vllm  # noqa: E402
+
 from nnterp.interventions import (  # noqa: E402
     TargetPrompt,
     TargetPromptBatch,
@@ -29,11 +30,8 @@ ATOL = 1e-5
 
 @pytest.fixture(scope="module")
 def pair(tiny_path):
-    from nnterp.standardized.vllm import StandardizedVLLM
-
-    path = str(tiny_path("llama"))
-    with StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4) as vllm_model:
-        yield StandardizedTransformer(path), vllm_model
+    with hf_and_vllm(tiny_path("llama")) as models:
+        yield models
 
 
 def both(pair, run):

@@ -12,7 +12,8 @@ pytestmark = pytest.mark.vllm
 from differential import alone_references, check_vllm_case, make_case, summarize, surface_of  # noqa: E402
 from nnsight.intervention.interleaver import OutOfOrderError  # noqa: E402
 
-from nnterp import StandardizedTransformer  # noqa: E402
+from engines import hf_and_vllm  # noqa: E402
+
 from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
 from nnterp.standardized.vllm_collect import merge_invoke_copies, worker_error  # noqa: E402
 
@@ -22,9 +23,8 @@ ACCESSORS = ("layers_input", "attentions_input", "attentions_output", "mlps_inpu
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
 def pair(request, tiny_path):
-    path = str(tiny_path(request.param))
-    with StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4) as vllm_model:
-        yield request.param, StandardizedTransformer(path), vllm_model
+    with hf_and_vllm(tiny_path(request.param)) as models:
+        yield (request.param, *models)
 
 
 def hf_alone(hf_model, prompt: str, accessor: str, layer: int) -> torch.Tensor:

@@ -7,9 +7,9 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from nnterp import StandardizedTransformer  # noqa: E402
+from engines import hf_and_vllm  # noqa: E402
+
 from nnterp.layout import drift, load_snapshot  # noqa: E402
-from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
 from nnterp.testing.equivalence import RESULT_PREFIX, compare, read_accessors  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
@@ -17,9 +17,8 @@ PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
 
 @pytest.fixture(scope="module")
 def pair(tiny_path):
-    path = str(tiny_path("llama"))
-    with StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4) as vllm_model:
-        yield StandardizedTransformer(path), vllm_model
+    with hf_and_vllm(tiny_path("llama")) as models:
+        yield models
 
 
 def test_vllm_layout_matches_reviewed_snapshot(pair):

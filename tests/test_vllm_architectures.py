@@ -12,16 +12,15 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from nnterp import StandardizedTransformer  # noqa: E402
-from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
+from engines import hf_and_vllm  # noqa: E402
+
 from nnterp.testing.equivalence import PROMPTS, RESULT_PREFIX, compare, within_tolerance  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def moe_pair(tiny_path):
-    path = str(tiny_path("mixtral"))
-    with StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4) as vllm_model:
-        yield StandardizedTransformer(path), vllm_model
+    with hf_and_vllm(tiny_path("mixtral")) as models:
+        yield models
 
 
 def test_moe_every_accessor_equals_hf(moe_pair):

@@ -12,7 +12,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from .plan import ExtractionPlan, Tap
+from .plan import Tap
 
 
 class CaptureError(RuntimeError):
