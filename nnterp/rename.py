@@ -397,6 +397,11 @@ def _first(candidates: list[str], locate: Callable[[str], str | None]) -> str | 
     return next((path for path in map(locate, candidates) if path is not None), None)
 
 
+def text_config(config: Any) -> Any:
+    """The language model's config of a (possibly multimodal) config; the config itself otherwise."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def resolve_names(
     model: torch.nn.Module,
     rename: RenameConfig | None = None,
@@ -408,8 +413,8 @@ def resolve_names(
     rename = rename or RenameConfig()
     hints = hints or {}
     config = getattr(model, "config", None)
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    num_layers = getattr(text_config, "num_hidden_layers", None)
+    language_config = text_config(config)
+    num_layers = getattr(language_config, "num_hidden_layers", None)
     found: dict[str, str | None] = {}
     found_by: dict[str, str] = {}
 
@@ -440,7 +445,7 @@ def resolve_names(
         found["embed_tokens"], found_by["embed_tokens"] = _path_of(model, model.get_input_embeddings()), "structure"
     if "lm_head" not in found and hasattr(model, "get_output_embeddings"):
         found["lm_head"], found_by["lm_head"] = _path_of(model, model.get_output_embeddings()), "structure"
-    if not found.get("lm_head") and found.get("embed_tokens") and getattr(text_config, "tie_word_embeddings", False):
+    if not found.get("lm_head") and found.get("embed_tokens") and getattr(language_config, "tie_word_embeddings", False):
         # engines that unembed with the tied input embedding itself (vLLM's Cohere) have no LM head module
         found["lm_head"], found_by["lm_head"] = found["embed_tokens"], "tied embeddings"
     if "ln_final" not in found and found.get("layers"):

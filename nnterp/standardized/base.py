@@ -15,7 +15,7 @@ from ..layout.model import copy_if
 from ..layout.infer import returned_tuple_length
 from ..distributed.pp import EMBEDDINGS, HEAD
 from ..padding import at_last_token, current_attention_mask, in_trace
-from ..rename import SEQUENCE, ModuleNames, RenameConfig, RenamingError, envoy_path, layer_child
+from ..rename import SEQUENCE, ModuleNames, RenameConfig, RenamingError, envoy_path, layer_child, text_config
 from .checks import check_renaming as check_standard_modules
 from .positions import Positions, chosen_tokens
 
@@ -120,6 +120,11 @@ class StandardizedMixin:
     _backend: Backend
     _rename_config: RenameConfig
     _tokenizer_source: str | None = None
+
+    @property
+    def _text_config(self):
+        """The language model's config (read off the module: inside a vLLM worker there is no entrypoint)."""
+        return text_config(self._module.config)
 
     def _init_standard_surface(
         self, names: ModuleNames, rename_config: RenameConfig, backend: Backend, layout: ModelLayout, tokenizer_source: str | None

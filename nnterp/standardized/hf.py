@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from ..attention import AttentionProbabilities, eager_for_probabilities
 from ..layout import confirm_final_norm
 from ..padding import AttentionMaskBatcher, left_padding_shifts_positions
-from ..rename import DEFAULT_CONFIG_KEYS, RenameConfig, resolve_names, split_rename
+from ..rename import DEFAULT_CONFIG_KEYS, RenameConfig, resolve_names, split_rename, text_config
 from .base import Backend, StandardizedMixin, first_config_int, infer_layout, logger, refuse_remote
 from .source import check_model_source
 
@@ -109,17 +109,11 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         if shifts:
             logger.info("nnterp: %s pads on the right: left padding shifts its positions.", type(self._module).__name__)
 
-    @property
-    def _text_config(self):
-        config = self._module.config
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
-
     @staticmethod
     def _probe_hidden_size(model: PreTrainedModel) -> int:
         """The width of the stream between layers: the text config's hidden size (RemBERT's embeddings are
         narrower and projected up), else the input embeddings' width."""
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        width = first_config_int(config, DEFAULT_CONFIG_KEYS["hidden_size"])
+        width = first_config_int(text_config(model.config), DEFAULT_CONFIG_KEYS["hidden_size"])
         return width if width is not None else model.get_input_embeddings().weight.shape[-1]
 
     @staticmethod

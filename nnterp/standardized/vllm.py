@@ -213,12 +213,6 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             return super()._load_meta(repo_id, **kwargs)
 
     @property
-    def _text_config(self):
-        # The module's own config: this also runs inside the engine's worker, where there is no entrypoint.
-        config = self._module.config
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-    @property
     def attention_probabilities(self):
         from ..attention import AttentionProbabilitiesUnavailable
 
