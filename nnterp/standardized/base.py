@@ -437,13 +437,15 @@ class StandardizedMixin:
             )
         indices = sorted({self._check_layer_index(layer, "steer") for layer in ([layers] if isinstance(layers, int) else layers)})
         chooses_tokens = token_positions is not None or batch_index is not None
+        mask = None  # the chosen tokens, the same at every layer of this forward pass
         for layer in indices:  # forward order, as a trace must read them
             if not self._backend.owns(layer):
                 continue  # the pipeline stage that runs this layer steers it
             stream = self.layers_output[layer]
             vector = (factor * steering_vector).to(device=stream.device, dtype=stream.dtype)
             if chooses_tokens:
-                mask = self._steering_mask(self.as_batch(stream).shape[:2], token_positions, batch_index)
+                if mask is None:
+                    mask = self._steering_mask(self.as_batch(stream).shape[:2], token_positions, batch_index)
                 vector = mask.reshape(stream.shape[:-1] + (1,)).to(stream) * vector
             self.layers_output[layer] = stream + vector
 
