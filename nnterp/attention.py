@@ -184,12 +184,14 @@ def softmax_function(compiled: Any, module: torch.nn.Module) -> str | None:
                       if label.startswith(prefix) and label[len(prefix):].isdigit() and compiled.lines.get(label) in lines]
         return sorted(found, key=list(compiled.names).index)  # source order
 
-    if labels("attention"):
-        return labels("attention")[0]
+    found = labels("attention")
+    if found:
+        return found[0]
     if any("softmax" in name for name in compiled.names):
         return None
-    if labels("attn"):
-        return labels("attn")[0]
+    found = labels("attn")
+    if found:
+        return found[0]
     raise AttentionProbabilitiesUnavailable(
         f"{type(module).__name__}.forward computes no softmax and calls no attention function nnterp can drill into "
         f"(its operations: {list(compiled.names)})."

@@ -166,7 +166,7 @@ def project_negated_on_vocab(nn_model: Any, h: TraceTensor) -> TraceTensor:
     from .distributed.pp import HEAD
 
     def project(stream: torch.Tensor) -> torch.Tensor:
-        return nn_model.postprocess_logits(nn_model._lm_head_logits(-nn_model._torch_module("ln_final")(stream)))
+        return nn_model.postprocess_logits(nn_model._lm_head_logits(-nn_model._final_normed(stream)))
 
     return nn_model._backend.compute_at("project_negated_on_vocab", HEAD, project, h)
 

@@ -156,11 +156,6 @@ class RenameConfig:
         legacy = LEGACY_FIELDS.get(standard)
         return ([ours] if ours else []) + (_as_list(getattr(self, legacy)) if legacy else [])
 
-    def override(self, standard: str) -> str | None:
-        """The first native name given for a standard module."""
-        candidates = self.candidates(standard)
-        return candidates[0] if candidates else None
-
     def config_keys(self, size: str) -> tuple[list[str], int | None]:
         """Config keys to try for ``num_heads``/``hidden_size``/``vocab_size`` (the user's first), or the
         number the user gave."""

@@ -12,6 +12,7 @@ from typing import Any
 from .accessors import LayerAccessor
 from .attention import AttentionProbabilities as AttentionProbabilitiesAccessor
 from .rename import LAYER_ALIASES, ROOT_ALIASES, STANDARD_NAMES, RenameConfig
+from .rename import text_config as language_config
 
 _DEFINED_IN_RENAME = ("RenamingError", "AttnProbFunction")
 
@@ -23,10 +24,6 @@ LAYER_NAMES = list(ROOT_ALIASES["layers"])
 LN_NAMES = list(ROOT_ALIASES["ln_final"])
 LM_HEAD_NAMES = list(ROOT_ALIASES["lm_head"])
 EMBED_TOKENS_NAMES = list(ROOT_ALIASES["embed_tokens"])
-
-# nnterp 1.x RenameConfig field for each standard name.
-_CONFIG_FIELDS = {"model": "model_name", "layers": "layers_name", "self_attn": "attn_name", "mlp": "mlp_name",
-                  "ln_final": "ln_final_name", "lm_head": "lm_head_name"}
 
 
 class IOType(Enum):
@@ -48,15 +45,6 @@ def default_vocab_size_config_keys() -> list[str]:
     return ["vocab_size", "n_vocab", "padded_vocab_size"]
 
 
-def _names_given(rename_config: RenameConfig, standard: str) -> list[str]:
-    """The native names a RenameConfig gives for a standard module (both spellings of its fields)."""
-    names = []
-    for field in (standard, _CONFIG_FIELDS.get(standard)):
-        value = getattr(rename_config, field, None) if field else None
-        names += [value] if isinstance(value, str) else list(value or [])
-    return names
-
-
 def get_rename_dict(rename_config: RenameConfig | None = None) -> dict[str, str]:
     """``{native name or path: standard name}``: the aliases nnterp tries, with ``rename_config``'s entries.
 
@@ -66,7 +54,7 @@ def get_rename_dict(rename_config: RenameConfig | None = None) -> dict[str, str]
     rename: dict[str, str] = {}
     if rename_config is not None:
         for standard in (*STANDARD_NAMES, "model"):
-            for native in _names_given(rename_config, standard):
+            for native in rename_config.candidates(standard):
                 rename[native] = standard
     for standard, aliases in (*ROOT_ALIASES.items(), *LAYER_ALIASES.items()):
         for alias in aliases:
@@ -77,9 +65,8 @@ def get_rename_dict(rename_config: RenameConfig | None = None) -> dict[str, str]
 
 
 def text_config(model: Any) -> Any:
-    """The config of the language model: ``config.text_config`` for multimodal models, else ``config``."""
-    config = model.config
-    return getattr(config, "text_config", None) or config
+    """The config of the language model: its text config for multimodal models, else ``config``."""
+    return language_config(model.config)
 
 
 def _config_size(model: Any, what: str, keys: list[str], given: Any, raise_error: bool) -> int | None:

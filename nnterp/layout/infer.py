@@ -53,9 +53,8 @@ def overwritten_before_read(forward, param: str) -> bool:
     that stores it (and does not load it) means it is discarded. A forward whose source is unavailable
     counts as reading it.
     """
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(forward)))
-    except (OSError, TypeError, SyntaxError):
+    tree = parse_source(forward)
+    if tree is None:
         return False
     function = next((node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))), None)
     for statement in function.body if function is not None else []:

@@ -511,12 +511,16 @@ class StandardizedMixin:
     def project_on_vocab(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """Logits of a residual-stream tensor: final norm, LM head, and the model's logit post-processing."""
         def project(stream: torch.Tensor) -> torch.Tensor:
-            normed = self._torch_module("ln_final")(stream)
-            if isinstance(normed, tuple):
-                normed = normed[0]  # vLLM's Command-R norm returns (normed, residual) even without a residual
-            return self.postprocess_logits(self._lm_head_logits(normed))
+            return self.postprocess_logits(self._lm_head_logits(self._final_normed(stream)))
 
         return self._backend.compute_at("model.project_on_vocab", HEAD, project, hidden_state)
+
+    def _final_normed(self, stream: torch.Tensor) -> torch.Tensor:
+        """``ln_final`` applied to a residual-stream tensor (where the weights are)."""
+        normed = self._torch_module("ln_final")(stream)
+        if isinstance(normed, tuple):
+            normed = normed[0]  # vLLM's Command-R norm returns (normed, residual) even without a residual
+        return normed
 
     def _project_now(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """``project_on_vocab`` outside a trace (the weights are in this process)."""
