@@ -237,7 +237,7 @@ def run_group(args) -> None:
                 "hf": lambda: hf_group(args, path)}
     modes = builders[args.group]()
     modes = {mode: run for mode, run in modes.items() if mode in args.modes}
-    layer = args.layer if args.layer is not None else len(range(_num_layers(path))) // 2
+    layer = args.layer if args.layer is not None else _num_layers(path) // 2
     scenarios = [tuple(int(part) for part in scenario.split(":")) for scenario in args.scenarios]
     prompts = make_prompts(tokenizer, max(count for count, _ in scenarios), args.prompt_tokens)
     prompt_tokens = [len(ids) for ids in tokenizer(prompts)["input_ids"]]

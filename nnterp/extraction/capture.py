@@ -39,11 +39,8 @@ class Capture:
             by_module.setdefault((tap.path, tap.direction), []).append(slot)
         for (path, direction), slots in by_module.items():
             module = root.get_submodule(path)
-            if direction == "input":
-                hook = self._input_hook(slots)
-                self._handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-            else:
-                self._handles.append(module.register_forward_hook(self._output_hook(slots), with_kwargs=True))
+            register = module.register_forward_pre_hook if direction == "input" else module.register_forward_hook
+            self._handles.append(register(self._hook(slots), with_kwargs=True))
 
     def arm(self, rows: torch.Tensor | slice, count: int) -> None:
         """Capture the next forward pass: ``rows`` of each stream's flattened ``[tokens, width]`` (a slice, or
@@ -72,15 +69,9 @@ class Capture:
     def complete(self) -> bool:
         return len(self._filled) == len(self.taps)
 
-    def _input_hook(self, slots: list[int]):
-        def hook(module, args, kwargs):
-            if self._rows is not None:
-                self._guarded_store(slots, args, kwargs, None)
-
-        return hook
-
-    def _output_hook(self, slots: list[int]):
-        def hook(module, args, kwargs, output):
+    def _hook(self, slots: list[int]):
+        """A forward pre-hook (three arguments) or forward hook (four) storing ``slots`` while armed."""
+        def hook(module, args, kwargs, output=None):
             if self._rows is not None:
                 self._guarded_store(slots, args, kwargs, output)
 

@@ -83,9 +83,7 @@ def plan_extraction(model: Any, accessors: str | Sequence[str], layers: int | Se
         accessor = getattr(model, name)
         for layer in checked:
             envoy = model._role_envoy(accessor._role, layer, name)
-            path = model.names.layers + f".{layer}"
-            if accessor._role != "layer":
-                path += "." + getattr(model.names, accessor._role)
+            path = model._native_path(f"layers.{layer}" + ("" if accessor._role == "layer" else f".{accessor._role}"))
             layout = model.layout.for_module(accessor._role, envoy._module)
             taps.append(Tap(name, layer, path, accessor._direction, layout))
     return ExtractionPlan(accessors, checked, tuple(taps))

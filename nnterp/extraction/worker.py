@@ -43,7 +43,7 @@ class Extraction:
 
     plan: ExtractionPlan
     slots: list[int]  # positions in plan.taps of the taps captured here
-    capture: Optional[Capture]
+    capture: Capture
     prompts: dict[int, PromptRows] = field(default_factory=dict)
     ready: dict[int, Pending] = field(default_factory=dict)  # finished prompts' rows, by prompt index
     finished: set[int] = field(default_factory=set)  # prompts whose rows are complete
@@ -62,12 +62,13 @@ class WorkerExtractions:
 
     def begin(self, extraction_id: str, plan: ExtractionPlan, model: torch.nn.Module, reports: bool) -> None:
         slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
-        capture = Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True) if slots else None
-        self.running[extraction_id] = Extraction(plan, slots, capture)
+        if not slots:
+            return  # nothing to capture on this worker: its steps are left alone, take() answers None
+        self.running[extraction_id] = Extraction(plan, slots, Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True))
 
     def take(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
         extraction = self.running.get(extraction_id)
-        if extraction is None or extraction.capture is None:
+        if extraction is None:
             return None
         if extraction.error is not None:
             return {"error": extraction.error}
@@ -86,7 +87,7 @@ class WorkerExtractions:
 
     def end(self, extraction_id: str) -> None:
         extraction = self.running.pop(extraction_id, None)
-        if extraction is not None and extraction.capture is not None:
+        if extraction is not None:
             extraction.capture.remove()
         for request_id in [rid for rid, (owner, _) in self.requests.items() if owner == extraction_id]:
             del self.requests[request_id]
@@ -112,7 +113,7 @@ class WorkerExtractions:
                 continue
             key = self.requests.get(request_id)
             extraction = self.running[key[0]] if key is not None else None
-            if extraction is not None and extraction.capture is not None and extraction.error is None:
+            if extraction is not None and extraction.error is None:
                 share = extraction.share = extraction.share or StepShare()
                 position = request_states[request_id].num_computed_tokens
                 share.prompts.append((key[1], share.count, count, position))

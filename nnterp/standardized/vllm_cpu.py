@@ -6,7 +6,6 @@ vLLM's CPU worker and gives its model runner nnsight's intervention behaviour.
 
 from __future__ import annotations
 
-import contextlib
 
 import torch
 from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRunner
@@ -16,6 +15,7 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from ..distributed.tp import REPACKED
 from ..extraction.worker import ExtractionRunner, ExtractionWorker
+from .vllm_meta import patched_attribute
 from .vllm_worker import PipelineRunner, SharedModelRunner, SharedModelWorker
 
 
@@ -48,15 +48,9 @@ class NNsightCPUWorker(ExtractionWorker, SharedModelWorker, NNsightGPUWorker, CP
             super().shutdown()
 
 
-@contextlib.contextmanager
 def no_accelerator_cache():
     """Make ``torch.accelerator.empty_cache`` a no-op while vLLM code that assumes a GPU runs on CPU."""
-    original = torch.accelerator.empty_cache
-    torch.accelerator.empty_cache = lambda: None
-    try:
-        yield
-    finally:
-        torch.accelerator.empty_cache = original
+    return patched_attribute(torch.accelerator, "empty_cache", lambda original: lambda: None)
 
 
 def allocate_stage_inputs(runner) -> None:

@@ -22,16 +22,17 @@ def meta_tree_build() -> Iterator[None]:
     from vllm.model_executor.layers import activation
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_patched(activation.XIELU, "__init__", lambda init: _under(MetaDevice.real, init)))
+        stack.enter_context(patched_attribute(activation.XIELU, "__init__", lambda init: _under(MetaDevice.real, init)))
         if not torch.cuda.is_available():
             from vllm.model_executor.layers.fused_moe.experts import cpu_moe
 
-            stack.enter_context(_patched(cpu_moe, "cpu_prepack_moe_weight", lambda prepack: lambda weight, isa: weight))
+            stack.enter_context(patched_attribute(cpu_moe, "cpu_prepack_moe_weight", lambda prepack: lambda weight, isa: weight))
         yield
 
 
 @contextlib.contextmanager
-def _patched(owner: object, name: str, wrap: Callable) -> Iterator[None]:
+def patched_attribute(owner: object, name: str, wrap: Callable) -> Iterator[None]:
+    """``owner.name`` replaced by ``wrap(original)`` while the block runs."""
     original = getattr(owner, name)
     setattr(owner, name, wrap(original))
     try:
