@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ..utils import token_id_list, until_eos
 from .capture import Capture
 from .plan import ExtractionPlan
 from .result import Activations, Pending, PromptRows, activations
@@ -107,19 +108,5 @@ def _generate(model: Any, token_ids: list[list[int]], max_new_tokens: int, gener
     kwargs = {**model.greedy_generation_kwargs(max_new_tokens), **generation_kwargs}
     with torch.inference_mode():
         output = model._module.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
-    eos = set(_eos_ids(kwargs))
-    continuations = []
-    for row in output[:, width:].tolist():
-        tokens = []
-        for token in row:
-            tokens.append(token)
-            if token in eos:
-                break
-        continuations.append(tokens)
-    return continuations
-
-
-def _eos_ids(kwargs: dict) -> list[int]:
-    config = kwargs.get("generation_config")
-    eos = getattr(config, "eos_token_id", None)
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    eos = set(token_id_list(getattr(kwargs.get("generation_config"), "eos_token_id", None)))
+    return [until_eos(row, eos) for row in output[:, width:].tolist()]

@@ -20,6 +20,7 @@ from ..nnsight_utils import (
     set_layer_output,
 )
 from ..tracing import as_prompts, last_token_probs, token_positions, trace_prompts, with_tokens_at
+from ..utils import token_id_list, until_eos
 from .steering import LOOP_CUT_SHORT
 
 
@@ -201,8 +202,7 @@ def _patched_next_token_probs(nn_model: Any, targets: TargetPromptBatch, layer: 
 def _eos_ids(nn_model: Any) -> set[int]:
     ids: set[int] = set()
     for config in (getattr(nn_model._module, "generation_config", None), nn_model._module.config):
-        eos = getattr(config, "eos_token_id", None)
-        ids |= set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        ids |= set(token_id_list(getattr(config, "eos_token_id", None)))
     return ids
 
 
@@ -244,17 +244,10 @@ def patchscope_generate(
     pad = nn_model.tokenizer.pad_token_id
     result = {}
     for layer in layers:
-        rows = [_until_eos(generated[layer, p], eos) for p in range(len(prompts))]
+        rows = [until_eos(generated[layer, p], eos) for p in range(len(prompts))]
         width = max(len(row) for row in rows)
         result[layer] = torch.tensor([prompt_ids + row + [pad] * (width - len(row)) for row in rows])
     return result
-
-
-def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
-    for i, token in enumerate(tokens):
-        if token in eos:
-            return tokens[: i + 1]
-    return tokens
 
 
 def _generate_patched(nn_model: Any, target: TargetPrompt, jobs: list, hiddens: torch.Tensor, max_new_tokens: int) -> list[list[int]]:

@@ -17,6 +17,7 @@ import torch
 
 from ..layout.infer import parse_source
 from ..rename import RenameConfig, layer_child, resolve_names, split_rename
+from ..utils import token_id_list
 from .base import Backend, StandardizedMixin, infer_layout, refuse_remote
 from .readonly import read_only
 from .source import check_model_source
@@ -333,8 +334,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         """Sampling parameters for greedy decoding on the raw logits (the checkpoint's penalties overridden),
         stopping at the model config's end-of-sequence ids as HF's ``generate`` does (vLLM's own stop
         token comes from the tokenizer, which may name another)."""
-        eos = self._module.config.eos_token_id
-        stop = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        stop = token_id_list(self._module.config.eos_token_id)
         return {"max_tokens": max_new_tokens, "temperature": 0.0, "repetition_penalty": 1.0,
                 "presence_penalty": 0.0, "frequency_penalty": 0.0, "stop_token_ids": stop}
 
