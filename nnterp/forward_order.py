@@ -15,7 +15,8 @@ T = TypeVar("T")
 _LAST_ACCESS: "WeakKeyDictionary[object, str]" = WeakKeyDictionary()
 
 
-def _current_block() -> object | None:
+def current_block() -> object | None:
+    """The nnsight intervention block the caller runs in (a trace body or an invoke), None outside one."""
     reference = getattr(getcurrent(), "mediator", None)
     return reference() if reference is not None else None
 
@@ -26,7 +27,7 @@ def in_forward_order(name: str, access: Callable[[], T]) -> T:
     try:
         value = access()
     except OutOfOrderError as error:
-        block = _current_block()
+        block = current_block()
         if block is not None and getattr(block, "iteration", 0) != 0:
             raise  # a `tracer.iter` loop that outran a generation: nnsight warns and ends it by design
         before = _LAST_ACCESS.get(block) if block is not None else None
@@ -37,7 +38,7 @@ def in_forward_order(name: str, access: Callable[[], T]) -> T:
 
 def record_access(name: str) -> None:
     """Remember ``name`` as the current block's latest access (also for values another pipeline stage serves)."""
-    block = _current_block()
+    block = current_block()
     if block is not None:
         _LAST_ACCESS[block] = name
 

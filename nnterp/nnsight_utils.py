@@ -25,7 +25,7 @@ from .tracing import (
     tokens_at,
     trace_prompts,
 )
-from .utils import TraceTensor, unpack_tuple
+from .utils import TraceTensor, unpack_tuple, with_progress
 
 GetModuleOutput = Callable[[LanguageModel, int], TraceTensor]
 
@@ -326,9 +326,7 @@ def collect_token_activations_batched(
     ``[num_layers, num_prompts, hidden]`` on CPU. ``tqdm`` (e.g. ``tqdm.auto.tqdm``) shows progress."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
-    starts = range(0, len(prompts), batch_size)
-    if tqdm is not None:
-        starts = tqdm(starts, desc="Collecting activations")
+    starts = with_progress(tqdm, range(0, len(prompts), batch_size), "Collecting activations")
     batches = [
         get_token_activations(nn_model, list(prompts[start:start + batch_size]), layers, get_activations, remote, idx)
         for start in starts

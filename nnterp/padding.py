@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from greenlet import getcurrent
 from nnsight.intervention.batching import Batcher
+
+from .forward_order import current_block
 
 
 class AttentionMaskBatcher(Batcher):
@@ -58,14 +59,13 @@ def left_padding_shifts_positions(model, probe_tokens: list[int]) -> bool | None
 
 def in_trace() -> bool:
     """Whether the caller runs inside a trace body (an nnsight intervention block)."""
-    return getattr(getcurrent(), "mediator", None) is not None
+    return current_block() is not None
 
 
 def current_attention_mask() -> torch.Tensor | None:
     """Inside a trace body: the rows of the forward's attention mask that belong to this block (its invoke's
     prompts), ``[batch, seq]``; None when the forward got no mask or outside a trace."""
-    reference = getattr(getcurrent(), "mediator", None)
-    block = reference() if reference is not None else None
+    block = current_block()
     batcher = getattr(getattr(block, "interleaver", None), "batcher", None)
     mask = getattr(batcher, "attention_mask", None)
     if mask is None:

@@ -11,6 +11,7 @@ from tqdm.auto import tqdm as auto_tqdm
 
 from .logging import logger
 from .nnsight_utils import compute_next_token_probs
+from .utils import with_progress
 
 PEAR = "🍐"  # a prefix no word merges with, so the word's first token can be read after it
 
@@ -166,7 +167,7 @@ def run_prompts(
     func_kwargs = func_kwargs or {}
     starts = range(0, len(prompts), batch_size)
     batches = []
-    for start in tqdm(starts, desc="Running prompts") if tqdm is not None else starts:
+    for start in with_progress(tqdm, starts, "Running prompts"):
         texts = [prompt.prompt for prompt in prompts[start:start + batch_size]]
         if get_probs_func is None:
             batches.append(next_token_probs_unsqueeze(nn_model, texts, remote=remote, intervention=intervention))

@@ -112,6 +112,11 @@ __all__ = [
 ]
 
 
+def with_progress(tqdm: Callable | None, items, desc: str):
+    """``items`` wrapped in ``tqdm`` (e.g. ``tqdm.auto.tqdm``) with ``desc``; as they are when ``tqdm`` is None."""
+    return items if tqdm is None else tqdm(items, desc=desc)
+
+
 def token_id_list(token_ids: int | list[int] | None) -> list[int]:
     """A config's ``eos_token_id`` (one id, a list, or None) as a list."""
     if token_ids is None:

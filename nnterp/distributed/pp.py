@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from nnsight.intervention.interleaver import OutOfOrderError
 
+from ..forward_order import current_block
+
 STAGE_START = "model.nnterp_stage_start"
 STAGE_END = "model.nnterp_stage_end"
 EMBEDDINGS, HEAD = "embeddings", "head"
@@ -366,13 +368,6 @@ def _park_until_past(mediator: Any, location: str, step: int) -> None:
         Mediator.value(location)
 
 
-def _current_mediator():
-    from greenlet import getcurrent
-
-    reference = getattr(getcurrent(), "mediator", None)
-    return None if reference is None else reference()
-
-
 class PipelineStageBackend:
     """Wraps a backend for one pipeline stage.
 
@@ -443,7 +438,7 @@ class PipelineStageBackend:
     def remote_read(self, where: str, position: Position) -> RemoteValue:
         """Parks until this stage reaches the boundary that follows (or precedes) the read module, as a read
         in one process parks until its module runs, then hands out the placeholder."""
-        mediator = _current_mediator()
+        mediator = current_block()
         if mediator is not None:
             location = self._boundary(position)
             step = mediator.iteration if mediator.iteration is not None else mediator.occurrence(location)
@@ -454,7 +449,7 @@ class PipelineStageBackend:
         """For a value computed by another stage at the current point of the trace: what to do before
         fetching it, i.e. park until this stage has passed the boundary after which that stage computes it
         without waiting on this one (nothing, if it already has)."""
-        mediator = _current_mediator()
+        mediator = current_block()
         if mediator is None:
             return None
         location = self._boundary(position)

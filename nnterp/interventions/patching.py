@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm as auto_tqdm
 
 from ..tracing import with_tokens_at
+from ..utils import with_progress
 from .logit_lens import layer_streams
 
 
@@ -40,7 +41,7 @@ def activation_patching(
     positions = list(range(clean_length)) if positions is None else list(positions)
     streams = layer_streams(model, clean, layers)
     result = torch.empty(len(layers), len(positions))
-    for i, layer in enumerate(layers if tqdm is None else tqdm(layers, desc="Patching layers")):
+    for i, layer in enumerate(with_progress(tqdm, layers, "Patching layers")):
         for j, position in enumerate(positions):
             probs = _last_token_probs(model, corrupt, [(layer, position, streams[i][0, position])])
             result[i, j] = probs[target_token]

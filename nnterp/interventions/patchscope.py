@@ -20,7 +20,7 @@ from ..nnsight_utils import (
     set_layer_output,
 )
 from ..tracing import as_prompts, last_token_probs, token_positions, trace_prompts, with_tokens_at
-from ..utils import token_id_list, until_eos
+from ..utils import token_id_list, until_eos, with_progress
 from .steering import LOOP_CUT_SHORT
 
 
@@ -136,10 +136,6 @@ def _layer_list(nn_model: Any, layers: int | Sequence[int] | None) -> list[int]:
     return [layers] if isinstance(layers, int) else list(layers)
 
 
-def _progress(tqdm: Callable | None, items, desc: str):
-    return items if tqdm is None else tqdm(items, desc=desc)
-
-
 @torch.no_grad()
 def patchscope_lens(
     nn_model: Any,
@@ -179,7 +175,7 @@ def patchscope_lens(
     if latents is None:
         latents = get_token_activations(nn_model, source_prompts, layers=layers, remote=remote)
     probs = []
-    for i, layer in enumerate(_progress(tqdm, layers, "Patchscope layers")):
+    for i, layer in enumerate(with_progress(tqdm, layers, "Patchscope layers")):
         probs.append(_patched_next_token_probs(nn_model, targets, layer, latents[i], remote))
     return torch.stack(probs, dim=1)
 
@@ -236,7 +232,7 @@ def patchscope_generate(
     jobs = [(i, layer, p) for i, layer in enumerate(layers) for p in range(len(prompts))]
     generated: dict[tuple[int, int], list[int]] = {}
     chunks = [jobs[start:start + max_batch_size] for start in range(0, len(jobs), max_batch_size)]
-    for chunk in _progress(tqdm, chunks, "Patchscope generations"):
+    for chunk in with_progress(tqdm, chunks, "Patchscope generations"):
         for job, tokens in zip(chunk, _generate_patched(nn_model, target_patch_prompt, chunk, hiddens, max_length)):
             generated[job[1], job[2]] = tokens
     prompt_ids = nn_model.tokenizer(target_patch_prompt.prompt, return_tensors="pt").input_ids[0].tolist()
@@ -302,7 +298,7 @@ def patch_object_attn_lens(
     sources = get_token_activations(nn_model, source_prompts, get_activations=_attention_input)
     sources = sources.expand(num_layers, len(target_prompts), sources.shape[-1])
     probs = []
-    for layer in _progress(tqdm, range(num_layers), "Attention patch layers"):
+    for layer in with_progress(tqdm, range(num_layers), "Attention patch layers"):
         patched = list(range(layer, min(num_layers, layer + num_patches)))
 
         def compute(model, rows, patched=patched, vectors=sources[patched]):
