@@ -11,9 +11,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "AttnProbFunction": ".rename",
-    "RenameConfig": ".rename",
-    "RenamingError": ".rename",
+    "AttnProbFunction": ".core.rename",
+    "RenameConfig": ".core.rename",
+    "RenamingError": ".core.rename",
     "StandardizedTransformer": ".standardized",
     "StandardizedVLLM": ".standardized.vllm",
     "get_rename_dict": ".rename_utils",
@@ -24,7 +24,7 @@ __all__ = list(_EXPORTS)
 
 if TYPE_CHECKING:
     from .nnsight_utils import ModuleAccessor
-    from .rename import AttnProbFunction, RenameConfig, RenamingError
+    from .core.rename import AttnProbFunction, RenameConfig, RenamingError
     from .rename_utils import get_rename_dict
     from .standardized import StandardizedTransformer
     from .standardized.vllm import StandardizedVLLM

@@ -10,8 +10,11 @@ with status 1 when a check fails.
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Sequence
 
 START = time.monotonic()
@@ -30,8 +33,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def layout_origin(layout) -> str:
     """Whether ``layout`` matches its reviewed snapshot under ``layouts/``, differs from it, or has none."""
-    from .layout import drift, load_snapshot
-    from .layout.snapshot import snapshot_path
+    from .core.layout import drift, load_snapshot, snapshot_path
 
     reviewed = load_snapshot(layout.backend, layout.architecture)
     if reviewed is None:
@@ -59,10 +61,10 @@ def validate_hf(model_path: str) -> bool:
 
 def validate_vllm(model_path: str) -> bool:
     say(f"loading {model_path} with StandardizedTransformer, then StandardizedVLLM (float32)...")
-    from .layout import ModelLayout
-    from .testing.equivalence import check_vllm_architecture, within_tolerance
+    from .core.layout import ModelLayout
+    from .validation import check_vllm_against_hf, within_tolerance
 
-    result = check_vllm_architecture(model_path)
+    result = check_vllm_against_hf(model_path)
     if "layout" not in result:
         print(f"FAIL: {result['reason']}")
         return False
@@ -104,16 +106,14 @@ def reviewed_model_types() -> list[str]:
     """Model types whose tiny model passed the last sweep (those with a reviewed HF layout)."""
     import json
 
-    from .layout.snapshot import LAYOUTS_DIR
-    from .testing.architectures import RESULTS_FILE, SMOLLM2
+    from .core.layout import LAYOUTS_DIR, RESULTS_FILE
+    from .testing.smollm2 import SMOLLM2
 
     results = json.loads((LAYOUTS_DIR / "hf" / RESULTS_FILE).read_text())
     return [model_type for model_type, result in results.items() if result["status"] == "pass" and model_type != SMOLLM2]
 
 
 def run_tests(model_names: Sequence[str] | None, class_names: Sequence[str] | None) -> bool:
-    from .testing.architectures import sweep
-
     rows = []
     for name in model_names or []:
         try:
@@ -125,11 +125,31 @@ def run_tests(model_names: Sequence[str] | None, class_names: Sequence[str] | No
     if class_names or not model_names:
         model_types = model_types_of(class_names) if class_names else reviewed_model_types()
         say(f"validating tiny random models of {len(model_types)} architecture(s), one process each...")
-        for result in sweep(model_types, write_layout=False):
-            rows.append([f"tiny {result['model_type']} ({result.get('architecture') or '-'})", result["status"],
-                         result["reason"][:160]])
+        with tempfile.TemporaryDirectory() as workdir:
+            rows += [validate_tiny(model_type, Path(workdir)) for model_type in model_types]
     print(table(["model", "status", "failing checks"], rows))
     return _verdict([row[1] for row in rows])
+
+
+def validate_tiny(model_type: str, workdir: Path, timeout: float = 600) -> list[str]:
+    """``[model, status, failing checks]`` of the tiny random model of ``model_type``, validated by
+    ``python -m nnterp validate`` in a child process (a crash or a hang fails this entry only)."""
+    from .testing.tiny import build_tiny_model, causal_lm_architectures
+
+    label = f"tiny {model_type} ({causal_lm_architectures().get(model_type) or '-'})"
+    try:
+        path = build_tiny_model(model_type, workdir / model_type).path
+        run = subprocess.run([sys.executable, "-m", "nnterp", "validate", str(path)], capture_output=True,
+                             text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [label, "fail", f"no verdict within {timeout:.0f} s"]
+    except Exception as error:
+        return [label, "fail", f"{type(error).__name__}: {error}".splitlines()[0][:160]]
+    if run.returncode == 0:
+        return [label, "pass", ""]
+    failing = [line.split("  ")[0] for line in run.stdout.splitlines() if "  fail" in line]
+    last_line = ((run.stdout + run.stderr).strip().splitlines() or [f"exit status {run.returncode}"])[-1]
+    return [label, "fail", (", ".join(failing) or last_line)[:160]]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,6 +8,7 @@ backend is left as the user set it.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
@@ -194,8 +195,6 @@ def plot_topk_tokens(
             figure.write_image(file, scale=3)
         if save_html or file.suffix == ".html":
             figure.write_html(file if file.suffix == ".html" else file.with_suffix(".html"))
-    from .utils import is_notebook
-
     if is_notebook():  # outside a notebook plotly would open a browser, or show nothing
         figure.show()
     return figure
@@ -214,3 +213,13 @@ def prompts_to_df(prompts, tokenizer=None):
             for target, tokens in prompt.target_tokens.items():
                 table[i][target + "_tokens"] = tokenizer.convert_ids_to_tokens(tokens)
     return pandas.DataFrame.from_dict(table)
+
+
+def is_notebook() -> bool:
+    """Whether the code runs in a Jupyter kernel."""
+    ipython = sys.modules.get("IPython")
+    try:
+        shell = ipython.get_ipython() if ipython is not None else None
+        return shell is not None and "IPKernelApp" in shell.config
+    except Exception:
+        return False

@@ -1,13 +1,5 @@
-"""nnterp's logger (``logging.getLogger("nnterp")``), with a default handler so its messages show."""
+"""nnterp 1.x's ``nnterp.logging``: nnterp's logger (defined in :mod:`nnterp.core.log`)."""
 
-import logging
-
-logger = logging.getLogger("nnterp")
-
-if not logger.handlers:
-    _handler = logging.StreamHandler()
-    _handler.setFormatter(logging.Formatter("%(levelname)s | %(name)s | %(message)s"))
-    logger.addHandler(_handler)
-    logger.setLevel(logging.INFO)
+from .core.log import logger
 
 __all__ = ["logger"]

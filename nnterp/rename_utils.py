@@ -1,7 +1,7 @@
 """nnterp 1.x's ``rename_utils``: the renaming vocabulary and the config lookups of model sizes.
 
-``RenameConfig``, ``RenamingError`` and ``AttnProbFunction`` are defined in :mod:`nnterp.rename`; the
-accessor classes in :mod:`nnterp.accessors` and :mod:`nnterp.attention`.
+``RenameConfig``, ``RenamingError`` and ``AttnProbFunction`` are defined in :mod:`nnterp.core.rename`; the
+accessor classes in :mod:`nnterp.core.accessors` and :mod:`nnterp.core.attention`.
 """
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any
 
-from .accessors import LayerAccessor
-from .attention import AttentionProbabilities as AttentionProbabilitiesAccessor
-from .rename import LAYER_ALIASES, ROOT_ALIASES, STANDARD_NAMES, RenameConfig
-from .rename import text_config as language_config
+from .core.accessors import LayerAccessor
+from .core.attention import AttentionProbabilities as AttentionProbabilitiesAccessor
+from .core.rename import LAYER_ALIASES, ROOT_ALIASES, STANDARD_NAMES, RenameConfig
+from .core.rename import text_config as language_config
 
 _DEFINED_IN_RENAME = ("RenamingError", "AttnProbFunction")
 
-# The standard names, and the native names nnterp tries for each (alias tables of nnterp.rename).
+# The standard names, and the native names nnterp tries for each (alias tables of nnterp.core.rename).
 MODEL_NAMES = ["model", "transformer", "gpt_neox", "decoder", "language_model", "backbone"]
 ATTENTION_NAMES = list(LAYER_ALIASES["self_attn"])
 MLP_NAMES = list(LAYER_ALIASES["mlp"])
@@ -106,7 +106,7 @@ def get_vocab_size(model: Any, raise_error: bool = True, rename_config: RenameCo
 
 def __getattr__(name: str) -> Any:
     if name in _DEFINED_IN_RENAME:
-        from . import rename
+        from .core import rename
 
         return getattr(rename, name)
     raise AttributeError(f"module 'nnterp.rename_utils' has no attribute {name!r}")

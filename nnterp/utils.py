@@ -1,31 +1,21 @@
-"""Small helpers shared by nnterp's modules (nnterp 1.x's ``utils``)."""
+"""nnterp 1.x's ``utils``: its small helpers, most defined where nnterp uses them."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable
 
 import nnsight
 import torch
 import transformers
 
-from .logging import logger
-
-# Inside an nnsight trace activations are real tensors; kept as a name for annotations.
-TraceTensor = torch.Tensor
+from .core.log import logger
+from .core.progress import with_progress
+from .core.tokens import token_id_list, until_eos
+from .display import is_notebook
+from .interventions.activations import TraceTensor, unpack_tuple
 
 NNSIGHT_VERSION = nnsight.__version__
 TRANSFORMERS_VERSION = transformers.__version__
-
-
-def is_notebook() -> bool:
-    """Whether the code runs in a Jupyter kernel."""
-    ipython = sys.modules.get("IPython")
-    try:
-        shell = ipython.get_ipython() if ipython is not None else None
-        return shell is not None and "IPKernelApp" in shell.config
-    except Exception:
-        return False
 
 
 def display_markdown(text: str) -> None:
@@ -92,11 +82,6 @@ def try_with_scan(
         return False
 
 
-def unpack_tuple(tensor_or_tuple: Any) -> Any:
-    """The first element of a tuple (a module's hidden state), anything else as it is."""
-    return tensor_or_tuple[0] if isinstance(tensor_or_tuple, tuple) else tensor_or_tuple
-
-
 __all__ = [
     "DummyCache",
     "NNSIGHT_VERSION",
@@ -108,25 +93,8 @@ __all__ = [
     "is_notebook",
     "logger",
     "try_with_scan",
+    "token_id_list",
     "unpack_tuple",
+    "until_eos",
+    "with_progress",
 ]
-
-
-def with_progress(tqdm: Callable | None, items, desc: str):
-    """``items`` wrapped in ``tqdm`` (e.g. ``tqdm.auto.tqdm``) with ``desc``; as they are when ``tqdm`` is None."""
-    return items if tqdm is None else tqdm(items, desc=desc)
-
-
-def token_id_list(token_ids: int | list[int] | None) -> list[int]:
-    """A config's ``eos_token_id`` (one id, a list, or None) as a list."""
-    if token_ids is None:
-        return []
-    return [token_ids] if isinstance(token_ids, int) else list(token_ids)
-
-
-def until_eos(tokens: list[int], eos: set[int] | list[int]) -> list[int]:
-    """``tokens`` up to and including the first end-of-sequence id."""
-    for i, token in enumerate(tokens):
-        if token in eos:
-            return tokens[: i + 1]
-    return tokens

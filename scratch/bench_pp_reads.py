@@ -8,8 +8,11 @@ directory (``python -c "from nnterp.testing.smollm2 import smollm2_path; print(s
 
 import sys
 import tempfile
+from pathlib import Path
 
-from nnterp.testing.distributed import bind, pp_out_of_order, pp_read_timings, run_on_ranks
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the maintainers' harness
+
+from harness.distributed import bind, pp_out_of_order, pp_read_timings, run_on_ranks
 
 
 def main() -> None:

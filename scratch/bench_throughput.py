@@ -123,11 +123,11 @@ def vllm_group(args, path: str, graphs: bool) -> dict[str, Callable]:
 def nnsight_group(args, path: str) -> dict[str, Callable]:
     from nnsight.modeling.vllm import VLLM
 
-    from nnterp.standardized.vllm import _cpu_meta_build, _no_accelerator
+    from nnterp.backends.vllm.engine import cpu_meta_build, no_accelerator, worker_class
 
-    if _no_accelerator():  # nnsight ships no CPU worker: use the one nnterp adds
-        VLLM._WORKER_CLS = "nnterp.standardized.vllm_cpu.NNsightCPUWorker"
-    with _cpu_meta_build():
+    if no_accelerator():  # nnsight ships no CPU worker: use the one nnterp adds
+        VLLM._WORKER_CLS = worker_class()
+    with cpu_meta_build():
         model = VLLM(path, dispatch=True, **vllm_settings(args))
 
     def run(prompts, max_new_tokens, layer):

@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
-from nnterp.testing.equivalence import RESULT_PREFIX as EQUIVALENCE_PREFIX
-from nnterp.testing.parallel import compare_reads, reads_in_fresh_process
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the maintainers' harness
+
+from harness.equivalence import RESULT_PREFIX as EQUIVALENCE_PREFIX  # noqa: E402
+from harness.parallel import compare_reads, reads_in_fresh_process  # noqa: E402
 
 LAYOUTS = {"tiny-llama": [(2, 1), (1, 2)], "smollm2-135m": [(1, 2)]}  # SmolLM2's 9 heads do not split over 2
 TIMED_BODIES = ("nothing", "save layer 0", "save last layer", "consume last layer", "consume layer 0")
@@ -55,8 +57,8 @@ def equivalence_record(name: str, path: str) -> dict:
     """HF (on CPU, float32) against vLLM on one GPU, in a fresh process."""
     import subprocess
 
-    code = ("import json; from nnterp.testing.equivalence import check_vllm_architecture, RESULT_PREFIX; "
-            f"print(RESULT_PREFIX + json.dumps(check_vllm_architecture({path!r})))")
+    code = ("import json; from nnterp.validation import check_vllm_against_hf; "
+            f"print({EQUIVALENCE_PREFIX!r} + json.dumps(check_vllm_against_hf({path!r})))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
     line = next((line for line in run.stdout.splitlines() if line.startswith(EQUIVALENCE_PREFIX)), None)
     if line is None:
@@ -70,7 +72,7 @@ def aliasing(path: str) -> float:
     """max |saved reference - value at read time| of embed_tokens' output when the read is not cloned."""
     import nnsight
 
-    from nnterp.standardized.base import Backend
+    from nnterp.core.backend import Backend
     from nnterp.standardized.vllm import StandardizedVLLM
 
     model = StandardizedVLLM(path, dtype="float32", max_model_len=128, check_layout=False)

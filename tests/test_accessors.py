@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from nnterp import RenameConfig, StandardizedTransformer
-from nnterp.rename import UnknownArchitectureError
+from nnterp.core.rename import UnknownArchitectureError
 
 PROMPTS = ["The capital of France is", "Hello world"]
 
@@ -143,13 +143,13 @@ def test_unknown_architecture_names_missing_modules_and_rename_config():
     """A missing final norm is not an error (ln_final is then the identity, which loading checks on a forward
     pass); missing embeddings or LM head are."""
     with pytest.raises(UnknownArchitectureError, match=r"\['embed_tokens', 'lm_head'\].*RenameConfig\("):
-        from nnterp.rename import resolve_names
+        from nnterp.core.rename import resolve_names
 
         resolve_names(OddModel())
 
 
 def test_rename_config_overrides_and_reports_bad_path():
-    from nnterp.rename import resolve_names
+    from nnterp.core.rename import resolve_names
 
     names = resolve_names(OddModel(), RenameConfig(embed_tokens="vocab_in", ln_final="stack.1", lm_head="unembed"))
     assert names.layers == "stack" and names.embed_tokens == "vocab_in"
@@ -172,7 +172,7 @@ def test_parameter_translates_standard_paths(gpt2):
 
 def test_tied_model_without_lm_head_unembeds_with_its_embedding():
     """Engines such as vLLM's Cohere unembed with the tied input embedding and have no LM head module."""
-    from nnterp.rename import resolve_names
+    from nnterp.core.rename import resolve_names
 
     model = OddModel()
     del model.unembed
@@ -187,7 +187,7 @@ def test_layer_zero_input_without_residual_is_not_a_fresh_tensor():
     """vLLM's first decoder layer gets ``residual=None``: its input read is the engine's own buffer (which the
     fused add+RMSNorm of the next layer rewrites in place), so the read policy must clone it; later layers'
     ``hidden + residual`` is a fresh sum and is not cloned again."""
-    from nnterp.layout import load_snapshot
+    from nnterp.core.layout import load_snapshot
 
     layout = load_snapshot("vllm", "LlamaForCausalLM").modules["layer:LlamaDecoderLayer"].input
     positions, hidden, residual = torch.arange(4), torch.randn(4, 8), torch.randn(4, 8)

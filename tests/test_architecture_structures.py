@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nnterp import StandardizedTransformer
-from nnterp.rename import IDENTITY, UnknownArchitectureError
+from nnterp.core.rename import IDENTITY, UnknownArchitectureError
 from nnterp.validation import validate
 
 PROMPTS = ["The capital of France is", "Hello"]

@@ -1,16 +1,16 @@
 """The HF architecture sweep: its recorded results (layouts/hf/_validated.json, docs/architectures.md) are
 complete and current, and a fixed sample of it (one architecture per way a model is built) still passes with
-its reviewed layout. The full sweep is `python -m nnterp.layout --update`."""
+its reviewed layout. The full sweep is `python -m tests.harness.sweep --update`."""
 
 import json
 
 import pytest
 
 from nnterp import StandardizedTransformer
-from nnterp.layout import LAYOUTS_DIR, drift, load_snapshot
-from nnterp.testing.architectures import RESULTS_FILE, SMOLLM2
-from nnterp.testing.known_limits import HF_LIMITS
-from nnterp.testing.report import PAGE, render_page
+from nnterp.core.layout import LAYOUTS_DIR, drift, load_snapshot
+from harness.architectures import RESULTS_FILE, SMOLLM2
+from harness.known_limits import HF_LIMITS
+from harness.report import PAGE, render_page
 from nnterp.testing.tiny import causal_lm_architectures
 from nnterp.validation import validate
 
@@ -50,7 +50,7 @@ def test_every_passing_architecture_has_a_reviewed_layout():
 
 def test_docs_page_is_generated_from_the_recorded_results():
     vllm = json.loads((LAYOUTS_DIR / "vllm" / RESULTS_FILE).read_text())
-    assert PAGE.read_text() == render_page({"hf": RESULTS, "vllm": vllm}), "run `python -m nnterp.layout --update`"
+    assert PAGE.read_text() == render_page({"hf": RESULTS, "vllm": vllm}), "run `python -m tests.harness.sweep --update`"
 
 
 @pytest.mark.parametrize("model_type", SAMPLE)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nnterp import StandardizedTransformer
-from nnterp.attention import AttentionProbabilitiesUnavailable
+from nnterp.core.attention import AttentionProbabilitiesUnavailable
 
 PROMPT = "The capital of France is"
 

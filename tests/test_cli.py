@@ -62,9 +62,9 @@ def test_run_tests_refuses_unknown_class_names():
 
 
 def test_validate_on_vllm_tables_the_comparison_with_hf(monkeypatch, capsys):
-    """The vLLM comparison itself (check_vllm_architecture) runs end to end in test_vllm.py; here, its table."""
-    import nnterp.testing.equivalence as equivalence
-    from nnterp.layout import load_snapshot
+    """The vLLM comparison itself (check_vllm_against_hf) runs end to end in test_vllm.py; here, its table."""
+    import nnterp.validation as validation
+    from nnterp.core.layout import load_snapshot
 
     result = {
         "status": "fail", "architecture": "LlamaForCausalLM", "engine": "native",
@@ -73,7 +73,7 @@ def test_validate_on_vllm_tables_the_comparison_with_hf(monkeypatch, capsys):
         "max_rel_diff": {"layers_output": 1e-6, "mlps_output": 0.2},
         "generations": {"hf": {"plain": [1, 2]}, "vllm": {"plain": [1, 2]}},
     }
-    monkeypatch.setattr(equivalence, "check_vllm_architecture", lambda path: result)
+    monkeypatch.setattr(validation, "check_vllm_against_hf", lambda path: result)
     assert main(["validate", "some/model", "--backend", "vllm"]) == 1
     output = capsys.readouterr().out
     assert "LlamaForCausalLM (vllm, native vLLM model)" in output
@@ -83,6 +83,6 @@ def test_validate_on_vllm_tables_the_comparison_with_hf(monkeypatch, capsys):
     assert re.search(r"^greedy generations \(plain, steered\) == HF\s+pass", output, re.M)
     assert re.search(r"^FAIL: 2 passed, 1 failed$", output, re.M)
 
-    monkeypatch.setattr(equivalence, "check_vllm_architecture", lambda path: {"status": "fail", "reason": "OSError: no model"})
+    monkeypatch.setattr(validation, "check_vllm_against_hf", lambda path: {"status": "fail", "reason": "OSError: no model"})
     assert main(["validate", "some/model", "--backend", "vllm"]) == 1
     assert "FAIL: OSError: no model" in capsys.readouterr().out

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from nnterp import utils
-from nnterp.rename import RenameConfig
+from nnterp.core.rename import RenameConfig
 from nnterp.rename_utils import (
     IOType,
     get_hidden_size,
@@ -84,7 +84,7 @@ def test_standardized_transformer_module_path_is_nnterp_1x():
 def test_layer_accessor_built_with_nnterp_1x_arguments_reads_the_raw_modules(llama):
     """``LayerAccessor(model, None | "mlp", IOType...)`` and ``accessor(layer=i)`` read what forward hooks on the
     raw modules see in a plain forward."""
-    from nnterp.accessors import LayerAccessor
+    from nnterp.core.accessors import LayerAccessor
 
     layer_outputs = LayerAccessor(llama, None, IOType.OUTPUT)
     mlp_inputs = LayerAccessor(llama, "mlp", IOType.INPUT)

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from nnterp import AttnProbFunction, RenameConfig, RenamingError, StandardizedTransformer
-from nnterp.rename import UnknownArchitectureError
+from nnterp.core.rename import UnknownArchitectureError
 
 from hf_reference import add_at, stream_of
 from hf_reference import hooked_logits as raw_hooked_logits

@@ -10,7 +10,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from nnterp import RenameConfig, RenamingError  # noqa: E402
-from nnterp.attention import AttentionProbabilitiesUnavailable  # noqa: E402
+from nnterp.core.attention import AttentionProbabilitiesUnavailable  # noqa: E402
 from nnterp.standardized.checks import check_renaming  # noqa: E402
 from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
 

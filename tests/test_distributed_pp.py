@@ -7,8 +7,8 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from nnterp.distributed.pp import merge_stage_saves  # noqa: E402
-from nnterp.testing.distributed import PP_PROMPT, bind, pp_out_of_order, pp_trace, run_on_ranks  # noqa: E402
+from nnterp.backends.distributed.pp import merge_stage_saves  # noqa: E402
+from harness.distributed import PP_PROMPT, bind, pp_out_of_order, pp_trace, run_on_ranks  # noqa: E402
 
 SPLIT = 2  # stage 0 holds layers 0-1, stage 1 layer 2
 
@@ -72,7 +72,7 @@ def test_out_of_order_consumption_raises_the_single_process_error(reference):
 def test_operations_on_a_placeholder_wait_until_its_contents_are_needed():
     from torch.distributed import HashStore
 
-    from nnterp.distributed.pp import RemoteValue, StageChannel
+    from nnterp.backends.distributed.pp import RemoteValue, StageChannel
 
     channel, value, fetches = StageChannel(HashStore(), timeout=1), torch.arange(6.0).reshape(2, 3), []
     channel.publish("layer", value)
@@ -91,7 +91,7 @@ def test_operations_on_a_placeholder_wait_until_its_contents_are_needed():
 def test_saves_resolve_from_published_values_and_drop_what_nobody_published():
     from torch.distributed import HashStore
 
-    from nnterp.distributed.pp import RemoteValue, StageChannel, resolve_saves
+    from nnterp.backends.distributed.pp import RemoteValue, StageChannel, resolve_saves
 
     channel = StageChannel(HashStore(), timeout=1)
     channel.publish("published", torch.ones(2))
@@ -108,8 +108,8 @@ def test_values_larger_than_the_store_accepts_travel_in_chunks():
 
     from torch.distributed import TCPStore
 
-    from nnterp.distributed.pp import CHUNK_BYTES, StageChannel
-    from nnterp.testing.distributed import free_port
+    from nnterp.backends.distributed.pp import CHUNK_BYTES, StageChannel
+    from harness.distributed import free_port
 
     channel = StageChannel(TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=30)), timeout=5)
     large = torch.randn(6 * CHUNK_BYTES // 4)  # 24 MiB: one value of that size resets the store's connection
@@ -120,7 +120,7 @@ def test_values_larger_than_the_store_accepts_travel_in_chunks():
 
 
 def test_the_reported_stage_error_is_the_first_that_is_not_a_timeout():
-    from nnterp.standardized.vllm_worker import first_cause
+    from nnterp.backends.vllm.worker import first_cause
 
     timeout, shape = {"type_name": "CrossStageTimeout"}, {"type_name": "ValueError"}
     assert first_cause([timeout, None, shape]) is shape  # stage 1's real error explains stage 0's wait

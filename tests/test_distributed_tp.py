@@ -8,7 +8,7 @@ pytestmark = pytest.mark.vllm
 
 from torch.distributed.tensor import Replicate, Shard  # noqa: E402
 
-from nnterp.testing.distributed import TP_SIZES, full_weights, run_on_ranks, tp_shard_and_gather  # noqa: E402
+from harness.distributed import TP_SIZES, full_weights, run_on_ranks, tp_shard_and_gather  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ from safetensors.torch import load_file
 
 from nnterp import StandardizedTransformer
 from nnterp.extraction import ACCESSORS, save_activations
-from nnterp.extraction.result import PromptRows
-from nnterp.extraction.transfer import HostTransfer
+from nnterp.backends.taps.rows import PromptRows
+from nnterp.backends.taps.transfer import HostTransfer
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six. The cat sat on the mat.", "A"]
 

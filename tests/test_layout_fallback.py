@@ -4,9 +4,9 @@ each call is bound to the module's signature, so every module class the layers u
 import torch
 from torch import nn
 
-from nnterp.layout import InputLayout, ModelLayout, OutputLayout, infer_module_layout, observe
-from nnterp.layout.model import ModuleLayout
-from nnterp.rename import ModuleNames
+from nnterp.core.layout import InputLayout, ModelLayout, OutputLayout, infer_module_layout, observe
+from nnterp.core.layout.model import ModuleLayout
+from nnterp.core.rename import ModuleNames
 
 H = 8
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 from torch import nn
 
-from nnterp.layout import (
+from nnterp.core.layout import (
     InputLayout, LayoutError, OutputLayout, call_style_from_source, drift, infer_module_layout, observe, signature_of,
 )
-from nnterp.layout.infer import output_from_source
-from nnterp.layout.model import ModuleLayout
+from nnterp.core.layout.infer import output_from_source
+from nnterp.core.layout.model import ModuleLayout
 
 H = 8
 

@@ -10,9 +10,9 @@ from nnsight.intervention.interleaver import OutOfOrderError
 from torch import nn
 
 from nnterp import StandardizedTransformer
-from nnterp.layout import InputLayout, ModuleLayout, OutputLayout
-from nnterp.layout.edits import edits_from_source
-from nnterp.padding import last_token_indices
+from nnterp.core.layout import InputLayout, ModuleLayout, OutputLayout
+from nnterp.core.layout.edits import edits_from_source
+from nnterp.core.padding import last_token_indices
 from nnterp.validation import validate
 
 PROMPTS = ["The capital of France is", "Hi", "One two three four"]
@@ -163,8 +163,8 @@ def test_in_place_edits_read_off_the_parent_source(body, edited):
 
 def test_probe_sees_an_edit_the_source_cannot():
     """An edit inside a helper function: only the runtime probe sees it; reads and writes then copy."""
-    from nnterp.layout.model_layout import infer_model_layout
-    from nnterp.rename import ModuleNames
+    from nnterp.core.layout.model_layout import infer_model_layout
+    from nnterp.core.rename import ModuleNames
 
     def add_into(target, value):
         target.add_(value)

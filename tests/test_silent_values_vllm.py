@@ -15,7 +15,7 @@ from nnsight.intervention.interleaver import OutOfOrderError  # noqa: E402
 from engines import hf_and_vllm  # noqa: E402
 
 from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
-from nnterp.standardized.vllm_collect import merge_invoke_copies, worker_error  # noqa: E402
+from nnterp.backends.vllm.collect import merge_invoke_copies, worker_error  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Hi", "One two three four"]
 ACCESSORS = ("layers_input", "attentions_input", "attentions_output", "mlps_input", "mlps_output", "layers_output")
@@ -143,8 +143,8 @@ def test_skipping_a_layer_whose_parent_unpacks_its_tuple():
     stand-in output must have as many entries."""
     from vllm.model_executor.models.stablelm import StablelmDecoderLayer
 
-    from nnterp.layout import OutputLayout
-    from nnterp.layout.infer import returned_tuple_length
+    from nnterp.core.layout import OutputLayout
+    from nnterp.core.layout.infer import returned_tuple_length
 
     assert returned_tuple_length(StablelmDecoderLayer) == 2
     stream = torch.randn(3, 8)

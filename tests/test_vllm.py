@@ -1,6 +1,8 @@
 """StandardizedVLLM on vLLM's CPU engine: layouts, clone policy and equivalence with StandardizedTransformer."""
 
 import nnsight
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -9,8 +11,10 @@ pytestmark = pytest.mark.vllm
 
 from engines import hf_and_vllm  # noqa: E402
 
-from nnterp.layout import drift, load_snapshot  # noqa: E402
-from nnterp.testing.equivalence import RESULT_PREFIX, compare, read_accessors  # noqa: E402
+from nnterp.core.layout import drift, load_snapshot  # noqa: E402
+from harness.equivalence import RESULT_PREFIX, compare, read_accessors  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent  # the harness runs from here (`python -m harness...`)
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
 
@@ -142,7 +146,7 @@ def test_smollm2_every_accessor_equals_hf():
     import subprocess
     import sys
 
-    run = subprocess.run([sys.executable, "-m", "nnterp.testing.equivalence", "smollm2-135m"],
+    run = subprocess.run([sys.executable, "-m", "harness.equivalence", "smollm2-135m"], cwd=TESTS,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith(RESULT_PREFIX))

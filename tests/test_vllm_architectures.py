@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,7 +16,9 @@ pytestmark = pytest.mark.vllm
 
 from engines import hf_and_vllm  # noqa: E402
 
-from nnterp.testing.equivalence import PROMPTS, RESULT_PREFIX, compare, within_tolerance  # noqa: E402
+from harness.equivalence import PROMPTS, RESULT_PREFIX, compare, within_tolerance  # noqa: E402
+
+TESTS = Path(__file__).resolve().parent  # the harness runs from here (`python -m harness...`)
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +47,7 @@ def test_sampled_architectures_equal_hf_on_every_accessor():
     """Exaone-4 (vLLM's layer overwrites the residual it is passed) and Cohere (no LM head module: the tied
     embedding unembeds), each checked by the sweep in its own process."""
     sample = ["exaone4", "cohere"]
-    run = subprocess.run([sys.executable, "-m", "nnterp.testing.equivalence", *sample],
+    run = subprocess.run([sys.executable, "-m", "harness.equivalence", *sample], cwd=TESTS,
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     line = next(line for line in run.stdout.splitlines() if line.startswith(RESULT_PREFIX))

@@ -10,6 +10,7 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from nnterp import StandardizedTransformer  # noqa: E402
+from nnterp.backends.vllm.engine import share_with_workers  # noqa: E402
 from nnterp.extraction import ACCESSORS, plan_extraction  # noqa: E402
 from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
 
@@ -100,8 +101,8 @@ def test_tracing_during_an_extraction_is_refused_and_closing_releases_the_engine
 def test_an_error_in_the_engine_is_reported_and_the_engine_keeps_serving(model):
     from dataclasses import replace
 
-    from nnterp.extraction.vllm import run
-    from nnterp.layout import InputLayout
+    from nnterp.backends.vllm.extraction import run
+    from nnterp.core.layout import InputLayout
 
     plan = plan_extraction(model, "attentions_input", [1])
     broken = replace(plan.taps[0], layout=replace(plan.taps[0].layout, input=InputLayout("hidden", None)))
@@ -134,7 +135,7 @@ def test_trace_requests_refer_to_the_model_instead_of_carrying_it(model):
     try:
         whole = len(dumps(model))
     finally:
-        model._share_with_workers()
+        share_with_workers(model)
     assert payloads and max(payloads) * 20 < whole, (payloads, whole)
 
 

@@ -1,6 +1,6 @@
 """The vLLM sweep's recorded results (layouts/vllm/_validated.json) are complete, and static layout inference
 on the real vLLM classes (meta tree, no engine) of a fixed sample still matches the reviewed snapshots. The full
-sweep is `python -m nnterp.layout --update --backend vllm`."""
+sweep is `python -m tests.harness.sweep --update --backend vllm`."""
 
 import json
 
@@ -10,10 +10,10 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from nnterp.layout import LAYOUTS_DIR, drift, load_snapshot, signature_of  # noqa: E402
-from nnterp.layout.infer import output_from_source, overwritten_before_read  # noqa: E402
-from nnterp.testing.architectures import RESULTS_FILE, SMOLLM2  # noqa: E402
-from nnterp.testing.known_limits import VLLM_LIMITS  # noqa: E402
+from nnterp.core.layout import LAYOUTS_DIR, drift, load_snapshot, signature_of  # noqa: E402
+from nnterp.core.layout.infer import output_from_source, overwritten_before_read  # noqa: E402
+from harness.architectures import RESULTS_FILE, SMOLLM2  # noqa: E402
+from harness.known_limits import VLLM_LIMITS  # noqa: E402
 
 RESULTS = json.loads((LAYOUTS_DIR / "vllm" / RESULTS_FILE).read_text())
 PASSING = sorted(mt for mt, result in RESULTS.items() if result["status"] == "pass")
@@ -115,7 +115,7 @@ class IndexedStack(torch.nn.Module):
 
 
 def test_call_style_read_through_a_name_bound_by_indexing():
-    from nnterp.layout import call_style_from_source
+    from nnterp.core.layout import call_style_from_source
 
     assert call_style_from_source(IndexedStack(), "layers", "hidden_states", 1) == "positional"
 
@@ -133,7 +133,7 @@ class KeywordsFromDict(torch.nn.Module):
 
 
 def test_call_style_read_through_an_unpacked_dict_literal():
-    from nnterp.layout import call_style_from_source
+    from nnterp.core.layout import call_style_from_source
 
     assert call_style_from_source(KeywordsFromDict(), "self_attn", "hidden_states", 1) == "keyword"
     assert call_style_from_source(KeywordsFromDict(), "self_attn", "residual", 2) is None
@@ -170,7 +170,7 @@ class ScalesInline(torch.nn.Module):
 
 
 def test_embedding_scale_read_off_the_holder_source():
-    from nnterp.standardized.vllm import _scale_path
+    from nnterp.backends.vllm.embedding_scale import scale_path as _scale_path
 
     assert _scale_path(ScalesBoundEmbedding, "embed_tokens") == ("config", "scale_emb")
     assert _scale_path(InheritsTheScale, "embed_tokens") == ("config", "scale_emb")

@@ -9,8 +9,8 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from nnterp.testing.equivalence import compare_reads  # noqa: E402
-from nnterp.testing.parallel import parallel_reads  # noqa: E402
+from harness.equivalence import compare_reads  # noqa: E402
+from harness.parallel import parallel_reads  # noqa: E402
 
 CHECKED = {"layers_output", "attentions_input", "mlps_output", "token_embeddings", "next_token_probs", "logit_lens",
            "steered_probs", "unembedding_steered_probs", "norm_ratio", "generation_plain", "generation_steered",

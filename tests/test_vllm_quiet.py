@@ -8,6 +8,7 @@ import pytest
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
+from nnterp.backends.vllm import engine  # noqa: E402
 from nnterp.standardized import vllm as standardized_vllm  # noqa: E402
 
 
@@ -22,14 +23,14 @@ def vllm_logger():
 def test_vllm_logs_at_warning_by_default(monkeypatch, vllm_logger):
     monkeypatch.delenv("VLLM_LOGGING_LEVEL", raising=False)
     vllm_logger.setLevel(logging.INFO)  # as vLLM configures itself by default
-    standardized_vllm._quiet_vllm_logging()
+    engine.quiet_vllm_logging()
     assert os.environ["VLLM_LOGGING_LEVEL"] == "WARNING"  # inherited by the engine's worker processes
     assert vllm_logger.level == logging.WARNING
 
 
 def test_a_user_set_vllm_logging_level_is_kept(monkeypatch, vllm_logger):
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", "debug")
-    standardized_vllm._quiet_vllm_logging()
+    engine.quiet_vllm_logging()
     assert os.environ["VLLM_LOGGING_LEVEL"] == "debug" and vllm_logger.level == logging.DEBUG
 
 

@@ -8,7 +8,7 @@ from typing import Iterable
 
 import torch
 
-from .result import Activations
+from ..backends.taps.rows import Activations
 
 
 def save_activations(activations: Iterable[Activations], directory: str | Path, prompts_per_shard: int = 256) -> list[Path]:

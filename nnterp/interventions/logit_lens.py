@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import nnsight
 import torch
 
-from ..nnsight_utils import (
+from .activations import (
     get_layer_output,
     get_num_layers,
     layer_index,
@@ -15,7 +15,7 @@ from ..nnsight_utils import (
     project_on_vocab,
     read_token_activations,
 )
-from ..tracing import token_positions, trace_prompts
+from ..core.tracing import token_positions, trace_prompts
 
 
 def _layers(model, layers: Sequence[int] | None) -> list[int]:

@@ -7,8 +7,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from ..tracing import with_tokens_at
-from ..utils import with_progress
+from ..core.progress import with_progress
+from ..core.tracing import with_tokens_at
 from .logit_lens import layer_streams
 
 

@@ -10,17 +10,19 @@ import nnsight
 import torch
 from tqdm.auto import tqdm as auto_tqdm
 
-from ..nnsight_utils import (
+from ..core.progress import with_progress
+from ..core.tokens import token_id_list, until_eos
+from ..core.tracing import as_prompts, token_positions, trace_prompts, with_tokens_at
+from .activations import (
     get_attention,
     get_layer_output,
     get_num_layers,
     get_token_activations,
     is_standardized,
+    last_token_probs,
     layer_index,
     set_layer_output,
 )
-from ..tracing import as_prompts, last_token_probs, token_positions, trace_prompts, with_tokens_at
-from ..utils import token_id_list, until_eos, with_progress
 from .steering import LOOP_CUT_SHORT
 
 

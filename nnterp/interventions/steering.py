@@ -25,7 +25,7 @@ def steer(
 ) -> None:
     """Inside a trace: add ``factor * steering_vector`` to the output of each of ``layers`` (the model's
     ``steer``; ``token_positions`` / ``batch_index`` restrict it to those tokens / prompts)."""
-    from ..nnsight_utils import get_layer_output, is_standardized, layer_index, set_layer_output
+    from .activations import get_layer_output, is_standardized, layer_index, set_layer_output
 
     restrict = {name: value for name, value in (("positions", positions), ("token_positions", token_positions),
                                                 ("batch_index", batch_index)) if value is not None}

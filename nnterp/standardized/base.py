@@ -8,19 +8,19 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
-from ..accessors import LayerAccessor, ModuleListView
-from ..forward_order import in_forward_order, record_access
-from ..layout import LayoutError, ModelLayout, check_same_shape, drift, infer_model_layout, load_snapshot
-from ..layout.model import copy_if
-from ..layout.infer import returned_tuple_length
-from ..distributed.pp import EMBEDDINGS, HEAD
-from ..padding import at_last_token, current_attention_mask, in_trace
-from ..rename import SEQUENCE, ModuleNames, RenameConfig, RenamingError, envoy_path, layer_child, text_config
+from ..core.accessors import LayerAccessor, ModuleListView
+from ..core.forward_order import in_forward_order, record_access
+from ..core.layout import LayoutError, ModelLayout, check_same_shape, drift, infer_model_layout, load_snapshot
+from ..core.layout.model import copy_if
+from ..core.layout.infer import returned_tuple_length
+from ..core.backend import EMBEDDINGS, HEAD, Backend
+from ..core.padding import at_last_token, current_attention_mask, in_trace
+from ..core.rename import SEQUENCE, ModuleNames, RenameConfig, RenamingError, envoy_path, layer_child, text_config
 from .checks import check_renaming as check_standard_modules
-from .positions import Positions, chosen_tokens
+from ..core.positions import Positions, chosen_tokens
 
 if TYPE_CHECKING:
-    from ..extraction import Activations
+    from ..backends.taps.rows import Activations
 
 logger = logging.getLogger("nnterp")
 
@@ -33,46 +33,6 @@ LOGIT_SOFT_CAPS = ("final_logit_softcapping", "logits_soft_cap", "output_logit_s
 
 class LayoutDriftWarning(UserWarning):
     """The inferred layout differs from the reviewed snapshot under ``layouts/``."""
-
-
-class Backend:
-    """Engine-specific policy hooks; the HuggingFace backend is the identity. Positions in the forward
-    pass are a layer index, ``EMBEDDINGS`` or ``HEAD`` (see ``nnterp.distributed.pp``)."""
-
-    name = "hf"
-    batches_prompts = True  # a trace takes a list of prompts
-
-    def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
-        return value
-
-    def before_write(self, value: torch.Tensor) -> torch.Tensor:
-        return value
-
-    def local_parameter(self, module: torch.nn.Module, param_name: str) -> torch.Tensor:
-        """The full logical parameter of a module this process holds (HF holds it whole)."""
-        return getattr(module, param_name).detach()
-
-    def full_parameter(self, module: torch.nn.Module, param_name: str, path: str, position: Any) -> torch.Tensor:
-        """The full logical parameter at ``path`` (``module`` runs at ``position`` of the forward pass)."""
-        return self.local_parameter(module, param_name)
-
-    def owns(self, position: Any) -> bool:
-        """Whether this process runs the forward pass at ``position`` (always, except on a pipeline stage)."""
-        return True
-
-    def remote_read(self, where: str, position: Any) -> Any:
-        raise NotImplementedError(f"{where}: this backend runs every module itself.")
-
-    def run_value(self, where: str, read: Callable[[], Any]) -> Any:
-        """A value the engine serves outside any module (logits, sampled tokens)."""
-        return in_forward_order(where, read)
-
-    def run_write(self, write: Callable[[Any], None], value: Any) -> None:
-        write(value)
-
-    def compute_at(self, where: str, position: Any, compute: Callable[..., torch.Tensor], *inputs: Any) -> torch.Tensor:
-        """``compute(*inputs)`` with the modules at ``position`` (run here: this process holds every module)."""
-        return compute(*inputs)
 
 
 def infer_layout(
@@ -279,7 +239,7 @@ class StandardizedMixin:
         32); prompts queued in the engine ahead of the consumer on vLLM (default: all). ``max_new_tokens``
         generates greedily (extra keyword arguments go to the engine's sampling / ``generate``) and adds the
         rows of the generated tokens but the last (the model never runs on it)."""
-        from ..extraction import plan_extraction
+        from ..backends.taps.plan import plan_extraction
 
         plan = plan_extraction(self, accessors, layers)
         if not prompts or isinstance(prompts, str):
@@ -329,7 +289,7 @@ class StandardizedMixin:
 
     @token_embeddings.setter
     def token_embeddings(self, value: torch.Tensor) -> None:
-        from ..layout import check_same_shape
+        from ..core.layout import check_same_shape
 
         if not self._backend.owns(EMBEDDINGS):
             return  # the stage that runs the embeddings applies the write

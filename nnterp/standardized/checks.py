@@ -4,23 +4,20 @@ tensor of the shape its name promises, and every layer runs."""
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 import nnsight
 import torch
 
-from ..rename import RenamingError, layer_child
-
-if TYPE_CHECKING:
-    from .base import StandardizedMixin
+from ..core.rename import RenamingError, layer_child
+from ..core.surface import StandardModel
+from ..core.tracing import CHECK_PROMPT
 
 logger = logging.getLogger("nnterp")
 
-CHECK_PROMPT = "The quick brown fox"
 SUBMODULES = {"self_attn": ("attentions", "attn_name", "ignore_attn"), "mlp": ("mlps", "mlp_name", "ignore_mlp")}
 
 
-def check_renaming(model: "StandardizedMixin", allow_multimodal: bool = False) -> None:
+def check_renaming(model: StandardModel, allow_multimodal: bool = False) -> None:
     """Raise ``RenamingError`` naming the first standard module that does not read a hidden-width tensor of
     ``[batch, tokens, hidden]`` (``as_batch`` shape on vLLM), or the layers that do not run on a text-only
     prompt (a multimodal model's cross-attention layers) unless ``allow_multimodal``."""
@@ -63,7 +60,7 @@ def check_renaming(model: "StandardizedMixin", allow_multimodal: bool = False) -
                 )
 
 
-def _read_stream(model: "StandardizedMixin", every_layer: bool) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+def _read_stream(model: StandardModel, every_layer: bool) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
     """Embeddings, layer inputs and outputs, the projection of the last one, and the logits, in forward order."""
     layers = range(model.num_layers) if every_layer else [0]
     try:
@@ -89,7 +86,7 @@ def _read_stream(model: "StandardizedMixin", every_layer: bool) -> tuple[dict[st
     return reads, tuple(size)
 
 
-def _stream_shaped(model: "StandardizedMixin", name: str, value: torch.Tensor, expected: tuple[int, ...],
+def _stream_shaped(model: StandardModel, name: str, value: torch.Tensor, expected: tuple[int, ...],
                    stream: dict[str, torch.Tensor]) -> bool:
     """``value`` has the stream's shape ``expected``; token embeddings may have the embedding's own width where
     the stream itself has the expected one (RemBERT projects narrower embeddings up inside the model), a block may return its tokens flattened
@@ -105,7 +102,7 @@ def _stream_shaped(model: "StandardizedMixin", name: str, value: torch.Tensor, e
     return shape == (expected[0] * expected[1], expected[2])
 
 
-def _read_submodule(model: "StandardizedMixin", role: str, plural: str) -> dict[str, torch.Tensor]:
+def _read_submodule(model: StandardModel, role: str, plural: str) -> dict[str, torch.Tensor]:
     """The block's input and output in the first layer that has one (a hybrid stack's first layer may be a
     state-space mixer without attention)."""
     layers = model._torch_module("layers")

@@ -6,20 +6,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from nnsight import LanguageModel
+from nnsight.modeling.transformers import TransformersModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from ..attention import AttentionProbabilities, eager_for_probabilities
-from ..layout import confirm_final_norm
-from ..padding import AttentionMaskBatcher, left_padding_shifts_positions
-from ..rename import DEFAULT_CONFIG_KEYS, RenameConfig, resolve_names, split_rename, text_config
-from .base import Backend, StandardizedMixin, first_config_int, infer_layout, logger, refuse_remote
+from ..core.attention import AttentionProbabilities, eager_for_probabilities
+from ..core.layout import confirm_final_norm
+from ..backends.hf.batcher import AttentionMaskBatcher, left_padding_shifts_positions
+from ..core.rename import DEFAULT_CONFIG_KEYS, RenameConfig, resolve_names, split_rename, text_config
+from ..core.backend import Backend
+from .base import StandardizedMixin, first_config_int, infer_layout, logger, refuse_remote
 from .source import check_model_source
 
 PROBE_TOKENS = 6
 
 
-class StandardizedTransformer(LanguageModel, StandardizedMixin):
+class StandardizedTransformer(TransformersModel, StandardizedMixin):
     """A causal LM with standard module names and residual-stream accessors.
 
     ``model`` is a model directory or hub id (loaded with ``AutoModelForCausalLM``; other keyword arguments,
@@ -87,7 +88,9 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
             tokenizer.pad_token = tokenizer.eos_token
         hidden_size, probe = self._probe_hidden_size(model), self._probe_run(model)
         names = confirm_final_norm(model, resolve_names(model, config, hints, extra), hidden_size, probe)
-        super().__init__(model, tokenizer=tokenizer, rename=names.nnsight_rename(), tokenizer_kwargs=tokenizer_kwargs)
+        super().__init__(model, task="text-generation", tokenizer=tokenizer, rename=names.nnsight_rename())
+        for key, value in tokenizer_kwargs.items():  # as nnsight's deprecated LanguageModel applied them
+            setattr(self.tokenizer, key, value)
         layout = infer_layout(model, names, hidden_size, "hf", probe)
         self._init_standard_surface(names, config, Backend(), layout, tokenizer_source)
         self.attention_probabilities = AttentionProbabilities(self, config.attn_prob_source)
@@ -147,7 +150,7 @@ class StandardizedTransformer(LanguageModel, StandardizedMixin):
         return {"generation_config": config}
 
     def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs):
-        from ..extraction.hf import run
+        from ..backends.hf.extraction import run
 
         return run(self, plan, prompts, batch_size or 32, max_new_tokens, generation_kwargs)
 

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2 = "smollm2-135m"  # its name where tiny models are named by their model type
 
 
 def cache_root() -> Path:

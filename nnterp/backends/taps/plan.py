@@ -1,0 +1,89 @@
+"""What an extraction reads: one tap per (accessor, layer), each a module path and the layout to read it through.
+
+A plan is built once from a standardized model (names and inferred layouts) and travels as JSON, so an
+engine's worker, which holds only the raw modules, reads the residual stream exactly as the accessors do.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from ...core.layout import ModuleLayout
+
+ACCESSORS = ("layers_input", "layers_output", "attentions_input", "attentions_output", "mlps_input", "mlps_output")
+
+
+@dataclass(frozen=True)
+class Tap:
+    """The stream one accessor reads at one layer: ``direction`` of the module at ``path``."""
+
+    accessor: str
+    layer: int
+    path: str
+    direction: str  # "input" or "output"
+    layout: ModuleLayout
+
+    @property
+    def where(self) -> str:
+        return f"{self.accessor}[{self.layer}]"
+
+    def read(self, args: tuple, kwargs: dict, output: Any = None) -> torch.Tensor:
+        """The stream from a module call's inputs (``direction == "input"``) or its output."""
+        if self.direction == "input":
+            return self.layout.input.read(args, kwargs, self.where)
+        return self.layout.output.read(output, self.where)
+
+
+@dataclass(frozen=True)
+class ExtractionPlan:
+    """Taps in accessor-major order: ``taps[a * len(layers) + i]`` is ``accessors[a]`` at ``layers[i]``."""
+
+    accessors: tuple[str, ...]
+    layers: tuple[int, ...]
+    taps: tuple[Tap, ...]
+
+    def to_json(self) -> str:
+        taps = [{"accessor": t.accessor, "layer": t.layer, "path": t.path, "direction": t.direction,
+                 "layout": t.layout.to_json()} for t in self.taps]
+        return json.dumps({"accessors": self.accessors, "layers": self.layers, "taps": taps})
+
+    @classmethod
+    def from_json(cls, text: str) -> "ExtractionPlan":
+        data = json.loads(text)
+        taps = tuple(Tap(t["accessor"], t["layer"], t["path"], t["direction"], ModuleLayout.from_json(t["layout"]))
+                     for t in data["taps"])
+        return cls(tuple(data["accessors"]), tuple(data["layers"]), taps)
+
+
+def plan_extraction(model: Any, accessors: str | Sequence[str], layers: int | Sequence[int] | None) -> ExtractionPlan:
+    """The taps of ``accessors`` (names of the model's layer accessors) at ``layers`` (None: every layer)."""
+    accessors = (accessors,) if isinstance(accessors, str) else tuple(accessors)
+    if not accessors:
+        raise ValueError("extract needs at least one accessor, e.g. accessors=('layers_output',).")
+    unknown = [name for name in accessors if name not in ACCESSORS]
+    if unknown:
+        raise ValueError(f"extract reads the layer accessors {ACCESSORS}; {unknown} is not one of them.")
+    if len(set(accessors)) != len(accessors):
+        raise ValueError(f"accessors {accessors} names one accessor twice.")
+    if layers is None:
+        layers = range(model.num_layers)
+    elif isinstance(layers, int):
+        layers = [layers]
+    checked = tuple(model._check_layer_index(layer, "extract layers") for layer in layers)
+    if not checked:
+        raise ValueError("extract needs at least one layer.")
+    if len(set(checked)) != len(checked):
+        raise ValueError(f"layers {list(layers)} names one layer twice.")
+    taps = []
+    for name in accessors:
+        accessor = getattr(model, name)
+        for layer in checked:
+            envoy = model._role_envoy(accessor._role, layer, name)
+            path = model._native_path(f"layers.{layer}" + ("" if accessor._role == "layer" else f".{accessor._role}"))
+            layout = model.layout.for_module(accessor._role, envoy._module)
+            taps.append(Tap(name, layer, path, accessor._direction, layout))
+    return ExtractionPlan(accessors, checked, tuple(taps))

@@ -1,0 +1,162 @@
+"""Starting, configuring and stopping the vLLM engine behind ``StandardizedVLLM`` (nnsight's ``VLLM``), and
+the names its layouts are snapshotted under."""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import json
+import logging
+import os
+import uuid
+from typing import Any
+
+import torch
+
+CPU_KV_CACHE_BYTES = 2**30
+VLLM_NO_PROBABILITIES = (
+    "vLLM's attention kernels (paged / flash) never materialize attention probabilities; use "
+    "StandardizedTransformer(..., enable_attention_probs=True) on the same weights for them."
+)
+
+
+def quiet_vllm_logging() -> None:
+    """vLLM logs ~45 INFO lines per engine start: WARNING unless the user set ``VLLM_LOGGING_LEVEL``. The
+    variable reaches vLLM's logging config and the engine's worker processes; the logger's own level also
+    covers what vLLM logs before it applies that config, and a vllm imported before nnterp."""
+    level = os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING").upper()
+    if level in logging.getLevelNamesMapping():
+        logging.getLogger("vllm").setLevel(level)
+
+
+def nnsight_vllm_class():
+    quiet_vllm_logging()
+    from nnsight.modeling.vllm import VLLM
+
+    return VLLM
+
+
+def no_accelerator() -> bool:
+    return not torch.cuda.is_available()
+
+
+def expert_group_after_a_dense_engine() -> None:
+    """vLLM creates its expert-parallel group when the process's first engine sets up its parallel groups, and
+    only for a MoE model: a MoE model loaded after a dense one in the same process (engines run in-process)
+    finds none and fails to build. On a single-rank world, create it then over that rank, as vLLM would have."""
+    from vllm.distributed import parallel_state
+
+    if parallel_state._EP is not None or not parallel_state.model_parallel_is_initialized():
+        return
+    world = parallel_state.get_world_group()
+    if world.world_size != 1:
+        return  # a multi-rank world sets its groups up once, with the model it was made for
+    backend = torch.distributed.get_backend(world.device_group)
+    parallel_state._EP = parallel_state.init_model_parallel_group([[world.rank]], world.local_rank, backend,
+                                                                  group_name="ep")
+
+
+def cpu_meta_build():
+    """vLLM's loader empties the accelerator cache after building the meta tree; without one that raises."""
+    if not no_accelerator():
+        return contextlib.nullcontext()
+    from .cpu import no_accelerator_cache
+
+    return no_accelerator_cache()
+
+
+def translate_hf_kwargs(kwargs: dict) -> dict:
+    """Accept the HuggingFace spellings users bring over (``torch_dtype``/``dtype``, ``device_map``)."""
+    kwargs = dict(kwargs)
+    if "torch_dtype" in kwargs:
+        kwargs["dtype"] = kwargs.pop("torch_dtype")
+    if isinstance(kwargs.get("dtype"), torch.dtype):
+        kwargs["dtype"] = str(kwargs["dtype"]).removeprefix("torch.")
+    kwargs.pop("device_map", None)
+    return kwargs
+
+
+def wrapped_hf_model(module: torch.nn.Module) -> torch.nn.Module | None:
+    """The HF model vLLM's Transformers backend runs inside ``module`` (None for vLLM's own implementations)."""
+    if not type(module).__module__.endswith(".transformers"):
+        return None
+    return getattr(module, "model", None)
+
+
+def layout_key(module: torch.nn.Module) -> str:
+    """The name the layout of ``module`` is snapshotted under: its class, and for vLLM's Transformers backend
+    (one class wrapping any HF model) also the wrapped HF model's class."""
+    wrapped = wrapped_hf_model(module)
+    return type(module).__name__ if wrapped is None else f"{type(module).__name__}/{type(wrapped).__name__}"
+
+
+def engine_kwargs(vllm_kwargs: dict, trust_remote_code: bool, unsafe_enable_prefix_caching: bool) -> dict:
+    """The engine arguments ``StandardizedVLLM`` starts vLLM with: HF spellings translated, prefix caching off
+    unless asked for unsafely, machine-wide defaults from ``NNTERP_VLLM_ARGS``, and on CPU an explicit KV cache."""
+    if vllm_kwargs.get("enable_prefix_caching"):
+        raise ValueError(
+            "StandardizedVLLM keeps vLLM's prefix caching off: tokens served from the cache skip the forward "
+            "pass, so reads would miss them and interventions would silently not apply to them. To turn it on "
+            "anyway, pass unsafe_enable_prefix_caching=True instead of enable_prefix_caching=True."
+        )
+    vllm_kwargs = translate_hf_kwargs(vllm_kwargs)
+    if trust_remote_code:
+        vllm_kwargs["trust_remote_code"] = True
+    for key, value in json.loads(os.environ.get("NNTERP_VLLM_ARGS", "{}")).items():
+        vllm_kwargs.setdefault(key, value)  # machine-wide engine defaults, e.g. an attention backend
+    vllm_kwargs["enable_prefix_caching"] = unsafe_enable_prefix_caching
+    vllm_kwargs.setdefault("dispatch", True)
+    if no_accelerator():
+        # An explicit KV cache: vLLM's CPU worker otherwise sizes it as a fraction of host memory minus this
+        # process's resident memory, which fails once the process holds other models (an HF one, say).
+        vllm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
+    return vllm_kwargs
+
+
+def worker_class() -> str:
+    """The engine worker nnterp runs in: nnsight's GPU worker with nnterp's runner, or its CPU counterpart."""
+    if no_accelerator():
+        return "nnterp.backends.vllm.cpu.NNsightCPUWorker"
+    return "nnterp.backends.vllm.worker.NNterpGPUWorker"
+
+
+def shut_down(entrypoint: Any) -> None:
+    """Stop an in-process engine and release its memory (vLLM keeps it alive until it is shut down)."""
+    core = getattr(getattr(entrypoint, "llm_engine", None), "engine_core", None)
+    if core is not None:
+        core.shutdown()
+    else:
+        entrypoint.shutdown()
+    gc.collect()
+
+
+SHARING_STATE = ("_persistent_id", "_shared_fingerprint")
+
+
+def share_with_workers(model: Any) -> None:
+    """Ship ``model`` to the engine's workers once, and make trace requests refer to that copy.
+
+    Each request otherwise pickles the whole envoy tree (one envoy per module) and the worker unpickles it:
+    most of a trace request's fixed cost. The copy is shipped again when the model's attributes change (a
+    trace body may read them). Off under pipeline parallelism, where each request's copy gets a stage
+    backend of its own."""
+    engine = getattr(model.vllm_entrypoint, "llm_engine", None)
+    if engine is None or engine.vllm_config.parallel_config.pipeline_parallel_size > 1:
+        return
+    state = model.__dict__
+    fingerprint = tuple((name, id(value)) for name, value in state.items() if name not in SHARING_STATE)
+    shared = state.get("_persistent_id")
+    if shared is not None and state.get("_shared_fingerprint") == fingerprint:
+        return
+    from nnsight.intervention.serialization import dumps
+
+    state.pop("_persistent_id", None)  # pickle the model itself this once
+    key = f"nnterp:StandardizedVLLM:{uuid.uuid4().hex}"
+    engine.collective_rpc("nnterp_share_model", args=(key, dumps(model), shared))
+    state["_persistent_id"] = key
+    state["_shared_fingerprint"] = fingerprint
+
+
+def forget_shared(model: Any) -> None:
+    for key in SHARING_STATE:
+        model.__dict__.pop(key, None)

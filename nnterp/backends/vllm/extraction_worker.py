@@ -1,0 +1,219 @@
+"""The engine side of extraction: plain hooks in vLLM's worker, serving extraction requests in bulk.
+
+A trace ships an intervention per request (pickled, unpickled and run as its own greenlet). An extraction
+ships nothing per request but two numbers in the request's ``extra_args`` (which extraction, which prompt):
+the plan (taps and their layouts) is installed once per extraction as hooks on the real modules. Each step,
+the hooks copy the tapped streams' rows of the extraction's requests into one buffer, which is sent to host
+memory while the next step computes. The client names the prompts it saw finish: their rows are assembled
+into one tensor each once the next step's forward pass is queued (while the device computes it), and handed
+over at the client's next call.
+
+Under pipeline parallelism each stage captures the taps of the layers it holds; under tensor parallelism
+(where every rank holds the whole stream) the first rank of each stage does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ...core.backend import is_local
+from ..taps.capture import Capture
+from ..taps.plan import ExtractionPlan
+from ..taps.rows import Pending, PromptRows
+from ..taps.transfer import HostTransfer, InFlight
+
+REQUEST_KEY = "nnterp_extraction"  # SamplingParams.extra_args[REQUEST_KEY] = [extraction id, prompt index]
+
+
+@dataclass
+class StepShare:
+    """An extraction's part of one engine step: which rows of the flat batch are its requests'."""
+
+    ranges: list[tuple[int, int]] = field(default_factory=list)  # (start, end) in the flat batch
+    prompts: list[tuple[int, int, int, int]] = field(default_factory=list)  # (index, buffer start, count, position)
+    count: int = 0
+
+
+@dataclass
+class Extraction:
+    """One extraction on this worker: its hooks (over the taps this worker holds) and prompts' rows."""
+
+    plan: ExtractionPlan
+    slots: list[int]  # positions in plan.taps of the taps captured here
+    capture: Capture
+    prompts: dict[int, PromptRows] = field(default_factory=dict)
+    ready: dict[int, Pending] = field(default_factory=dict)  # finished prompts' rows, by prompt index
+    finished: set[int] = field(default_factory=set)  # prompts whose rows are complete
+    error: Optional[str] = None
+    share: Optional[StepShare] = None
+
+
+class WorkerExtractions:
+    """The extractions running on one engine worker, and which engine requests belong to them."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.running: dict[str, Extraction] = {}
+        self.requests: dict[str, tuple[str, int]] = {}  # engine request id -> (extraction id, prompt index)
+        self.device = device
+        self.transfer = HostTransfer()
+
+    def begin(self, extraction_id: str, plan: ExtractionPlan, model: torch.nn.Module, reports: bool) -> None:
+        slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
+        if not slots:
+            return  # nothing to capture on this worker: its steps are left alone, take() answers None
+        self.running[extraction_id] = Extraction(plan, slots, Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True))
+
+    def take(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
+        extraction = self.running.get(extraction_id)
+        if extraction is None:
+            return None
+        if extraction.error is not None:
+            return {"error": extraction.error}
+        for index in (*prepare, *take):
+            extraction.finished.add(index)
+            if index in extraction.prompts:
+                extraction.ready[index] = Pending(extraction.prompts.pop(index))
+        rows = {}
+        try:
+            for index in take:
+                ready = extraction.ready.pop(index, None)
+                rows[index] = None if ready is None else ready.result()
+        except Exception as error:
+            return {"error": f"{type(error).__name__}: {error}"}
+        return {"slots": extraction.slots, "rows": rows}
+
+    def end(self, extraction_id: str) -> None:
+        extraction = self.running.pop(extraction_id, None)
+        if extraction is not None:
+            extraction.capture.remove()
+        for request_id in [rid for rid, (owner, _) in self.requests.items() if owner == extraction_id]:
+            del self.requests[request_id]
+
+    def plan_step(self, scheduler_output, batch_order: list[str], request_states: dict) -> None:
+        """Arms each extraction's hooks on the rows of its requests in this step's flat batch (in
+        ``batch_order``, the order of the forward pass's rows)."""
+        for request_id in scheduler_output.finished_req_ids:
+            self.requests.pop(request_id, None)
+        for data in scheduler_output.scheduled_new_reqs:
+            key = (getattr(data.sampling_params, "extra_args", None) or {}).get(REQUEST_KEY)
+            if key is not None and key[0] in self.running:
+                self.requests[data.req_id] = (key[0], int(key[1]))
+        for extraction in self.running.values():
+            extraction.share = None
+        if not self.requests:
+            return
+        tokens = scheduler_output.num_scheduled_tokens
+        start = 0
+        for request_id in batch_order:
+            count = tokens.get(request_id)
+            if count is None:
+                continue
+            key = self.requests.get(request_id)
+            extraction = self.running[key[0]] if key is not None else None
+            if extraction is not None and extraction.error is None:
+                share = extraction.share = extraction.share or StepShare()
+                position = request_states[request_id].num_computed_tokens
+                share.prompts.append((key[1], share.count, count, position))
+                if share.ranges and share.ranges[-1][1] == start:
+                    share.ranges[-1] = (share.ranges[-1][0], start + count)
+                else:
+                    share.ranges.append((start, start + count))
+                share.count += count
+            start += count
+        for extraction in self.running.values():
+            if extraction.share is not None:
+                extraction.capture.arm(self._rows(extraction.share.ranges), extraction.share.count)
+
+    def _rows(self, ranges: list[tuple[int, int]]) -> torch.Tensor | slice:
+        if len(ranges) == 1:
+            return slice(*ranges[0])
+        return torch.cat([torch.arange(start, end) for start, end in ranges]).to(self.device, non_blocking=True)
+
+    def collect_step(self) -> None:
+        """After the forward pass is queued: starts each extraction's buffer on its way to host memory and
+        records where its prompts' rows sit in it."""
+        for extraction in self.running.values():
+            share, extraction.share = extraction.share, None
+            if share is None:
+                continue
+            try:
+                buffer: InFlight = self.transfer.start(extraction.capture.disarm())
+                for index, offset, count, position in share.prompts:
+                    if index in extraction.finished:
+                        continue  # a step run ahead for a request that had already finished: discarded
+                    prompt = extraction.prompts.setdefault(index, PromptRows())
+                    prompt.add(buffer, offset, count, position, f"prompt {index}")
+            except Exception as error:  # reported to the client at its next take; the engine keeps serving
+                extraction.error = f"{type(error).__name__}: {error}"
+        for extraction in self.running.values():  # the finished prompts' rows, while the device computes
+            try:
+                for pending in extraction.ready.values():
+                    pending.result()
+            except Exception as error:
+                extraction.error = f"{type(error).__name__}: {error}"
+
+
+class ExtractionRunner:
+    """Model-runner behaviour, mixed in before nnsight's runner (whose class is swapped in, without an
+    ``__init__``: the state is made on first use)."""
+
+    @property
+    def nnterp_extractions(self) -> WorkerExtractions:
+        state = self.__dict__.get("_nnterp_extractions")
+        if state is None:
+            state = self.__dict__["_nnterp_extractions"] = WorkerExtractions(self.device)
+        return state
+
+    def nnterp_begin_extraction(self, extraction_id: str, plan_json: str) -> None:
+        from vllm.distributed.parallel_state import get_tp_group
+
+        reports = get_tp_group().rank_in_group == 0  # every tensor-parallel rank holds the same streams
+        self.nnterp_extractions.begin(extraction_id, ExtractionPlan.from_json(plan_json), self.get_model(), reports)
+
+    def nnterp_take_extracted(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
+        """Starts assembling the rows of the prompts in ``prepare`` (finished), and returns those of the prompts
+        in ``take`` as ``[taps held here, tokens, width]`` by prompt index (with which taps they are), dropped
+        from this worker; None where this worker captures nothing."""
+        return self.nnterp_extractions.take(extraction_id, take, prepare)
+
+    def nnterp_end_extraction(self, extraction_id: str) -> None:
+        self.nnterp_extractions.end(extraction_id)
+
+    def _update_states(self, scheduler_output) -> Any:
+        result = super()._update_states(scheduler_output)
+        if self.nnterp_extractions.running:
+            self.nnterp_extractions.plan_step(scheduler_output, self.input_batch.req_ids, self.requests)
+        return result
+
+    def execute_model(self, scheduler_output, *args, **kwargs) -> Any:
+        output = super().execute_model(scheduler_output, *args, **kwargs)
+        if self.nnterp_extractions.running:
+            self.nnterp_extractions.collect_step()
+        return output
+
+
+def _held(model: torch.nn.Module, path: str) -> bool:
+    """Whether this pipeline stage holds the module at ``path`` (another stage's layer is a stub without
+    children)."""
+    module = model
+    for name in path.split("."):
+        if not is_local(module):
+            return False
+        module = module.get_submodule(name)
+    return is_local(module)
+
+
+class ExtractionWorker:
+    """The extraction RPCs on the engine's worker (``collective_rpc`` calls them by name)."""
+
+    def nnterp_begin_extraction(self, extraction_id: str, plan_json: str) -> None:
+        return self.model_runner.nnterp_begin_extraction(extraction_id, plan_json)
+
+    def nnterp_take_extracted(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
+        return self.model_runner.nnterp_take_extracted(extraction_id, take, prepare)
+
+    def nnterp_end_extraction(self, extraction_id: str) -> None:
+        return self.model_runner.nnterp_end_extraction(extraction_id)
