@@ -1,6 +1,6 @@
 """Time of a cross-stage read vs a local read under the pipeline-stage backend (2 gloo CPU processes).
 
-    uv run --extra cpu python scratch/bench_pp_reads.py [model_path] [repeats]
+    uv run --inexact --extra cpu python scratch/bench_pp_reads.py [model_path] [repeats]
 
 Default model: a tiny random Llama (hidden 128, 3 layers) built locally; pass SmolLM2's cached HF
 directory (``python -c "from nnterp.testing.smollm2 import smollm2_path; print(smollm2_path())"``) for a real one.

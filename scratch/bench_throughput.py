@@ -1,8 +1,8 @@
 """Throughput of activation extraction: vanilla vLLM, nnsight's vLLM trace, StandardizedVLLM (trace, extract one
 layer, extract all layers), plain HF forward with a hook, StandardizedTransformer (trace, extract).
 
-    uv run --extra cpu python scratch/bench_throughput.py                      # CPU: tiny random Llama, ratios
-    uv run --extra cpu python scratch/bench_throughput.py --quick              # the CI command (fewer prompts)
+    uv run --inexact --extra cpu python scratch/bench_throughput.py                      # CPU: tiny random Llama, ratios
+    uv run --inexact --extra cpu python scratch/bench_throughput.py --quick              # the CI command (fewer prompts)
     python3 scratch/bench_throughput.py --model random-1b --scenarios 256:0 4096:0 256:32 --out r.jsonl   # GPU
 
 Each group of modes runs in a fresh process (one engine at a time), its modes taking turns ``--repeats`` times;

@@ -1,7 +1,7 @@
 """Carry vLLM (GPU build), nnsight and SmolLM2 to a device machine, which has torch but no vLLM and no network.
 
-    uv run python scratch/device_wheelhouse.py prepare     # downloads, strips vLLM, splits into parts under .dev-payload/
-    uv run python scratch/device_wheelhouse.py prepare --without-smollm2 --part-mib 60    # fewer calls, no SmolLM2
+    uv run --inexact python scratch/device_wheelhouse.py prepare     # downloads, strips vLLM, splits into parts under .dev-payload/
+    uv run --inexact python scratch/device_wheelhouse.py prepare --without-smollm2 --part-mib 60    # fewer calls, no SmolLM2
     python scratch/device_wheelhouse.py plan        # prints the device calls, one part per call
 
 A call carries at most 64 MiB, and files only survive while the machine stays warm (30 s idle), so the

@@ -1,7 +1,7 @@
 """Differential fuzzing of the standardized surface, as many cases as asked (``tests/differential.py``).
 
-    uv run python scratch/fuzz.py --cases 500 [--seed 0] [--architectures llama,falcon]
-    uv run python scratch/fuzz.py --cases 60 --vllm llama,gpt2   # also vLLM vs HF, 60 per architecture
+    uv run --inexact python scratch/fuzz.py --cases 500 [--seed 0] [--architectures llama,falcon]
+    uv run --inexact python scratch/fuzz.py --cases 60 --vllm llama,gpt2   # also vLLM vs HF, 60 per architecture
 
 (``--vllm`` needs a vLLM engine in the environment, e.g. vLLM's CPU build.)
 Each HF case runs a random trace program through StandardizedTransformer and compares every read with

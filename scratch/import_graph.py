@@ -1,6 +1,6 @@
 """Measure the package's shape: lines per layer, import cycles between modules, and imports that go up a layer.
 
-    uv run python scratch/import_graph.py [package root (default: this checkout)] [--before]
+    uv run --inexact python scratch/import_graph.py [package root (default: this checkout)] [--before]
 
 ``--before`` classifies the modules as they were named before the redesign into rooms (``nnterp/testing``
 holding the harness, the vLLM backend in ``nnterp/standardized/vllm_*``, ...): check out that commit in another

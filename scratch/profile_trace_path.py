@@ -2,7 +2,7 @@
 the whole model (as nnsight ships them), a trace whose requests refer to the model copy shipped once
 (StandardizedVLLM's default), and extraction; plus the engine alone.
 
-    uv run --extra cpu python scratch/profile_trace_path.py [--model tiny|random-1b|PATH] [--prompts 256]
+    uv run --inexact --extra cpu python scratch/profile_trace_path.py [--model tiny|random-1b|PATH] [--prompts 256]
 
 Phases are timed by wrapping nnsight's and vLLM's functions (process CPU time on CPU, wall time on a GPU):
 serializing each invoke's intervention on the client, unpickling it in the worker, the worker's forward with

