@@ -28,7 +28,7 @@ ROLE_OF = {"layers": "layer", "attentions": "self_attn", "mlps": "mlp"}
 WORDS = ("the", "capital", "of", "France", "is", "Paris", "and", "a", "cat", "sat", "on", "mat", "one", "two",
          "three", "river", "blue", "quickly", "model", "reads", "every", "layer", "hello", "world")
 HF_ARCHITECTURES = ("llama", "gpt2", "falcon", "gpt_neox", "qwen2", "gemma2", "phi", "opt", "bloom", "olmo2", "cohere",
-                    "pegasus")
+                    "pegasus", "llama4_text")  # llama4_text: a MoE block that returns its tokens flattened
 
 
 # -- cases -------------------------------------------------------------------------------------------------
@@ -183,8 +183,9 @@ def _hidden_index(values: list, width: int) -> int | None:
 class Hooks:
     """Ops at module locations of the raw model, applied by forward (pre-)hooks to each invoke's rows."""
 
-    def __init__(self, model, width: int, attention_mask: torch.Tensor | None = None) -> None:
+    def __init__(self, model, width: int, attention_mask: torch.Tensor | None = None, batch: int | None = None) -> None:
         self.model, self.width, self.attention_mask = model, width, attention_mask
+        self.batch = batch  # the forward's prompts: a module's [batch * seq, hidden] value is viewed per prompt
         self.events: dict[tuple, list] = {}
         self.results: dict[tuple[int, int], torch.Tensor] = {}
         self.handles: list = []
@@ -214,6 +215,12 @@ class Hooks:
         self.events.setdefault(location, []).append(event)
 
     def _apply(self, location: tuple, value: torch.Tensor) -> torch.Tensor:
+        if value.ndim == 2 and self.batch is not None:  # tokens flattened by the module (Llama 4's MoE)
+            flat_shape = value.shape
+            return self._apply_per_prompt(location, value.reshape(self.batch, -1, flat_shape[-1])).reshape(flat_shape)
+        return self._apply_per_prompt(location, value)
+
+    def _apply_per_prompt(self, location: tuple, value: torch.Tensor) -> torch.Tensor:
         for rows, kind, payload, key in self.events.get(location, ()):
             if kind == "read":
                 self.results[key] = value[rows].clone()
@@ -280,7 +287,8 @@ def fed_batch(model, prompts: list[str]) -> tuple[tuple, dict]:
 def run_reference(model, case: Case, groups: list[tuple[list[int], slice]], inputs: tuple[tuple, dict]) -> tuple[dict, torch.Tensor]:
     """The reads of ``case`` (restricted to the invokes in ``groups``: (invoke, rows) pairs) from one raw
     forward on ``inputs``; returns them and the logits."""
-    hooks = Hooks(model, model.hidden_size, inputs[1].get("attention_mask"))
+    input_ids = inputs[1].get("input_ids", inputs[0][0] if inputs[0] else None)
+    hooks = Hooks(model, model.hidden_size, inputs[1].get("attention_mask"), input_ids.shape[0])
     for invoke, rows in groups:
         hooks.add(rows, invoke, case.programs[invoke])
     args, kwargs = inputs
@@ -306,6 +314,8 @@ def per_prompt(value: torch.Tensor, target: str, mask: torch.Tensor | None) -> l
         return list(value.float())
     if mask is None:  # a vLLM request: flat [tokens, ...] (or [1, tokens, ...])
         return [(value if value.ndim == 2 else value[0]).float()]
+    if tuple(value.shape[:2]) != tuple(mask.shape):  # not [batch, seq, ...]: reported as a shape mismatch
+        return [value.float()] * mask.shape[0]
     return [value[row][mask[row].bool()].float() for row in range(value.shape[0])]
 
 

@@ -84,6 +84,32 @@ def test_fuzzer_finds_an_uncopied_in_place_edit(load):
     assert all(m.op.startswith("read mlps_output") for _, found, _ in results for m in found), summarize(results)
 
 
+def test_fuzzer_finds_a_flattened_moe_output(load):
+    """With Llama 4's MoE output taken as the module returns it, ``[batch * seq, hidden]`` (the fix taken out),
+    every case that reads ``mlps_output`` reports it; the only other reports are logits downstream of an
+    ``mlps_output`` write that reached another invoke's prompts."""
+    def reads_mlp_output(case) -> bool:
+        return any(op["kind"] == "read" and op["target"] == "mlps_output" for program in case.programs for op in program)
+
+    cases = cases_where(load, "llama4_text", reads_mlp_output, 4, start=150)
+    patched = []
+    for dtype in (torch.float32, torch.bfloat16):
+        model, _ = load("llama4_text", dtype)
+        key = next(key for key in model.layout.modules if key.startswith("mlp:"))
+        layout = model.layout.modules[key]
+        assert layout.output.flat_tokens
+        model.layout.modules[key] = dataclasses.replace(layout, output=dataclasses.replace(layout.output, flat_tokens=False))
+        patched.append((model, key, layout))
+    try:
+        results = check(load, cases)
+    finally:
+        for model, key, layout in patched:
+            model.layout.modules[key] = layout
+    assert all(found for _, found, _ in results), summarize(results)
+    allowed = ("read mlps_output", "read logits", "read next_token_probs")
+    assert all(m.op.startswith(allowed) for _, found, _ in results for m in found), summarize(results)
+
+
 def test_fuzzer_finds_a_last_position_that_ignores_padding(load, monkeypatch):
     """With ``last_position`` taking the last column (the fix taken out), every right-padded case whose
     next-token read covers a prompt shorter than the batch reports it, and nothing else is reported."""

@@ -299,3 +299,68 @@ def test_out_of_order_read_names_the_accessors(llama):
         with torch.no_grad(), llama.trace(PROMPTS[0]):
             llama.logits.save()
             llama.token_embeddings.save()
+
+
+MOE_FAMILIES = ("llama4_text", "mixtral", "qwen3_moe")  # Llama 4's MoE block returns [batch * seq, hidden]
+
+
+@pytest.mark.parametrize("model_type", MOE_FAMILIES)
+def test_moe_accessors_have_the_stream_shape_and_writes_hit_their_position(tiny_path, model_type):
+    """Every accessor of a MoE model reads ``[batch, seq, hidden]``; ``mlps_output[0][:, -1] = 0`` zeroes each
+    prompt's last position (not a hidden unit of every token), as a hook doing it on the raw model does."""
+    model = StandardizedTransformer(str(tiny_path(model_type)))
+    model.tokenizer.padding_side = "left"
+    with torch.no_grad(), model.trace(PROMPTS):
+        shapes = nnsight_save_shapes(model)
+    assert len(set(shapes.values())) == 1, shapes
+    with torch.no_grad(), model.trace(PROMPTS):
+        fed = model.inputs.save()
+        model.mlps_output[0][:, -1] = 0
+        logits = model.logits.save()
+    batch = fed[1]["input_ids"].shape[0]
+
+    def zero_last_position(module, args, output):
+        value = output[0] if isinstance(output, tuple) else output
+        per_prompt = value.reshape(batch, -1, value.shape[-1]).clone()  # flattened tokens are prompt-major
+        per_prompt[:, -1] = 0
+        value = per_prompt.reshape(value.shape)
+        return (value, *output[1:]) if isinstance(output, tuple) else value
+
+    mlp = getattr(model._torch_module("layers")[0], model.names.mlp)
+    handle = mlp.register_forward_hook(zero_last_position)
+    try:
+        with torch.no_grad():
+            expected = model._module(*fed[0], **fed[1]).logits
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits, expected)
+
+
+def nnsight_save_shapes(model) -> dict:
+    import nnsight
+
+    shapes = nnsight.save({})
+    for name in ("layers_input", "attentions_input", "attentions_output", "mlps_input", "mlps_output", "layers_output"):
+        shapes[name] = tuple(getattr(model, name)[0].shape)
+    return shapes
+
+
+def test_flattened_moe_output_per_invoke_equals_the_batch_rows(tiny_path):
+    """With several invokes, each reads its own prompts' rows of a flattened stream and a write reaches only
+    them: each invoke's values equal the same prompts' rows of a single-invoke batch, and a write in the
+    second invoke leaves the first prompt's logits as they are without it."""
+    model = StandardizedTransformer(str(tiny_path("llama4_text")))
+    model.tokenizer.padding_side = "left"
+    with torch.no_grad(), model.trace(PROMPTS):
+        both = model.mlps_output[1].save()
+        clean = model.logits.save()
+    with torch.no_grad(), model.trace() as tracer:
+        with tracer.invoke(PROMPTS[:2]):
+            first = model.mlps_output[1].save()
+            first_logits = model.logits.save()
+        with tracer.invoke(PROMPTS[2:]):
+            second = model.mlps_output[1].save()
+            model.mlps_output[1] = torch.zeros_like(model.mlps_output[1])
+    torch.testing.assert_close(first, both[:2])
+    torch.testing.assert_close(second, both[2:])
+    torch.testing.assert_close(first_logits, clean[:2])

@@ -6,6 +6,7 @@ from typing import Any, Literal
 
 import torch
 
+from . import flat_tokens
 from .forward_order import in_forward_order, record_access
 from .surface import StandardModel
 
@@ -67,7 +68,12 @@ class LayerAccessor:
             value, fresh = layout.input.read_stream(args, kwargs, where)
         else:
             value, fresh = layout.output.read_stream(in_forward_order(name, lambda: envoy.output), where)
+        if self._side(layout).flat_tokens:
+            value = flat_tokens.unflatten(value, where)
         return self._model._backend.after_read(value, fresh, name)
+
+    def _side(self, layout):
+        return layout.input if self._direction == "input" else layout.output
 
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
         layer_index, owned, name = self._owned(index)
@@ -78,9 +84,14 @@ class LayerAccessor:
         value = self._model._backend.before_write(value)
         if self._direction == "input":
             args, kwargs = in_forward_order(name, lambda: envoy.inputs)
+            if layout.input.flat_tokens:
+                value = flat_tokens.flatten(layout.input.read(args, kwargs, where), value, where)
             envoy.inputs = layout.input.write(args, kwargs, value, where)
         else:
-            envoy.output = layout.output.write(in_forward_order(name, lambda: envoy.output), value, where)
+            output = in_forward_order(name, lambda: envoy.output)
+            if layout.output.flat_tokens:
+                value = flat_tokens.flatten(layout.output.read(output, where), value, where)
+            envoy.output = layout.output.write(output, value, where)
 
     def __call__(self, layer: int) -> torch.Tensor:
         return self[layer]

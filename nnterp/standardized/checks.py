@@ -89,9 +89,8 @@ def _read_stream(model: StandardModel, every_layer: bool) -> tuple[dict[str, tor
 def _stream_shaped(model: StandardModel, name: str, value: torch.Tensor, expected: tuple[int, ...],
                    stream: dict[str, torch.Tensor]) -> bool:
     """``value`` has the stream's shape ``expected``; token embeddings may have the embedding's own width where
-    the stream itself has the expected one (RemBERT projects narrower embeddings up inside the model), a block may return its tokens flattened
-    (Llama 4's MoE: ``[batch * tokens, hidden]``), and a hyper-connection stream carries parallel copies
-    (DeepSeek-V4: ``[batch, tokens, copies, hidden]``)."""
+    the stream itself has the expected one (RemBERT projects narrower embeddings up inside the model), and a
+    hyper-connection stream carries parallel copies (DeepSeek-V4: ``[batch, tokens, copies, hidden]``)."""
     shape = tuple(model.as_batch(value).shape)
     if shape == expected or len(shape) == 4 and shape[:2] == expected[:2] and shape[-1] == expected[-1]:
         return True
@@ -99,7 +98,7 @@ def _stream_shaped(model: StandardModel, name: str, value: torch.Tensor, expecte
         width = getattr(getattr(model._torch_module("embed_tokens"), "weight", None), "shape", (None,))[-1]
         stream_shape = tuple(model.as_batch(stream["layers_input[0]"]).shape)
         return shape == (*expected[:-1], width) and stream_shape == expected
-    return shape == (expected[0] * expected[1], expected[2])
+    return False
 
 
 def _read_submodule(model: StandardModel, role: str, plural: str) -> dict[str, torch.Tensor]:

@@ -139,12 +139,14 @@ def _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rto
     if isinstance(values, str):
         report.add("attention/MLP accessors", None, values.splitlines()[0][:120])
         return
-    width = model.hidden_size
-    shapes_ok = all(t.shape[-1] == width for ts in values.values() for t in ts)
-    report.add("attention/MLP accessors read hidden-width tensors", shapes_ok)
+    stream_shape = inputs[0].shape
+    odd = sorted({f"{name} {tuple(t.shape)}" for name, ts in values.items() for t in ts if t.shape != stream_shape})
+    report.add("attention/MLP accessors read [batch, seq, hidden] like the stream", not odd, ", ".join(odd)[:160])
     references = _hooked_submodule_values(model, model_inputs)
     for name in SUBMODULE_ACCESSORS:
-        per_layer = [close(values[name][i], references[name][i], rtol) for i in range(model.num_layers)]
+        # A module that flattens its tokens (Llama 4's MoE) is read in the stream's shape: its hook, reshaped.
+        expected = [_as_stream(reference, stream_shape) for reference in references[name]]
+        per_layer = [close(values[name][i], expected[i], rtol) for i in range(model.num_layers)]
         report.add(f"{name}[i] == forward hook on the raw module", all(ok for ok, _ in per_layer),
                    f"max diff {max(d for _, d in per_layer):.2e}")
     if model.layout.residual_additive:
@@ -159,10 +161,15 @@ def _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rto
                    "not additive (post-norms, scaling or gating in the block)")
 
 
+def _as_stream(reference: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
+    """A hooked ``[batch * seq, hidden]`` value as ``[batch, seq, hidden]``; any other as it is."""
+    if reference is not None and reference.ndim == 2 and len(shape) == 3 and reference.numel() == shape.numel():
+        return reference.reshape(shape)
+    return reference
+
+
 def _close_sum(stream: torch.Tensor, parts: Sequence[torch.Tensor], expected: torch.Tensor, rtol: float) -> tuple[bool, float]:
-    """``close(stream + sum(parts), expected)``; a part the module returns with its tokens flattened
-    (Llama-4's MoE: ``[batch * seq, hidden]``) is compared in the stream's shape."""
-    parts = [part.reshape(stream.shape) if part.numel() == stream.numel() else part for part in parts]
+    """``close(stream + sum(parts), expected)``."""
     if any(part.shape != stream.shape for part in parts):
         return False, float("inf")
     return close(stream + sum(parts), expected, rtol)

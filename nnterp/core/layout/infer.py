@@ -204,7 +204,13 @@ def _is_hidden(value: Any, hidden_size: int) -> bool:
     return isinstance(value, torch.Tensor) and value.is_floating_point() and value.ndim >= 2 and value.shape[-1] == hidden_size
 
 
-def input_from_probe(obs: Observation, sig: Signature, hidden_size: int, where: str) -> InputLayout:
+def _flat(value: Any, stream_ndim: int | None) -> bool:
+    """A hidden state with its tokens flattened where the model's stream is ``[batch, seq, hidden]``."""
+    return stream_ndim == 3 and isinstance(value, torch.Tensor) and value.ndim == 2
+
+
+def input_from_probe(obs: Observation, sig: Signature, hidden_size: int, where: str,
+                     stream_ndim: int | None = None) -> InputLayout:
     if sig.name in obs.kwargs:
         position = None
         value = obs.kwargs[sig.name]
@@ -219,14 +225,16 @@ def input_from_probe(obs: Observation, sig: Signature, hidden_size: int, where: 
     residual_position = None
     if sig.residual is not None and sig.residual not in obs.kwargs:
         residual_position = sig.residual_index
-    return InputLayout(sig.name, position, sig.residual, residual_position if sig.residual else None)
+    return InputLayout(sig.name, position, sig.residual, residual_position if sig.residual else None,
+                       flat_tokens=_flat(value, stream_ndim))
 
 
-def output_from_probe(output: Any, sig: Signature, hidden_size: int, where: str) -> OutputLayout:
+def output_from_probe(output: Any, sig: Signature, hidden_size: int, where: str,
+                      stream_ndim: int | None = None) -> OutputLayout:
     if isinstance(output, torch.Tensor):
         if not _is_hidden(output, hidden_size):
             raise LayoutError(f"{where}: output is {_describe(output)}, not a hidden state of width {hidden_size}.")
-        return OutputLayout("tensor")
+        return OutputLayout("tensor", flat_tokens=_flat(output, stream_ndim))
     if isinstance(output, (tuple, list)) and output:
         first = output[0]
         if (
@@ -237,7 +245,7 @@ def output_from_probe(output: Any, sig: Signature, hidden_size: int, where: str)
             return OutputLayout("dual")
         index = next((i for i, item in enumerate(output) if _is_hidden(item, hidden_size)), None)
         if index is not None:
-            return OutputLayout("tuple", index)
+            return OutputLayout("tuple", index, flat_tokens=_flat(output[index], stream_ndim))
     raise LayoutError(f"{where}: cannot find a hidden state of width {hidden_size} in output {_describe(output)}.")
 
 
@@ -281,7 +289,8 @@ def _describe(value: Any) -> str:
 
 
 def infer_module_layout(
-    module: torch.nn.Module, parent: torch.nn.Module, child_attr: str, obs: Observation | None, hidden_size: int, where: str
+    module: torch.nn.Module, parent: torch.nn.Module, child_attr: str, obs: Observation | None, hidden_size: int, where: str,
+    stream_ndim: int | None = None,
 ) -> tuple[ModuleLayout | None, dict]:
     """Combine the three sources; returns the layout and the evidence each source gave.
 
@@ -303,8 +312,8 @@ def infer_module_layout(
             # The source does not say how the parent passes the hidden state: bind each call to the signature.
             input_layout = InputLayout(sig.name, sig.index, sig.residual, sig.residual_index, by_signature=True)
         return ModuleLayout(_residual_only_if_dual(input_layout, output_layout), output_layout), evidence
-    input_layout = input_from_probe(obs, sig, hidden_size, where)
-    output_layout = output_from_probe(obs.output, sig, hidden_size, where)
+    input_layout = input_from_probe(obs, sig, hidden_size, where, stream_ndim)
+    output_layout = output_from_probe(obs.output, sig, hidden_size, where, stream_ndim)
     evidence["probe"] = "keyword" if input_layout.position is None else "positional"
     return ModuleLayout(_residual_only_if_dual(input_layout, output_layout), output_layout), evidence
 

@@ -23,6 +23,8 @@ class InputLayout:
     ``by_signature``: the parent's source does not tell how it passes them (arguments unpacked from a
     computed container, calls of both kinds); each is then taken by keyword when passed so, else at its
     position in the signature, as Python binds the call.
+    ``flat_tokens``: the module receives the stream with its tokens flattened, ``[batch * seq, hidden]``, where
+    the rest of the model carries ``[batch, seq, hidden]`` (the accessors restore the batch axis).
     """
 
     name: str
@@ -31,6 +33,7 @@ class InputLayout:
     residual_position: int | None = None
     edited_in_place: bool = False
     by_signature: bool = False
+    flat_tokens: bool = False
 
     def _by_keyword(self, kwargs: dict, name: str, position: int | None) -> bool:
         return position is None or self.by_signature and name in kwargs
@@ -103,11 +106,14 @@ class OutputLayout:
 
     ``edited_in_place``: the parent edits the returned tensor in place after the module returns (HF Falcon
     adds the attention output into the MLP's), so a read copies it and a write hands the parent a copy.
+    ``flat_tokens``: the module returns the stream with its tokens flattened, ``[batch * seq, hidden]`` (HF
+    Llama 4's MoE block, which its layer reshapes), where the rest of the model carries ``[batch, seq, hidden]``.
     """
 
     kind: OutputKind
     index: int = 0
     edited_in_place: bool = False
+    flat_tokens: bool = False
 
     def read_stream(self, output: Any, where: str = "module") -> tuple[torch.Tensor, bool]:
         """The residual-stream part of ``output``, and whether it is a fresh tensor (a dual-stream sum or a
@@ -157,8 +163,8 @@ class ModuleLayout:
     output: OutputLayout
 
     def to_json(self) -> dict:
-        """Plain dicts; the flags ``edited_in_place`` and ``by_signature`` appear only where true (most modules
-        are neither), so reviewed snapshots keep their form."""
+        """Plain dicts; the flags ``edited_in_place``, ``by_signature`` and ``flat_tokens`` appear only where true
+        (most modules are none of them), so reviewed snapshots keep their form."""
         return {"input": _without_false_flags(asdict(self.input)), "output": _without_false_flags(asdict(self.output))}
 
     @classmethod
@@ -167,7 +173,7 @@ class ModuleLayout:
 
 
 def _without_false_flags(fields: dict) -> dict:
-    for flag in ("edited_in_place", "by_signature"):
+    for flag in ("edited_in_place", "by_signature", "flat_tokens"):
         if not fields.get(flag):
             fields.pop(flag, None)
     return fields

@@ -110,10 +110,13 @@ def infer_model_layout(
         watched = {EMBEDDINGS_KEY: embedding, **{module_key(r, m): m for r, m, *_ in instances}, **parts}
         observations = observe(model, watched, run)
     modules, evidence = {}, {}
+    embedded = observations.get(EMBEDDINGS_KEY)
+    stream_ndim = embedded.output.ndim if embedded is not None and isinstance(embedded.output, torch.Tensor) else None
     for role, module, parent, attr, index in instances:
         key = module_key(role, module)
         where = f"{role} {index} ({type(module).__name__})"
-        layout, module_evidence = infer_module_layout(module, parent, attr, observations.get(key), hidden_size, where)
+        layout, module_evidence = infer_module_layout(module, parent, attr, observations.get(key), hidden_size, where,
+                                                      stream_ndim)
         if layout is not None:
             layout, module_evidence = with_in_place_edits(layout, module_evidence, module, parent, attr, observations.get(key))
         evidence[key] = module_evidence
