@@ -54,3 +54,21 @@ def test_non_eager_attention_gets_a_clear_error(tiny_path):
     with pytest.raises(AttentionProbabilitiesUnavailable, match="attn_implementation='eager'"):
         with model.trace(PROMPT):
             model.attention_probabilities[0].save()
+
+
+@pytest.mark.parametrize("alibi", [False, True])
+def test_falcon_branches_find_the_softmax_that_runs(tiny_path, tmp_path, alibi):
+    """Falcon's attention forward has SDPA and eager branches, with and without ALiBi: the site is the one
+    that runs (the probabilities Falcon itself returns as output_attentions), found at load."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    source = tiny_path("falcon")
+    config = AutoConfig.from_pretrained(source)
+    config.alibi = alibi
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(tmp_path)
+    model = StandardizedTransformer(str(tmp_path), enable_attention_probs=True)
+    with torch.no_grad(), model.trace(PROMPT):
+        probs = model.attention_probabilities[1].save()
+    torch.testing.assert_close(probs, reference_attentions(model)[1])

@@ -8,7 +8,7 @@ so an edit changes what the heads mix. Shape ``[batch, heads, query, key]``.
 from __future__ import annotations
 
 import ast
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import nnsight
 import torch
@@ -45,7 +45,7 @@ class AttentionProbabilities:
     def __init__(self, model: StandardModel, source: Callable | None = None) -> None:
         self._model = model
         self._source = source
-        self._calls: dict[type, str | None | AttentionProbabilitiesUnavailable] = {}
+        self._calls: dict[type, Candidate | AttentionProbabilitiesUnavailable] = {}
         self._disabled = False
 
     @property
@@ -79,24 +79,58 @@ class AttentionProbabilities:
             return self._source(attention, return_module_source=module_source)
         cls = type(attention._module)
         if cls not in self._calls:
-            try:
-                self._calls[cls] = softmax_function(attention.source.compiled, attention._module)
-            except AttentionProbabilitiesUnavailable as error:
-                self._calls[cls] = error
-        call = self._calls[cls]
-        if isinstance(call, AttentionProbabilitiesUnavailable):
-            raise call
-        # the function is resolved when the call runs
-        inner = attention.source if call is None else getattr(attention.source, call).source
-        if module_source:
-            return inner
-        softmax = [name for name in inner.names if "softmax" in name]
-        if not softmax:
             raise AttentionProbabilitiesUnavailable(
-                f"attention_probabilities[{layer}]: {cls.__name__}'s attention function computes no softmax "
-                f"nnterp can reach (its operations: {list(inner.names)})."
+                f"attention_probabilities[{layer}]: where {cls.__name__} computes its probabilities is found on a "
+                "probe pass when the model loads with eager attention; load it with "
+                "StandardizedTransformer(..., enable_attention_probs=True)."
             )
-        return getattr(inner, softmax[0])
+        found = self._calls[cls]
+        if isinstance(found, AttentionProbabilitiesUnavailable):
+            raise found
+        return _site_of(attention, found, module_source)
+
+    def find_sites(self) -> None:
+        """Find, for each attention class of the model, the operation that computes its probabilities: of the
+        candidate sites in its source (the softmax inside an attention function it calls, one it computes
+        inline, one inside a method it calls), the first that runs on a probe prompt and returns
+        ``[batch, heads, query, key]`` rows summing to 1. A forward with several branches (Falcon: SDPA or
+        eager, with or without ALiBi) has several candidates, and the configuration decides which runs."""
+        if self._source is not None or not self.enabled:
+            return
+        first_of_class: dict[type, int] = {}
+        for index in range(self._model.num_layers):
+            try:
+                attention = self._model.attentions[index]
+            except AttributeError:  # a hybrid stack's layer without attention
+                continue
+            first_of_class.setdefault(type(attention._module), index)
+        for cls, index in first_of_class.items():
+            if cls not in self._calls:
+                self._calls[cls] = self._probe(index)
+
+    def _probe(self, layer: int) -> Candidate | AttentionProbabilitiesUnavailable:
+        attention = self._model.attentions[layer]
+        module = attention._module
+        try:
+            candidates = candidate_sites(attention.source.compiled, module)
+        except AttentionProbabilitiesUnavailable as error:
+            return error
+        tried = []
+        for candidate in candidates:
+            try:
+                with torch.no_grad(), self._model.trace(CHECK_PROMPT):
+                    probs = _site_of(self._model.attentions[layer], candidate, False).output.save()
+            except Exception as error:  # the branch did not run, or the callee computes no softmax
+                tried.append(f"{candidate.describe()}: {type(error).__name__}")
+                continue
+            if _is_probability_pattern(probs):
+                return candidate
+            tried.append(f"{candidate.describe()}: shape {tuple(probs.shape)}, not probabilities over keys")
+        return AttentionProbabilitiesUnavailable(
+            f"{type(module).__name__} computes no attention probabilities nnterp can reach on a probe prompt "
+            f"(candidates tried: {'; '.join(tried) or 'none'}). Name the operation with "
+            "RenameConfig(attn_prob_source=...)."
+        )
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self._site(index).output
@@ -158,11 +192,44 @@ class AttentionProbabilities:
         print(texts[1])
 
 
-def softmax_function(compiled: Any, module: torch.nn.Module) -> str | None:
-    """Where an attention module's forward computes its softmax: the label of the call to the function that
-    does (a function whose name mentions attention, e.g. transformers' attention interface; else a method
-    whose name mentions attn, e.g. GPT-J's ``self._attn``), or None when the forward computes it inline
-    (Bloom). Read from the forward's syntax tree and nnsight's operation labels."""
+class Candidate(NamedTuple):
+    """A place an attention forward may compute its probabilities: the ``softmax``-th softmax operation inside
+    the function called at ``call`` (an operation label of the forward), or of the forward itself (None)."""
+
+    call: str | None
+    softmax: int
+
+    def describe(self) -> str:
+        return f"softmax {self.softmax} of {self.call or 'the forward itself'}"
+
+
+def _site_of(attention: Any, candidate: Candidate, module_source: bool) -> Any:
+    """The operation envoy of ``candidate`` (``module_source``: the source envoy it lives in); a callee is
+    resolved when the call runs, inside a trace."""
+    inner = attention.source if candidate.call is None else getattr(attention.source, candidate.call).source
+    if module_source:
+        return inner
+    softmax = [name for name in inner.names if "softmax" in name]
+    if len(softmax) <= candidate.softmax:
+        raise AttentionProbabilitiesUnavailable(
+            f"{candidate.describe()}: the function computes no such softmax (its operations: {list(inner.names)})."
+        )
+    return getattr(inner, softmax[candidate.softmax])
+
+
+def _is_probability_pattern(probs: Any) -> bool:
+    if not isinstance(probs, torch.Tensor) or probs.ndim != 4 or probs.shape[-2] != probs.shape[-1]:
+        return False
+    sums = probs.float().sum(-1)
+    return bool(torch.allclose(sums, torch.ones_like(sums), atol=1e-3))
+
+
+def candidate_sites(compiled: Any, module: torch.nn.Module) -> list[Candidate]:
+    """Where an attention module's forward may compute its softmax, in order of preference: inside each call
+    of a function whose name mentions attention (transformers' attention interface, SDPA), each softmax the
+    forward computes inline (Bloom, Falcon's eager branches), inside each call of a method whose name
+    mentions attn (GPT-J's ``self._attn``). Read from the forward's syntax tree and nnsight's operation
+    labels; which one runs is for a probe pass to tell."""
     calls = [(ast.unparse(node.func), range(node.lineno, node.end_lineno + 1))
              for node in ast.walk(ast.parse(compiled.source)) if isinstance(node, ast.Call)]
 
@@ -176,17 +243,16 @@ def softmax_function(compiled: Any, module: torch.nn.Module) -> str | None:
             prefix = callee.replace(".", "_") + "_"
             found += [label for label in compiled.names
                       if label.startswith(prefix) and label[len(prefix):].isdigit() and compiled.lines.get(label) in lines]
-        return sorted(found, key=list(compiled.names).index)  # source order
+        return sorted(set(found), key=list(compiled.names).index)  # source order
 
-    found = labels("attention")
-    if found:
-        return found[0]
-    if any("softmax" in name for name in compiled.names):
-        return None
-    found = labels("attn")
-    if found:
-        return found[0]
-    raise AttentionProbabilitiesUnavailable(
-        f"{type(module).__name__}.forward computes no softmax and calls no attention function nnterp can drill into "
-        f"(its operations: {list(compiled.names)})."
-    )
+    inline = [name for name in compiled.names if "softmax" in name]
+    attention_calls = labels("attention")
+    candidates = [Candidate(call, 0) for call in attention_calls]
+    candidates += [Candidate(None, index) for index in range(len(inline))]
+    candidates += [Candidate(call, 0) for call in labels("attn") if call not in attention_calls]
+    if not candidates:
+        raise AttentionProbabilitiesUnavailable(
+            f"{type(module).__name__}.forward computes no softmax and calls no attention function nnterp can drill "
+            f"into (its operations: {list(compiled.names)})."
+        )
+    return candidates

@@ -94,6 +94,7 @@ class StandardizedTransformer(TransformersModel, StandardizedMixin):
         layout = infer_layout(model, names, hidden_size, "hf", probe)
         self._init_standard_surface(names, config, Backend(), layout, tokenizer_source)
         self.attention_probabilities = AttentionProbabilities(self, config.attn_prob_source)
+        self.attention_probabilities.find_sites()
         self._check_loaded(check_layout, check_renaming, allow_multimodal)
         self._pad_where_positions_stay()
         if check_renaming and enable_attention_probs:
