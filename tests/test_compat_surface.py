@@ -149,6 +149,30 @@ def test_steer_batch_index_and_token_positions_match_hooks(llama):
         assert torch.allclose(steered[row, real_rows(mask, row)], hooked_logits(llama, prompt, edits), atol=1e-4)
 
 
+def test_steer_with_one_vector_per_prompt_adds_each_prompts_own(llama):
+    """A [prompts, hidden] vector adds row b to prompt b at every real token (each prompt alone, hooked)."""
+    prompts = ["one two three", "four five six", "seven eight nine"]  # as many tokens as prompts: no broadcast trap
+    vectors = torch.randn(3, llama.hidden_size, generator=torch.Generator().manual_seed(5)) * 4
+    with torch.no_grad(), llama.trace(prompts):
+        mask = llama.attention_mask.save()
+        llama.steer(1, vectors)
+        steered = llama.logits.save()
+    for row, prompt in enumerate(prompts):
+        expected = hooked_logits(llama, prompt, {1: add_at(vectors[row], list(range(prompt_length(llama, prompt))))})
+        assert torch.allclose(steered[row, real_rows(mask, row)], expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(2, None), (11, None), (3, 3, None)])
+def test_steer_refuses_other_vector_shapes_by_name(llama, shape):
+    """A [k, hidden] vector for another number of prompts, or a [prompts, tokens, hidden] one: a ValueError
+    naming the shape and the accepted ones, never a broadcast."""
+    vector = torch.zeros(*[llama.hidden_size if size is None else size for size in shape])
+    with pytest.raises(ValueError, match=r"steer: the steering vector has shape .*\[hidden\]|one row per prompt"):
+        with torch.no_grad(), llama.trace(["one two three", "four five six", "seven eight nine"]):
+            llama.steer(1, vector)
+            llama.logits.save()
+
+
 def test_steer_after_reading_modules_still_steers_each_prompts_own_tokens(llama):
     vector = torch.randn(llama.hidden_size, generator=torch.Generator().manual_seed(4)) * 4
     side, llama.tokenizer.padding_side = llama.tokenizer.padding_side, "right"

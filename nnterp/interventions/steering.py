@@ -35,6 +35,9 @@ def steer(
     if restrict:
         raise ValueError(f"steer({', '.join(restrict)}=...) needs a StandardizedTransformer (each prompt's own "
                          f"token positions); {type(nn_model).__name__} can only be steered at every position.")
+    if steering_vector.ndim != 1:
+        raise ValueError(f"steer on a {type(nn_model).__name__} takes a [hidden] vector, got shape "
+                         f"{tuple(steering_vector.shape)}; one vector per prompt needs a StandardizedTransformer.")
     for layer in sorted(layer_index(nn_model, l, "steer") for l in ([layers] if isinstance(layers, int) else layers)):
         stream = get_layer_output(nn_model, layer)
         set_layer_output(nn_model, layer, stream + factor * steering_vector.to(device=stream.device, dtype=stream.dtype))

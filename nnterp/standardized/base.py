@@ -379,6 +379,8 @@ class StandardizedMixin:
     ) -> None:
         """Add ``factor * steering_vector`` to the output of each layer in ``layers`` (inside a trace).
 
+        ``steering_vector`` is ``[hidden]`` (one direction for every prompt) or ``[prompts, hidden]`` (one per
+        prompt of the trace, or of the invoke inside ``tracer.invoke``; on vLLM an invoke is one prompt).
         ``token_positions`` (int, list, slice or tensor; None: every position) index each prompt's own tokens,
         padding excluded, whatever the padding side: 0 is a prompt's first real token and -1 its last, so
         a prompt steers the same in a padded batch as alone. In a generation step after the first, they
@@ -391,9 +393,14 @@ class StandardizedMixin:
                 raise ValueError("Cannot specify both `positions` (deprecated) and `token_positions`.")
             warnings.warn("`positions` is deprecated, use `token_positions` instead.", DeprecationWarning, stacklevel=2)
             token_positions = positions
-        if steering_vector.shape[-1] != self.hidden_size:
+        if not isinstance(steering_vector, torch.Tensor) or steering_vector.ndim not in (1, 2) \
+                or steering_vector.shape[-1] != self.hidden_size:
+            shape = tuple(steering_vector.shape) if hasattr(steering_vector, "shape") else type(steering_vector).__name__
             raise ValueError(
-                f"steer: the steering vector has width {steering_vector.shape[-1]}, the model's hidden size is {self.hidden_size}."
+                f"steer: the steering vector has shape {shape} and the model's hidden size is {self.hidden_size}; steer "
+                f"takes [hidden], one direction for every prompt, or [prompts, hidden], one per prompt. To add other "
+                f"vectors at other "
+                f"tokens, assign layers_output[i] = layers_output[i] + delta with delta shaped like the stream."
             )
         indices = sorted({self._check_layer_index(layer, "steer") for layer in ([layers] if isinstance(layers, int) else layers)})
         chooses_tokens = token_positions is not None or batch_index is not None
@@ -402,12 +409,25 @@ class StandardizedMixin:
             if not self._backend.owns(layer):
                 continue  # the pipeline stage that runs this layer steers it
             stream = self.layers_output[layer]
-            vector = (factor * steering_vector).to(device=stream.device, dtype=stream.dtype)
+            batched = self.as_batch(stream)
+            delta = self._per_prompt(factor * steering_vector, batched.shape[0]).to(device=stream.device, dtype=stream.dtype)
             if chooses_tokens:
                 if mask is None:
-                    mask = self._steering_mask(self.as_batch(stream).shape[:2], token_positions, batch_index)
-                vector = mask.reshape(stream.shape[:-1] + (1,)).to(stream) * vector
-            self.layers_output[layer] = stream + vector
+                    mask = self._steering_mask(batched.shape[:2], token_positions, batch_index)
+                delta = mask[..., None].to(stream) * delta
+            self.layers_output[layer] = (batched + delta).reshape(stream.shape)
+
+    def _per_prompt(self, vector: torch.Tensor, prompts: int) -> torch.Tensor:
+        """A ``[hidden]`` or ``[prompts, hidden]`` steering vector, broadcastable over ``[prompts, tokens, hidden]``."""
+        if vector.ndim == 1:
+            return vector
+        if vector.shape[0] != prompts:
+            where = "this invoke" if self._backend.batches_prompts else "this request (on vLLM an invoke is one prompt)"
+            raise ValueError(
+                f"steer: the steering vector has shape {tuple(vector.shape)}, one row per prompt, but {where} has "
+                f"{prompts} prompt(s). Pass [hidden] for one direction everywhere or [{prompts}, hidden]."
+            )
+        return vector[:, None, :]
 
     def _steering_mask(self, batch_and_tokens: torch.Size, token_positions: Positions, batch_index: Positions) -> torch.Tensor:
         """``[batch, tokens]``: True at the chosen prompts' chosen real tokens of this forward pass."""
