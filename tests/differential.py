@@ -452,6 +452,65 @@ def _refused_left_padding(model, case: Case) -> list[Mismatch]:
     return [Mismatch(case, "left-padding refusal", "the trace", 0, float("inf"), 0.0)]
 
 
+GENERATED_TOKENS = 3
+
+
+def greedy_alone(model, prompt: str, max_new_tokens: int = GENERATED_TOKENS) -> list[int]:
+    """A plain decode loop on the raw HF model: the prompt alone, each step's token the argmax of the logits
+    (full forward passes, no cache), up to the end-of-sequence token."""
+    eos = set(torch.as_tensor(model._module.generation_config.eos_token_id or []).reshape(-1).tolist())
+    tokens = model.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    generated = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            token = int(model._module(input_ids=tokens).logits[0, -1].argmax())
+            generated.append(token)
+            if token in eos:
+                break
+            tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+    return generated
+
+
+def check_hf_generation(model, case: Case) -> tuple[list[Mismatch], bool]:
+    """Greedy generation of the case's prompts as one batch (padded on the case's side, one invoke per group)
+    against each prompt alone in :func:`greedy_alone`; a right-padded batch of prompts of different lengths
+    must be refused with nnterp's specific error instead (generation would continue a shorter prompt after its
+    padding). Returns the mismatches and whether the batch was generated (rather than refused)."""
+    side, model.tokenizer.padding_side = model.tokenizer.padding_side, case.padding_side
+    try:
+        with torch.no_grad(), model.generate(**model.greedy_generation_kwargs(GENERATED_TOKENS)) as tracer:
+            outputs = nnsight.save([])
+            for indices in case.invokes:
+                with tracer.invoke([case.prompts[i] for i in indices]):
+                    outputs.append(tracer.result)  # this invoke's rows
+    except ValueError as error:
+        refused = "right-padded batch" in str(error) or "Pad on the right" in str(error)
+        expected_refusal = _padded(model, case) and (case.padding_side == "right" or model.left_padding_shifts_positions)
+        if refused and expected_refusal:
+            return [], False
+        raise
+    finally:
+        model.tokenizer.padding_side = side
+    eos = set(torch.as_tensor(model._module.generation_config.eos_token_id or []).reshape(-1).tolist())
+    prompt_width = max(len(model.tokenizer(prompt)["input_ids"]) for prompt in case.prompts)
+    mismatches = []
+    rows = [(output, row, prompt_index) for output, indices in zip(outputs, case.invokes)
+            for row, prompt_index in enumerate(indices)]
+    for output, row, prompt_index in rows:
+        expected = greedy_alone(model, case.prompts[prompt_index])
+        got = _until_eos(output[row, prompt_width:].tolist(), eos)
+        if got != expected:
+            mismatches.append(Mismatch(case, "greedy alone", f"generate {got} != {expected}", prompt_index, float("inf"), 0.0))
+    return mismatches, True
+
+
+def _until_eos(tokens: list[int], eos: set[int]) -> list[int]:
+    for index, token in enumerate(tokens):
+        if token in eos:
+            return tokens[: index + 1]
+    return tokens
+
+
 def alone_references(reference_model, case: Case) -> dict[tuple[int, int], tuple[dict, torch.Tensor]]:
     """Each prompt of ``case`` run alone on ``reference_model`` (HF) with its invoke's program: (invoke, position
     in the invoke) -> (its reads, its attention mask)."""

@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from differential import HF_ARCHITECTURES, check_hf_case, make_case, summarize, surface_of
+from differential import HF_ARCHITECTURES, check_hf_case, check_hf_generation, make_case, summarize, surface_of
 
 from nnterp import StandardizedTransformer
 
@@ -43,6 +43,31 @@ def test_fuzz_sample_matches_references(load, architecture):
     results = run_cases(load, architecture, range(SEED * 1000, SEED * 1000 + CASES_PER_ARCHITECTURE))
     assert not any(found for _, found, _ in results), summarize(results)
     assert any(op["kind"] == "write" for case, _, _ in results for program in case.programs for op in program)
+
+
+@pytest.mark.parametrize("architecture", HF_ARCHITECTURES)
+def test_fuzz_generation_matches_each_prompt_alone(load, architecture):
+    """Batched greedy generation (left and right padding, several invokes) gives each prompt the tokens of a
+    plain decode loop on it alone, or is refused where padding would change them."""
+    model, surface = load(architecture, torch.float32)
+    cases = [make_case(seed, architecture, surface) for seed in range(SEED * 1000 + 50, SEED * 1000 + 54)]
+    cases.append(dataclasses.replace(cases[0], prompts=cases[0].prompts[:1], invokes=[[0]]))  # nothing to pad
+    checked = [(case, *check_hf_generation(model, case)) for case in cases]
+    results = [(case, found, {}) for case, found, _ in checked]
+    assert not any(found for _, found, _ in results), summarize(results)
+    assert any(generated for _, _, generated in checked), "every case was refused: nothing was compared"
+
+
+def test_fuzzer_finds_right_padded_generation(load, monkeypatch):
+    """With the refusal of right-padded generation taken out, the fuzzer reports Pegasus (which pads on the
+    right) continuing a shorter prompt after its padding."""
+    import nnterp.backends.hf.batcher as batcher
+
+    monkeypatch.setattr(batcher, "refuse_right_padded_generation", lambda mask, architecture, shifts: None)
+    model, surface = load("pegasus", torch.float32)
+    cases = cases_where(load, "pegasus", lambda case: case.padding_side == "right" and len(case.prompts) > 1, 3, start=60)
+    results = [(case, check_hf_generation(model, case)[0], {}) for case in cases]
+    assert all(found for _, found, _ in results), summarize(results)
 
 
 def cases_where(load, architecture: str, wanted, count: int, start: int) -> list:

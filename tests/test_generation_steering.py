@@ -80,3 +80,30 @@ def test_bad_steering_input_is_refused(llama):
         steered_generation(llama, PROMPT, max_new_tokens=0)
     with pytest.raises(IndexError):
         steered_generation(llama, PROMPT, torch.zeros(llama.hidden_size), layers=7, max_new_tokens=2)
+
+
+def test_one_greedy_decoding_everywhere_even_with_a_forced_end_of_sequence(tiny_path):
+    """MBart's checkpoint forces the end-of-sequence token at the length limit (``forced_eos_token_id``), a logit
+    processor transformers fills into any GenerationConfig it is given. Every nnterp greedy decoding (generate
+    with greedy_generation_kwargs, the tokens each step picks, steered_generation, extract) gives the raw argmax
+    tokens of a plain decode loop."""
+    import nnsight
+
+    from nnterp import StandardizedTransformer
+
+    path = str(tiny_path("mbart"))
+    model = StandardizedTransformer(path)
+    assert model._module.generation_config.forced_eos_token_id is not None, "the case this test is about"
+    eos = model._module.generation_config.eos_token_id
+    expected = hooked_greedy(path, "model.decoder.layers", 0, None, 3, eos)
+    prompt_length = len(model.tokenizer(PROMPT)["input_ids"])
+    with torch.no_grad(), model.generate(PROMPT, **model.greedy_generation_kwargs(3)) as tracer:
+        generated = tracer.result.save()
+    with torch.no_grad(), model.generate(PROMPT, **model.greedy_generation_kwargs(3)) as tracer:
+        steps = nnsight.save([])
+        for _ in tracer.iter[:]:
+            steps.append(int(model.step_token[0]))
+    assert generated[0, prompt_length:].tolist() == expected
+    assert list(steps) == expected
+    assert steered_generation(model, PROMPT, max_new_tokens=3).tokens == expected
+    assert next(iter(model.extract([PROMPT], max_new_tokens=3, progress=False))).generated == expected

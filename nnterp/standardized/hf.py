@@ -18,6 +18,15 @@ from .base import StandardizedMixin, first_config_int, infer_layout, logger, ref
 from .source import check_model_source
 
 PROBE_TOKENS = 6
+# transformers' generation settings that add logit processors or sampling, each at its neutral value.
+RAW_GREEDY = {
+    "do_sample": False, "num_beams": 1, "temperature": None, "top_k": None, "top_p": None, "min_p": None,
+    "typical_p": None, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "bad_words_ids": None, "sequence_bias": None, "min_length": 0,
+    "min_new_tokens": None, "forced_bos_token_id": None, "forced_eos_token_id": None, "suppress_tokens": None,
+    "begin_suppress_tokens": None, "exponential_decay_length_penalty": None, "guidance_scale": None,
+    "renormalize_logits": False, "remove_invalid_values": False, "watermarking_config": None,
+}
 
 
 class StandardizedTransformer(TransformersModel, StandardizedMixin):
@@ -139,16 +148,15 @@ class StandardizedTransformer(TransformersModel, StandardizedMixin):
         self._backend.run_write(write, value)
 
     def greedy_generation_kwargs(self, max_new_tokens: int) -> dict:
-        """``generate`` arguments for greedy decoding on the raw logits: the checkpoint's sampling settings and
-        logit processors (repetition penalty, ...) are replaced, end of sequence still stops the run."""
-        from transformers import GenerationConfig
-
+        """``generate`` arguments for greedy decoding on the raw logits, the one definition every nnterp tool
+        uses (each step's token is the argmax of the model's logits): the checkpoint's sampling settings and logit
+        processors (forced end of sequence, repetition penalty, minimum length, ...) are turned off, end of
+        sequence still stops the run. They are keyword arguments, not a ``GenerationConfig``: transformers
+        fills a config's unset fields from the checkpoint's, and keywords take precedence over both."""
         eos = self._module.generation_config.eos_token_id
         pad = self.tokenizer.pad_token_id
-        config = GenerationConfig(
-            max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=eos if pad is None else pad
-        )
-        return {"generation_config": config}
+        return {"max_new_tokens": max_new_tokens, "eos_token_id": eos, "pad_token_id": eos if pad is None else pad,
+                **RAW_GREEDY}
 
     def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs):
         from ..backends.hf.extraction import run

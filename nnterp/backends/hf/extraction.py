@@ -102,11 +102,14 @@ def _padded(token_ids: list[list[int]], pad: int, left: bool) -> tuple[torch.Ten
 
 def _generate(model: Any, token_ids: list[list[int]], max_new_tokens: int, generation_kwargs: dict,
               device: torch.device) -> list[list[int]]:
-    """Greedy continuations (left-padded batch, as generation needs), up to end of sequence."""
+    """Greedy continuations (a left-padded batch, as generation needs; one prompt at a time for a model whose
+    positions left padding shifts), up to end of sequence."""
+    if len(token_ids) > 1 and getattr(model, "left_padding_shifts_positions", False):
+        return [new for tokens in token_ids for new in _generate(model, [tokens], max_new_tokens, generation_kwargs, device)]
     input_ids, mask = _padded(token_ids, _pad_id(model.tokenizer), left=True)
     width = input_ids.shape[1]
     kwargs = {**model.greedy_generation_kwargs(max_new_tokens), **generation_kwargs}
     with torch.inference_mode():
         output = model._module.generate(input_ids=input_ids.to(device), attention_mask=mask.to(device), **kwargs)
-    eos = set(token_id_list(getattr(kwargs.get("generation_config"), "eos_token_id", None)))
+    eos = set(token_id_list(kwargs.get("eos_token_id")))
     return [until_eos(row, eos) for row in output[:, width:].tolist()]
