@@ -10,6 +10,7 @@ with status 1 when a check fails.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -166,11 +167,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore")
-    if args.command == "validate":
-        passed = (validate_vllm if args.backend == "vllm" else validate_hf)(args.model)
-    else:
-        passed = run_tests(args.model_names, args.class_names)
+    try:
+        if args.command == "validate":
+            passed = (validate_vllm if args.backend == "vllm" else validate_hf)(args.model)
+        else:
+            passed = run_tests(args.model_names, args.class_names)
+    except Exception as error:  # one line, not a traceback (NNTERP_TRACEBACK=1 shows it)
+        if os.environ.get("NNTERP_TRACEBACK"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr)
+        return 2
     return 0 if passed else 1
+
+
+def one_line(error: BaseException, limit: int = 400) -> str:
+    """An exception as ``Type: message`` on one line."""
+    message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+    return f"{type(error).__name__}: {message}"[:limit]
 
 
 if __name__ == "__main__":

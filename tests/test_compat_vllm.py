@@ -1,6 +1,8 @@
 """nnterp 1.x's model surface on StandardizedVLLM (one engine), against plain HF forwards with hooks on the
 same weights and manual computations."""
 
+import time
+
 import nnsight
 import pytest
 import torch
@@ -125,3 +127,51 @@ def test_arguments_vllm_cannot_honour_fail_before_the_engine_starts(tiny_path, t
         StandardizedVLLM(tmp_path)
     with pytest.raises(TypeError, match="takes a path or hub id, not a loaded LlamaForCausalLM"):
         StandardizedVLLM(AutoModelForCausalLM.from_pretrained(path))
+
+
+def test_token_id_tensors_are_prompts_as_on_hf(pair):
+    _, model = pair
+    ids = model.tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad(), model.trace(torch.tensor(ids)):
+        from_tensor = model.layers_output[1].save()
+    with torch.no_grad(), model.trace(ids):
+        from_list = model.layers_output[1].save()
+    assert torch.equal(from_tensor, from_list)
+    with pytest.raises(ValueError, match="one request takes one prompt"):
+        with torch.no_grad(), model.trace(torch.tensor([ids, ids])):
+            model.layers_output[1].save()
+
+
+def test_a_variable_from_another_invoke_is_explained(pair):
+    _, model = pair
+    with pytest.raises(NameError, match="each tracer.invoke runs as its own engine request"):
+        with torch.no_grad(), model.trace() as tracer:
+            with tracer.invoke(PROMPTS[0]):
+                first = model.layers_output[0]
+            with tracer.invoke(PROMPTS[1]):
+                (first * 2).save()
+    with torch.no_grad(), model.trace(PROMPTS[0]):  # the engine serves the next trace
+        assert model.layers_output[0].save() is not None
+
+
+def test_parameters_and_projections_outside_a_trace_equal_hf(pair):
+    """Outside a trace the weights live in the engine: they are read through a short request, and equal the HF
+    model's; a projection equals the HF model's final norm and LM head applied by hand."""
+    raw, model = pair
+    assert torch.equal(model.parameter("lm_head.weight"), raw.lm_head.weight)
+    assert torch.equal(model.parameter("embed_tokens.weight"), raw.model.embed_tokens.weight)
+    try:
+        assert torch.equal(model.parameter("layers.1.mlp.down_proj.weight"), raw.model.layers[1].mlp.down_proj.weight)
+    except RuntimeError as error:  # vLLM's CPU engine repacks linear weights: said as such
+        assert "repacks linear weights" in str(error) and not torch.cuda.is_available()
+    hidden = torch.randn(2, model.hidden_size, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = raw.lm_head(raw.model.norm(hidden))
+    torch.testing.assert_close(model.project_on_vocab(hidden), expected)
+
+
+def test_a_bad_dtype_is_refused_before_the_engine_starts(tiny_path):
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=r"dtype='float33'.*vLLM takes one of \['auto', 'half'"):
+        StandardizedVLLM(str(tiny_path("llama")), dtype="float33")
+    assert time.monotonic() - start < 5

@@ -21,9 +21,18 @@ def current_block() -> object | None:
     return reference() if reference is not None else None
 
 
+class OutsideTraceError(RuntimeError):
+    """A value of the forward pass was read or written outside a trace."""
+
+
 def in_forward_order(name: str, access: Callable[[], T]) -> T:
     """``access()`` (which waits for the model to reach a module), with nnsight's out-of-order error
     reworded to name ``name``; the access is remembered to name it in the next error."""
+    if current_block() is None:
+        raise OutsideTraceError(
+            f"{name} is a value of a forward pass: read or assign it inside a trace, e.g. "
+            f"`with model.trace(prompt): value = {name}.save()` (then use `value` after the block)."
+        )
     try:
         value = access()
     except OutOfOrderError as error:

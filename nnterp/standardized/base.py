@@ -489,11 +489,14 @@ class StandardizedMixin:
     # -- vocabulary -------------------------------------------------------------
 
     def project_on_vocab(self, hidden_state: torch.Tensor) -> torch.Tensor:
-        """Logits of a residual-stream tensor: final norm, LM head, and the model's logit post-processing."""
-        def project(stream: torch.Tensor) -> torch.Tensor:
-            return self.postprocess_logits(self._lm_head_logits(self._final_normed(stream)))
+        """Logits of a residual-stream tensor: final norm, LM head, and the model's logit post-processing. Inside
+        a trace or outside one (on vLLM, outside a trace, the projection runs as a short engine request)."""
+        if not in_trace():
+            return self._project_now(hidden_state)
+        return self._backend.compute_at("model.project_on_vocab", HEAD, self._project, hidden_state)
 
-        return self._backend.compute_at("model.project_on_vocab", HEAD, project, hidden_state)
+    def _project(self, stream: torch.Tensor) -> torch.Tensor:
+        return self.postprocess_logits(self._lm_head_logits(self._final_normed(stream)))
 
     def _final_normed(self, stream: torch.Tensor) -> torch.Tensor:
         """``ln_final`` applied to a residual-stream tensor (where the weights are)."""
@@ -505,7 +508,7 @@ class StandardizedMixin:
     def _project_now(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """``project_on_vocab`` outside a trace (the weights are in this process)."""
         with torch.no_grad():
-            return self.project_on_vocab(hidden_state)
+            return self._project(hidden_state)
 
     def probs_to_dict(self, tokens: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
         """``{token string: probability}`` for paired token ids and probabilities."""

@@ -10,6 +10,7 @@ from nnsight.modeling.transformers import TransformersModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from ..core.attention import AttentionProbabilities, eager_for_probabilities
+from ..core.inputs import check_prompts
 from ..core.layout import confirm_final_norm
 from ..backends.hf.batcher import AttentionMaskBatcher, left_padding_shifts_positions
 from ..core.rename import DEFAULT_CONFIG_KEYS, RenameConfig, resolve_names, split_rename, text_config
@@ -134,6 +135,11 @@ class StandardizedTransformer(TransformersModel, StandardizedMixin):
         device = next(model.parameters()).device
         tokens = torch.arange(4, 4 + PROBE_TOKENS, device=device)[None] % model.get_input_embeddings().weight.shape[0]
         return lambda: model(input_ids=tokens, use_cache=False)
+
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        """Rows an invoke contributes (nnsight's count), after checking that its input is a prompt."""
+        check_prompts(inputs, self.tokenizer)
+        return super()._batch_size(*inputs, **kwargs)
 
     @property
     def logits(self) -> torch.Tensor:

@@ -51,7 +51,34 @@ def _check_path(text: str, is_path: bool, loader: str) -> str:
         return str(path)
     if is_path or not HUB_ID.match(text):
         raise FileNotFoundError(f"{loader}: the model path {text} does not exist.")
+    _check_hub_reachable(text, loader)
     return text
+
+
+def _check_hub_reachable(repo_id: str, loader: str, timeout: float = 3.0) -> None:
+    """A hub id that is not in the local cache needs the hub: fail at once, naming that, when it cannot be
+    reached (offline mode, or no connection within ``timeout``), instead of retrying for a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = try_to_load_from_cache(repo_id, "config.json")
+    if isinstance(cached, str):
+        return
+    endpoint = urlparse(constants.ENDPOINT)
+    if constants.HF_HUB_OFFLINE:
+        reason = "the HuggingFace hub is switched off (HF_HUB_OFFLINE=1)"
+    else:
+        try:
+            socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=timeout).close()
+            return
+        except OSError as error:
+            reason = f"{endpoint.hostname} cannot be reached ({error.__class__.__name__}: the network is off or blocked)"
+    raise FileNotFoundError(
+        f"{loader}: {repo_id!r} is not a local directory and not in the HuggingFace cache, and {reason}. Pass the "
+        f"path of a local model directory, or download the model where there is network."
+    )
 
 
 def _short(value: Any) -> str:

@@ -27,6 +27,8 @@ from ..backends.vllm.engine import (
     wrapped_hf_model,
 )
 from ..core.attention import AttentionProbabilitiesUnavailable
+from ..core.inputs import check_prompts, token_id_prompt
+from ..core.padding import in_trace
 from ..core.rename import RenameConfig, layer_child, resolve_names, split_rename
 from ..core.tokens import token_id_list
 from ..core.tracing import CHECK_PROMPT
@@ -116,6 +118,14 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         from ..backends.vllm.worker import stage_backend
 
         self._backend = stage_backend(self, self._backend)
+
+    def _batch_size(self, *inputs: Any, **kwargs: Any) -> int:
+        check_prompts(inputs, self.tokenizer)
+        return super()._batch_size(*inputs, **kwargs)
+
+    def _prompt(self, *inputs: Any) -> Any:
+        """One request's prompt; token ids may also come as an integer tensor, as on HF."""
+        return super()._prompt(*(token_id_prompt(value) for value in inputs))
 
     def _collect(self, mediators: list, outputs: list) -> None:
         """nnsight's collection, with containers shared by several invokes merged in invoke order and worker
@@ -220,6 +230,15 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     def step_token(self) -> torch.Tensor:
         """Inside a generation step: the token the engine sampled, ``[requests]``."""
         return self.samples
+
+    def parameter(self, path: str) -> torch.Tensor:
+        """See :meth:`StandardizedMixin.parameter`; outside a trace the weights live in the engine, so the gather
+        runs as a short engine request."""
+        if in_trace():
+            return super().parameter(path)
+        with torch.no_grad(), self.trace(CHECK_PROMPT):
+            value = self.parameter(path).save()
+        return value
 
     def _project_now(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """The weights live in the engine: project inside a short request."""

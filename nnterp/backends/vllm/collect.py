@@ -100,6 +100,11 @@ def worker_error(error: dict) -> BaseException:
     worker error), so existing handlers keep catching it."""
     type_name = error.get("type_name", "Exception")
     text = error.get("message", "")
+    if type_name == "NameError":
+        text += (". On vLLM each tracer.invoke runs as its own engine request, with its own copy of the "
+                 "variables set before the invokes: a variable assigned in one invoke is not defined in another. "
+                 "Compute it in the invoke that uses it, or save it and use it in a later trace (on "
+                 "StandardizedTransformer the invokes share one forward pass and can share variables).")
     if error.get("traceback"):
         text += "\n\nIntervention traceback:\n" + error["traceback"].rstrip()
     original = _known_exceptions().get(type_name)

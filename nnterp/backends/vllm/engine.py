@@ -100,6 +100,7 @@ def engine_kwargs(vllm_kwargs: dict, trust_remote_code: bool, unsafe_enable_pref
             "anyway, pass unsafe_enable_prefix_caching=True instead of enable_prefix_caching=True."
         )
     vllm_kwargs = translate_hf_kwargs(vllm_kwargs)
+    check_dtype(vllm_kwargs.get("dtype"))
     if trust_remote_code:
         vllm_kwargs["trust_remote_code"] = True
     for key, value in json.loads(os.environ.get("NNTERP_VLLM_ARGS", "{}")).items():
@@ -111,6 +112,18 @@ def engine_kwargs(vllm_kwargs: dict, trust_remote_code: bool, unsafe_enable_pref
         # process's resident memory, which fails once the process holds other models (an HF one, say).
         vllm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
     return vllm_kwargs
+
+
+def check_dtype(dtype) -> None:
+    """Refuse a dtype vLLM does not take before the engine starts (vLLM reports it from deep in its config)."""
+    import typing
+
+    from vllm.config.model import ModelDType
+
+    accepted = typing.get_args(ModelDType)
+    if dtype is not None and not (isinstance(dtype, str) and dtype in accepted):
+        raise ValueError(f"StandardizedVLLM(dtype={dtype!r}): vLLM takes one of {list(accepted)} (or a torch dtype "
+                         f"among float16, bfloat16, float32).")
 
 
 def worker_class() -> str:
