@@ -11,7 +11,8 @@ from typing import Any
 
 from .core.accessors import LayerAccessor
 from .core.attention import AttentionProbabilities as AttentionProbabilitiesAccessor
-from .core.rename import LAYER_ALIASES, ROOT_ALIASES, STANDARD_NAMES, RenameConfig
+from .core.log import logger
+from .core.rename import LAYER_ALIASES, ROOT_ALIASES, STANDARD_NAMES, RenameConfig, resolve_names
 from .core.rename import text_config as language_config
 
 _DEFINED_IN_RENAME = ("RenamingError", "AttnProbFunction")
@@ -62,6 +63,21 @@ def get_rename_dict(rename_config: RenameConfig | None = None) -> dict[str, str]
     for container in MODEL_NAMES[1:]:
         rename.setdefault(container, "model")
     return rename
+
+
+def get_ignores(model: Any, rename_config: RenameConfig | None = None) -> list[str]:
+    """The standard modules nnterp 1.x's renaming checks skip on ``model`` (a torch model): ``"mlp"`` where its
+    layers have no MLP module nnterp finds (OPT's is inlined in the layer), ``"attention"`` likewise, and those
+    ``rename_config`` asks to ignore."""
+    names = resolve_names(model, rename_config)
+    ignores = []
+    if names.mlp is None or (rename_config is not None and rename_config.ignore_mlp):
+        if names.mlp is None:
+            logger.warning("%s has no mlp module nnterp finds in its layers.", type(model).__name__)
+        ignores.append("mlp")
+    if names.self_attn is None or (rename_config is not None and rename_config.ignore_attn):
+        ignores.append("attention")
+    return ignores
 
 
 def text_config(model: Any) -> Any:
@@ -116,5 +132,5 @@ __all__ = [
     "ATTENTION_NAMES", "EMBED_TOKENS_NAMES", "IOType", "LAYER_NAMES", "LM_HEAD_NAMES", "LN_NAMES", "MLP_NAMES",
     "MODEL_NAMES", "AttentionProbabilitiesAccessor", "LayerAccessor", "RenameConfig",
     "default_attn_head_config_keys", "default_hidden_size_config_keys", "default_vocab_size_config_keys",
-    "get_hidden_size", "get_num_attention_heads", "get_rename_dict", "get_vocab_size", "text_config",
+    "get_hidden_size", "get_ignores", "get_num_attention_heads", "get_rename_dict", "get_vocab_size", "text_config",
 ]

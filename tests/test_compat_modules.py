@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from nnterp import utils
 from nnterp.core.rename import RenameConfig
@@ -115,3 +116,39 @@ def test_layer_accessor_built_with_nnterp_1x_arguments_reads_the_raw_modules(lla
         LayerAccessor(llama, "self_attn", None)
     with pytest.raises(ValueError, match=r"model.layers\[i\].input_layernorm.output"):
         LayerAccessor(llama, "input_layernorm", IOType.OUTPUT)
+
+
+def test_get_ignores_names_the_modules_a_model_lacks(tiny_path):
+    """nnterp 1.x's get_ignores: "mlp" where the layers have no MLP child (OPT runs fc1/fc2 inline), the
+    RenameConfig's own ignores, nothing for a model that has both blocks."""
+    from nnterp.rename_utils import RenameConfig, get_ignores
+
+    opt = AutoModelForCausalLM.from_pretrained(str(tiny_path("opt")))
+    llama = AutoModelForCausalLM.from_pretrained(str(tiny_path("llama")))
+    opt_children = set(dict(opt.model.decoder.layers[0].named_children()))
+    assert "mlp" not in opt_children and {"fc1", "fc2", "self_attn"} <= opt_children
+    assert get_ignores(opt) == ["mlp"]
+    assert get_ignores(llama) == []
+    assert get_ignores(llama, RenameConfig(ignore_attn=True)) == ["attention"]
+
+
+def test_module_accessor_nn_model_traces_the_same_modules(tiny_path):
+    """ModuleAccessor.nn_model is the model under nnsight with the standard names: its layer output in a trace
+    equals a hook on the raw module, and non-module attributes are refused as nnterp 1.x refused them."""
+    from nnterp.nnsight_utils import ModuleAccessor
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_path("gpt2"))).eval()
+    accessor = ModuleAccessor(model)
+    assert accessor.nn_model.layers[1]._module is model.transformer.h[1] is accessor.get_layers()[1]
+    ids = torch.tensor([[5, 6, 7, 8]])
+    seen = []
+    handle = model.transformer.h[1].register_forward_hook(
+        lambda module, args, output: seen.append((output[0] if isinstance(output, tuple) else output).clone()))
+    with torch.no_grad():
+        model(ids)
+    handle.remove()
+    with torch.no_grad(), accessor.nn_model.trace(ids):
+        output = accessor.nn_model.layers[1].output.save()
+    assert torch.equal(output[0] if isinstance(output, tuple) else output, seen[0])
+    with pytest.raises(AttributeError, match="Attribute config is not a module"):
+        accessor.config

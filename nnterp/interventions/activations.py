@@ -221,15 +221,30 @@ class ModuleAccessor:
 
     ``rename_config`` says where modules live when nnterp cannot find them; ``rename`` maps more native
     paths to names of your own (``{"model.rotary_emb": "rope"}`` makes ``accessor.rope`` that module).
+    ``nn_model`` is the model wrapped by nnsight under the same names (nnterp 1.x built one eagerly; here it is
+    built on first use).
     """
 
     def __init__(self, model: nn.Module, rename_config: RenameConfig | None = None, rename: dict[str, str] | None = None):
         self.model = model
         self.names = resolve_names(model, rename_config)
         self.aliases = {alias: native for native, alias in (rename or {}).items()}
+        self._nn_model = None
+
+    @property
+    def nn_model(self):
+        """``nnsight.NNsight`` over the model, with the standard names (and ``rename``'s) mounted."""
+        if self._nn_model is None:
+            from nnsight import NNsight
+
+            rename = self.names.nnsight_rename()
+            for alias, native in self.aliases.items():
+                rename.setdefault(native, []).append(alias)
+            self._nn_model = NNsight(self.model, rename=rename)
+        return self._nn_model
 
     def __getattr__(self, name: str) -> nn.Module:
-        if name in ("model", "names", "aliases"):
+        if name in ("model", "names", "aliases", "_nn_model"):
             raise AttributeError(name)
         native = self.aliases.get(name) or (getattr(self.names, name) if name in ("embed_tokens", "layers", "ln_final", "lm_head") else None)
         if native is not None:
@@ -237,7 +252,7 @@ class ModuleAccessor:
         attribute = getattr(self.model, name, None)
         if isinstance(attribute, nn.Module):
             return attribute
-        raise AttributeError(f"{name!r} is not a module of {type(self.model).__name__} nnterp knows.")
+        raise AttributeError(f"Attribute {name} is not a module of {type(self.model).__name__} nnterp knows.")
 
     def get_embed_tokens(self) -> nn.Module:
         return self.embed_tokens
