@@ -393,8 +393,8 @@ class StandardizedMixin:
                 raise ValueError("Cannot specify both `positions` (deprecated) and `token_positions`.")
             warnings.warn("`positions` is deprecated, use `token_positions` instead.", DeprecationWarning, stacklevel=2)
             token_positions = positions
-        if not isinstance(steering_vector, torch.Tensor) or steering_vector.ndim not in (1, 2) \
-                or steering_vector.shape[-1] != self.hidden_size:
+        ndim = getattr(steering_vector, "ndim", None)  # a tensor, or another pipeline stage's placeholder for one
+        if ndim not in (1, 2) or steering_vector.shape[-1] != self.hidden_size:
             shape = tuple(steering_vector.shape) if hasattr(steering_vector, "shape") else type(steering_vector).__name__
             raise ValueError(
                 f"steer: the steering vector has shape {shape} and the model's hidden size is {self.hidden_size}; steer "

@@ -139,8 +139,9 @@ def _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rto
     if isinstance(values, str):
         report.add("attention/MLP accessors", None, values.splitlines()[0][:120])
         return
-    stream_shape = inputs[0].shape
-    odd = sorted({f"{name} {tuple(t.shape)}" for name, ts in values.items() for t in ts if t.shape != stream_shape})
+    stream_shape = inputs[0].shape  # [batch, seq, hidden]; hyper-connections carry [batch, seq, copies, hidden]
+    odd = sorted({f"{name} {tuple(t.shape)}" for name, ts in values.items() for t in ts
+                  if t.shape[:2] != stream_shape[:2] or t.shape[-1] != stream_shape[-1]})
     report.add("attention/MLP accessors read [batch, seq, hidden] like the stream", not odd, ", ".join(odd)[:160])
     references = _hooked_submodule_values(model, model_inputs)
     for name in SUBMODULE_ACCESSORS:
@@ -163,8 +164,8 @@ def _check_submodules(model, prompts, inputs, outputs, model_inputs, report, rto
 
 def _as_stream(reference: torch.Tensor | None, shape: torch.Size) -> torch.Tensor | None:
     """A hooked ``[batch * seq, hidden]`` value as ``[batch, seq, hidden]``; any other as it is."""
-    if reference is not None and reference.ndim == 2 and len(shape) == 3 and reference.numel() == shape.numel():
-        return reference.reshape(shape)
+    if reference is not None and reference.ndim == 2 and len(shape) >= 3 and reference.numel() == shape[:2].numel() * shape[-1]:
+        return reference.reshape(*shape[:2], shape[-1])
     return reference
 
 
