@@ -16,10 +16,12 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 from ..distributed.tp import REPACKED
 from .extraction_worker import ExtractionRunner, ExtractionWorker
 from .meta import patched_attribute
+from .recovery import RecoveringRunner
 from .worker import PipelineRunner, SharedModelRunner, SharedModelWorker
 
 
-class NNsightCPUModelRunner(ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner, CPUModelRunner):
+class NNsightCPUModelRunner(RecoveringRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner,
+                            CPUModelRunner):
     """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages, extraction and
     shared model copy."""
 

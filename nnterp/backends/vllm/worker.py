@@ -22,6 +22,7 @@ from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRu
 from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 
 from .extraction_worker import ExtractionRunner, ExtractionWorker
+from .recovery import RecoveringRunner
 from ..distributed.pp import (
     STAGE_END,
     STAGE_START,
@@ -213,7 +214,7 @@ class SharedModelRunner:
             objects.pop(replaces, None)
 
 
-class NNterpGPUModelRunner(ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner):
+class NNterpGPUModelRunner(RecoveringRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner):
     """nnsight's GPU model runner with pipeline stages, extraction and a shared model copy for traces."""
 
 

@@ -185,9 +185,14 @@ def copy_if(edited_in_place: bool, value: torch.Tensor) -> tuple[torch.Tensor, b
 
 
 def check_same_shape(current: Any, value: Any, where: str) -> None:
-    """Refuse a tensor whose shape differs from the one it reads as or replaces (no silent broadcast)."""
+    """Refuse a tensor whose shape (no silent broadcast) or floating dtype differs from the one it replaces."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(value).__name__}.")
+    if isinstance(current, torch.Tensor) and current.is_floating_point() and value.dtype != current.dtype:
+        raise TypeError(
+            f"{where}: the module's tensor is {current.dtype} but the new value is {value.dtype}; the model's next "
+            f"operations would fail on it. Cast it first: value.to({current.dtype})."
+        )
     if isinstance(current, torch.Tensor) and current.shape != value.shape:
         raise ValueError(
             f"{where}: shape mismatch, the module's tensor has shape {tuple(current.shape)} but the new "
