@@ -103,7 +103,13 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         _mount_layer_children(self, names)
         for key, value in (tokenizer_kwargs or {}).items():
             setattr(self.tokenizer, key, value)
-        self._check_loaded(check_layout, check_renaming, allow_multimodal)
+        # The renaming check runs traces, which on the async engine finish only when awaited: it is the sync
+        # engine's (the layout is still inferred and compared with its reviewed snapshot).
+        self._check_loaded(check_layout, check_renaming and not self._async_engine, allow_multimodal)
+
+    def _load_async(self, repo_id: str, **kwargs: Any) -> Any:
+        self._WORKER_CLS = worker_class()
+        return super()._load_async(repo_id, **kwargs)
 
     def _load_sync(self, repo_id: str, **kwargs: Any) -> Any:
         self._WORKER_CLS = worker_class()
@@ -190,6 +196,10 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             )
         kwargs.setdefault("temperature", 0.0)
         kwargs.setdefault("max_tokens", 1)
+        if self._async_engine and kwargs.get("backend") is None:
+            from ..backends.vllm.async_trace import AsyncTrace
+
+            kwargs["backend"] = AsyncTrace(self)  # every invoke its own request; await tracer.backend
         share_with_workers(self)
         return super().trace(*inputs, **kwargs)
 
@@ -236,15 +246,24 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         runs as a short engine request."""
         if in_trace():
             return super().parameter(path)
+        self._refuse_outside_trace_on_async("parameter")
         with torch.no_grad(), self.trace(CHECK_PROMPT):
             value = self.parameter(path).save()
         return value
 
     def _project_now(self, hidden_state: torch.Tensor) -> torch.Tensor:
         """The weights live in the engine: project inside a short request."""
+        self._refuse_outside_trace_on_async("project_on_vocab")
         with torch.no_grad(), self.trace(CHECK_PROMPT):
             logits = self.project_on_vocab(hidden_state).save()
         return logits
+
+    def _refuse_outside_trace_on_async(self, name: str) -> None:
+        if self._async_engine:
+            raise RuntimeError(
+                f"{name} outside a trace runs a short engine request, which on the async engine would need awaiting: "
+                f"call it inside `with model.trace(...)` and await the trace, or use a synchronous StandardizedVLLM."
+            )
 
     def _lm_head_logits(self, normed: torch.Tensor) -> torch.Tensor:
         # vLLM's LM head is only a weight holder for its logits processor: padded past the vocabulary, and

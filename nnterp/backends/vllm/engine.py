@@ -3,6 +3,7 @@ the names its layouts are snapshotted under."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -134,12 +135,19 @@ def worker_class() -> str:
 
 
 def shut_down(entrypoint: Any) -> None:
-    """Stop an in-process engine and release its memory (vLLM keeps it alive until it is shut down)."""
+    """Stop an engine and release its memory (vLLM keeps it alive until it is shut down). An async engine
+    closes its sockets on the event loop it served; when that loop is not running (the engine is closed from
+    synchronous code), it is run until they are, or their context would block the process when collected."""
     core = getattr(getattr(entrypoint, "llm_engine", None), "engine_core", None)
     if core is not None:
         core.shutdown()
-    else:
-        entrypoint.shutdown()
+        gc.collect()
+        return
+    handler = getattr(entrypoint, "output_handler", None)
+    loop = handler.get_loop() if handler is not None else None
+    entrypoint.shutdown()
+    if loop is not None and not loop.is_closed() and not loop.is_running():
+        loop.run_until_complete(asyncio.sleep(0))
     gc.collect()
 
 

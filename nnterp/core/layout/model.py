@@ -185,13 +185,18 @@ def copy_if(edited_in_place: bool, value: torch.Tensor) -> tuple[torch.Tensor, b
 
 
 def check_same_shape(current: Any, value: Any, where: str) -> None:
-    """Refuse a tensor whose shape (no silent broadcast) or floating dtype differs from the one it replaces."""
+    """Refuse a tensor whose shape (no silent broadcast), floating dtype or device differs from the one it replaces."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{where}: expected a torch.Tensor, got {type(value).__name__}.")
     if isinstance(current, torch.Tensor) and current.is_floating_point() and value.dtype != current.dtype:
         raise TypeError(
             f"{where}: the module's tensor is {current.dtype} but the new value is {value.dtype}; the model's next "
             f"operations would fail on it. Cast it first: value.to({current.dtype})."
+        )
+    if isinstance(current, torch.Tensor) and value.device != current.device:
+        raise ValueError(
+            f"{where}: the module's tensor is on {current.device} but the new value is on {value.device}. Move it "
+            f"first: value.to({str(current.device)!r})."
         )
     if isinstance(current, torch.Tensor) and current.shape != value.shape:
         raise ValueError(
