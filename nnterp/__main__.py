@@ -1,6 +1,7 @@
 """``python -m nnterp``: check models from the command line.
 
-``validate <path or name> [--backend hf|vllm]``: every accessor of one model against independent references
+``serve MODEL [vLLM serve arguments]``: vLLM's OpenAI-compatible server whose requests may carry standardized
+interventions (docs/serving.md). ``validate <path or name> [--backend hf|vllm]``: every accessor of one model against independent references
 (hf: a plain HuggingFace forward; vllm: StandardizedTransformer on the same weights), as a table, with where the
 module layout came from. ``run_tests [-m NAME ...] [-c CLASS ...]``: the HF validation on the named models and on
 tiny random models of the named transformers classes (by default: every class with a reviewed layout). Both exit
@@ -162,7 +163,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     tests = commands.add_parser("run_tests", help="validate named models and tiny models of transformers classes")
     tests.add_argument("--model-names", "-m", nargs="+", help="models to validate (local directories or HuggingFace names)")
     tests.add_argument("--class-names", "-c", nargs="+", help="transformers classes (LlamaForCausalLM) or model types (llama)")
+    served = commands.add_parser(
+        "serve", help="vLLM's OpenAI-compatible server with standardized interventions on requests (docs/serving.md)",
+        description="nnterp serve MODEL [vLLM serve arguments]: loopback by default, --api-key to require a key.")
+    served.add_argument("model", help="a local model directory (or a name in the HuggingFace cache)")
+    served.add_argument("vllm_arguments", nargs=argparse.REMAINDER, help="passed to `vllm serve`")
     args = parser.parse_args(argv)
+    if args.command == "serve":  # vLLM's server, its own logging and errors
+        from .backends.vllm.server import serve
+
+        return serve(args.model, args.vllm_arguments)
 
     import warnings
 

@@ -16,6 +16,11 @@ _CORPUS = (
 )
 
 SPECIAL_TOKENS = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+# A plain chat template, so chat endpoints and chat-template tools run on tiny models too.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant:{% endif %}"
+)
 
 
 @lru_cache(maxsize=None)
@@ -41,6 +46,7 @@ def build_tokenizer(vocab_size: int = 320) -> PreTrainedTokenizerFast:
         raise ValueError(f"vocab_size must be at least 264 (byte alphabet + specials), got {vocab_size}")
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=_trained(vocab_size), **SPECIAL_TOKENS)
     tokenizer.padding_side = "left"
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

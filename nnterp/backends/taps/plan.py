@@ -12,9 +12,28 @@ from typing import Any, Sequence
 
 import torch
 
-from ...core.layout import ModuleLayout
+from ...core.layout import ModelLayout, ModuleLayout
+from ...core.rename import ModuleNames, layer_child
+from .spec import ACCESSORS
 
-ACCESSORS = ("layers_input", "layers_output", "attentions_input", "attentions_output", "mlps_input", "mlps_output")
+ROLE_OF = {"layers": "layer", "attentions": "self_attn", "mlps": "mlp"}
+
+
+def module_tap(root: torch.nn.Module, names: ModuleNames, layout: ModelLayout, accessor: str, layer: int) -> Tap:
+    """The tap of ``accessor`` (one of :data:`ACCESSORS`) at ``layer``: the native path of the module it reads,
+    the direction, and that module's layout."""
+    plural, _, direction = accessor.partition("_")
+    role = ROLE_OF[plural]
+    layer_module = root.get_submodule(names.layers)[layer]
+    path, module = f"{names.layers}.{layer}", layer_module
+    if role != "layer":
+        child = layer_child(layer_module, role, names)
+        if child is None:
+            children = [name for name, _ in layer_module.named_children()]
+            raise ValueError(f"{accessor}[{layer}]: layer {layer} ({type(layer_module).__name__}) has no {role} module "
+                             f"(its children are {children}).")
+        path, module = f"{path}.{child}", getattr(layer_module, child)
+    return Tap(accessor, layer, path, direction, layout.for_module(role, module))
 
 
 @dataclass(frozen=True)
@@ -78,12 +97,5 @@ def plan_extraction(model: Any, accessors: str | Sequence[str], layers: int | Se
         raise ValueError("extract needs at least one layer.")
     if len(set(checked)) != len(checked):
         raise ValueError(f"layers {list(layers)} names one layer twice.")
-    taps = []
-    for name in accessors:
-        accessor = getattr(model, name)
-        for layer in checked:
-            envoy = model._role_envoy(accessor._role, layer, name)
-            path = model._native_path(f"layers.{layer}" + ("" if accessor._role == "layer" else f".{accessor._role}"))
-            layout = model.layout.for_module(accessor._role, envoy._module)
-            taps.append(Tap(name, layer, path, accessor._direction, layout))
+    taps = [module_tap(model._module, model.names, model.layout, name, layer) for name in accessors for layer in checked]
     return ExtractionPlan(accessors, checked, tuple(taps))

@@ -17,10 +17,11 @@ from ..distributed.tp import REPACKED
 from .extraction_worker import ExtractionRunner, ExtractionWorker
 from .meta import patched_attribute
 from .recovery import RecoveringRunner
+from .served import ServingRunner, ServingWorker
 from .worker import PipelineRunner, SharedModelRunner, SharedModelWorker
 
 
-class NNsightCPUModelRunner(RecoveringRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner,
+class NNsightCPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner,
                             CPUModelRunner):
     """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages, extraction and
     shared model copy."""
@@ -30,7 +31,7 @@ class NNsightCPUModelRunner(RecoveringRunner, ExtractionRunner, SharedModelRunne
         mark_prepacked_moe_weights(self.model)
 
 
-class NNsightCPUWorker(ExtractionWorker, SharedModelWorker, NNsightGPUWorker, CPUWorker):
+class NNsightCPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, NNsightGPUWorker, CPUWorker):
     """vLLM's CPU worker whose runner interleaves interventions (nnsight's RPCs come from NNsightGPUWorker)."""
 
     def init_device(self) -> None:

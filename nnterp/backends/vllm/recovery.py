@@ -62,8 +62,12 @@ class RecoveringRunner:
                 except BaseException:  # the block's own cleanup failing changes nothing here
                     pass
             failed.append(request)
+        served = self.__dict__.get("_nnterp_served")
+        if served is not None:
+            failed += served.fail_step(f"{type(error).__name__}: {error}" + RECOVERED.format(where=where))
         if failed:
-            interleaver = self.nnsight_model.interleaver
-            interleaver.mediators = []
-            interleaver.reindex()
+            interleaver = getattr(getattr(self, "nnsight_model", None), "interleaver", None)
+            if interleaver is not None:
+                interleaver.mediators = []
+                interleaver.reindex()
         return bool(failed)

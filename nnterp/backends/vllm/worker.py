@@ -23,6 +23,7 @@ from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 
 from .extraction_worker import ExtractionRunner, ExtractionWorker
 from .recovery import RecoveringRunner
+from .served import ServingRunner, ServingWorker
 from ..distributed.pp import (
     STAGE_END,
     STAGE_START,
@@ -214,7 +215,7 @@ class SharedModelRunner:
             objects.pop(replaces, None)
 
 
-class NNterpGPUModelRunner(RecoveringRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner):
+class NNterpGPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner):
     """nnsight's GPU model runner with pipeline stages, extraction and a shared model copy for traces."""
 
 
@@ -225,7 +226,7 @@ class SharedModelWorker:
         return self.model_runner.nnterp_share_model(key, payload, replaces)
 
 
-class NNterpGPUWorker(ExtractionWorker, SharedModelWorker, NNsightGPUWorker):
+class NNterpGPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, NNsightGPUWorker):
     """nnsight's GPU worker, with nnterp's runner."""
 
     def init_device(self) -> None:

@@ -1,0 +1,355 @@
+"""The engine side of served requests: each request's declarative interventions (``extra_args["nnterp"]``, a
+:class:`~nnterp.backends.taps.spec.RequestSpec`), applied by plain hooks at the standardized taps.
+
+No code travels with a request. Every engine step, the runner tells :class:`ServedRequests` which rows of the
+flat batch belong to which request and at which token positions; hooks on the tapped modules then read (capture)
+or edit (steer, ablate, skip) exactly those rows, through the same layouts the accessors read
+(``layers_output[i]`` of a vLLM layer is ``hidden + residual``). Captures stay on the worker until the server
+takes them by the request's handle. An error while applying a request's interventions is kept on that request
+(reported when its captures are taken) and never raised into the engine's forward pass.
+
+Captures read the stream after the same request's edits at that module: what the next module receives (as a
+trace that writes, then reads). Under tensor parallelism every rank applies the edits and the first rank captures;
+under pipeline parallelism each stage handles the layers it holds.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from ...core.backend import is_local
+from ...core.layout import ModelLayout, infer_model_layout
+from ...core.rename import ModuleNames, resolve_names
+from ..taps.plan import Tap, module_tap
+from ..taps.spec import SPEC_KEY, RequestSpec
+KEEP_SECONDS = 600  # captures nobody took are dropped after this long
+
+
+@dataclass
+class Served:
+    """One served request on this worker."""
+
+    spec: RequestSpec
+    prompt_length: int
+    captured: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    means: dict[tuple[str, int], tuple[torch.Tensor, int]] = field(default_factory=dict)  # (sum, count) of prompt rows
+    skip_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # first skipped layer -> this step's stream
+    rows: Optional[torch.Tensor] = None  # this step's rows of the flat batch
+    positions: Optional[torch.Tensor] = None  # their token positions
+    error: Optional[str] = None
+    finished_at: Optional[float] = None
+
+    def vector(self, entry: Any, like: torch.Tensor) -> torch.Tensor:
+        """``factor * vector`` of a steering entry, on the stream's device and dtype (made once)."""
+        cached = getattr(entry, "_tensor", None)
+        if cached is None or cached.device != like.device or cached.dtype != like.dtype:
+            cached = entry._tensor = entry.factor * torch.tensor(entry.vector, dtype=like.dtype, device=like.device)
+        return cached
+
+    def selected(self, tokens: str) -> torch.Tensor:
+        """Which of this step's rows ``tokens`` ("all", "prompt", "generated") picks, as a boolean mask."""
+        if tokens == "prompt":
+            return self.positions < self.prompt_length
+        if tokens == "generated":
+            return self.positions >= self.prompt_length
+        return torch.ones_like(self.positions, dtype=torch.bool)
+
+
+@dataclass
+class Site:
+    """What requests do at one tapped module: ``(request, operation)`` pairs, the operation a spec entry."""
+
+    tap: Tap
+    operations: list[tuple[str, Any, str]] = field(default_factory=list)  # (request id, kind, entry)
+
+
+class ServedRequests:
+    """The served requests of one engine worker, and the hooks that serve them."""
+
+    def __init__(self, model: torch.nn.Module, reports: bool) -> None:
+        self.model = model
+        self.reports = reports  # this rank returns captures (one rank per pipeline stage)
+        self.names: ModuleNames = resolve_names(model)
+        width = model.get_submodule(self.names.embed_tokens).embedding_dim
+        self.layout: ModelLayout = infer_model_layout(model, self.names, width, "vllm", type(model).__name__, None)
+        self.active: dict[str, Served] = {}  # engine request id -> request
+        self.done: dict[str, Served] = {}  # handle -> finished request, until taken
+        self.handles: dict[str, str] = {}  # engine request id -> handle
+        self._hooks: dict[tuple[str, str], Any] = {}
+        self._sites: dict[tuple[str, str], Site] = {}
+
+    # -- requests ------------------------------------------------------------------------------------------
+
+    def plan_step(self, scheduler_output: Any, batch_order: list[str], request_states: dict) -> None:
+        for data in scheduler_output.scheduled_new_reqs:
+            text = (getattr(data.sampling_params, "extra_args", None) or {}).get(SPEC_KEY)
+            if text is not None:
+                self._add(data.req_id, text, len(data.prompt_token_ids or ()))
+        for request_id in scheduler_output.finished_req_ids:
+            self._finish(request_id)
+        self._expire()
+        for served in self.active.values():
+            served.rows = served.positions = None
+        if not self.active:
+            return
+        tokens = scheduler_output.num_scheduled_tokens
+        start = 0
+        for request_id in batch_order:
+            count = tokens.get(request_id)
+            if count is None:
+                continue
+            served = self.active.get(request_id)
+            if served is not None:
+                first = request_states[request_id].num_computed_tokens
+                served.rows = torch.arange(start, start + count)
+                served.positions = torch.arange(first, first + count)
+            start += count
+
+    def _add(self, request_id: str, text: str, prompt_length: int) -> None:
+        spec = RequestSpec.from_json(text)
+        served = Served(spec, prompt_length)
+        self.active[request_id] = served
+        self.handles[request_id] = spec.handle
+        try:
+            for entry in spec.steer:
+                for layer in entry.layers:
+                    self._site("layers_output", layer, request_id, "steer", entry)
+            for entry in spec.ablate:
+                for layer in entry.layers:
+                    self._site(entry.accessor, layer, request_id, "ablate", entry)
+            for first, last in spec.skip_layers:
+                self._site("layers_input", first, request_id, "skip_from", first)
+                for layer in range(first, last + 1):
+                    self._site("layers_output", layer, request_id, "skip_to", first)
+            for entry in spec.capture:
+                for layer in entry.layers:
+                    self._site(entry.accessor, layer, request_id, "capture", entry)
+        except Exception as error:  # a model this spec does not fit: reported with the request's captures
+            served.error = f"{type(error).__name__}: {error}"
+
+    def _site(self, accessor: str, layer: int, request_id: str, kind: str, entry: Any) -> None:
+        layers = self.model.get_submodule(self.names.layers)
+        if not is_local(layers[layer]):
+            return  # another pipeline stage serves this layer
+        tap = module_tap(self.model, self.names, self.layout, accessor, layer)
+        key = (tap.path, tap.direction)
+        site = self._sites.setdefault(key, Site(tap))
+        site.operations.append((request_id, kind, entry))
+        if key not in self._hooks:
+            module = self.model.get_submodule(tap.path)
+            register = module.register_forward_pre_hook if tap.direction == "input" else module.register_forward_hook
+            self._hooks[key] = register(self._hook(key), with_kwargs=True)
+
+    def _finish(self, request_id: str) -> None:
+        served = self.active.pop(request_id, None)
+        handle = self.handles.pop(request_id, None)
+        if served is None:
+            return
+        served.finished_at = time.monotonic()
+        self.done[handle] = served
+        for key, site in list(self._sites.items()):
+            site.operations = [op for op in site.operations if op[0] != request_id]
+            if not site.operations:
+                del self._sites[key]
+                self._hooks.pop(key).remove()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for handle in [h for h, s in self.done.items() if now - s.finished_at > KEEP_SECONDS]:
+            del self.done[handle]
+
+    def fail_step(self, message: str) -> list[str]:
+        """Mark every request with interventions in this step as failed (the step's forward pass raised); their
+        hooks then leave the step's retry alone. Returns their ids."""
+        failed = [rid for rid, served in self.active.items() if served.rows is not None and served.error is None]
+        for request_id in failed:
+            self.active[request_id].error = message
+        return failed
+
+    def take(self, handle: str) -> Optional[dict]:
+        """A finished request's captures (safetensors bytes of ``name -> [tokens, hidden]``: bytes cross the
+        engine's process boundary as they are) and error, dropped from this worker; None where this worker holds
+        nothing of it. The caller knows the request finished: the worker
+        hears of it only at the engine's next step, which may not come soon."""
+        for request_id in [rid for rid, known in self.handles.items() if known == handle]:
+            self._finish(request_id)
+        served = self.done.pop(handle, None)
+        if served is None:
+            return None
+        from safetensors.torch import save
+
+        captures = {}
+        if self.reports:
+            captures = {name: torch.cat(chunks) for name, chunks in served.captured.items() if chunks}
+        return {"captures": save(captures) if captures else b"", "error": served.error}
+
+    def close(self) -> None:
+        for handle in self._hooks.values():
+            handle.remove()
+        self._hooks.clear()
+        self._sites.clear()
+
+    # -- hooks -----------------------------------------------------------------------------------------------
+
+    def _hook(self, key: tuple[str, str]):
+        def hook(module, args, kwargs, output=None):
+            site = self._sites.get(key)
+            if site is None:
+                return None
+            return self._serve(site, args, kwargs, output)
+
+        return hook
+
+    def _serve(self, site: Site, args: tuple, kwargs: dict, output: Any) -> Any:
+        """Edits first (steer, ablate, skip), then captures of the edited stream: what the next module receives."""
+        stream = site.tap.read(args, kwargs, output)
+        flat = stream.reshape(-1, stream.shape[-1])
+        edits: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, new stream rows)
+        captures = []
+        for request_id, kind, entry in site.operations:
+            served = self.active.get(request_id)
+            if served is None or served.rows is None or served.error is not None:
+                continue
+            if kind == "capture":
+                captures.append((served, entry))
+                continue
+            edit = self._guarded(served, site.tap, lambda: self._apply(served, site.tap, kind, entry, flat))
+            if edit is not None:
+                edits.append(edit)
+        if captures:
+            edited = flat
+            if edits:
+                edited = flat.clone()
+                for rows, values in edits:
+                    edited[rows] = values
+            for served, entry in captures:
+                self._guarded(served, site.tap, lambda: self._capture(served, site.tap, entry, edited))
+        if not edits or site.tap.direction == "input":
+            return None
+        return _with_rows(site.tap, output, flat.shape, edits)
+
+    @staticmethod
+    def _guarded(served: Served, tap: Tap, action):
+        """``action()``; an error is kept on the request (the forward pass goes on without its interventions)."""
+        try:
+            return action()
+        except Exception as error:
+            served.error = f"{type(error).__name__} at {tap.where}: {error}"
+            return None
+
+    def _capture(self, served: Served, tap: Tap, entry: Any, flat: torch.Tensor) -> None:
+        rows = served.rows.to(flat.device)
+        chosen = rows[served.selected(entry.tokens).to(flat.device)]
+        if self.reports and len(chosen):
+            served.captured.setdefault(f"{entry.accessor}.{tap.layer}", []).append(flat.index_select(0, chosen).to("cpu", copy=True))
+
+    def _apply(self, served: Served, tap: Tap, kind: str, entry: Any, flat: torch.Tensor):
+        rows = served.rows.to(flat.device)
+        if kind == "skip_from":
+            served.skip_inputs[entry] = flat.index_select(0, rows).clone()
+            return None
+        current = flat.index_select(0, rows)
+        if kind == "skip_to":
+            return rows, served.skip_inputs[entry].to(current)
+        mask = served.selected(entry.tokens).to(flat.device)[:, None]
+        if kind == "steer":
+            return rows, current + mask * served.vector(entry, current)
+        if kind == "ablate":
+            if entry.mode == "zero":
+                target = torch.zeros_like(current)
+            else:
+                target = self._prompt_mean(served, tap, current).expand_as(current)
+            return rows, torch.where(mask, target, current)
+        raise ValueError(f"unknown operation {kind!r}")
+
+    @staticmethod
+    def _prompt_mean(served: Served, tap: Tap, current: torch.Tensor) -> torch.Tensor:
+        """The mean of this stream over the request's prompt tokens (accumulated over the steps that run them)."""
+        key = (tap.accessor, tap.layer)
+        prompt = served.positions < served.prompt_length
+        if bool(prompt.any()):
+            total, count = served.means.get(key, (torch.zeros_like(current[0], dtype=torch.float32), 0))
+            rows = current[prompt.to(current.device)].float()
+            served.means[key] = (total + rows.sum(0), count + rows.shape[0])
+        total, count = served.means[key]
+        return (total / count).to(current.dtype)[None]
+
+
+def _with_rows(tap: Tap, output: Any, flat_shape: torch.Size, edits: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
+    """The module's output with the stream's given rows replaced, in the module's own layout: a tensor, a tuple
+    item, or the hidden half of vLLM's ``(hidden, residual)`` (hidden := new stream - residual)."""
+    layout = tap.layout.output
+    if layout.kind == "tensor":
+        target, index = output, None
+    else:
+        index = 0 if layout.kind == "dual" else layout.index
+        target = output[index]
+    updated = target.reshape(flat_shape).clone()
+    residual = output[1].reshape(flat_shape) if layout.kind == "dual" else None
+    for rows, values in edits:
+        updated[rows] = values if residual is None else values - residual.index_select(0, rows)
+    updated = updated.reshape(target.shape)
+    if index is None:
+        return updated
+    return type(output)(updated if i == index else item for i, item in enumerate(output))
+
+
+class ServingRunner:
+    """Model-runner behaviour, mixed in before nnsight's runner: served requests' interventions."""
+
+    @property
+    def nnterp_served(self) -> ServedRequests:
+        state = self.__dict__.get("_nnterp_served")
+        if state is None:
+            from vllm.distributed.parallel_state import get_tp_group
+
+            state = self.__dict__["_nnterp_served"] = ServedRequests(self.get_model(), get_tp_group().rank_in_group == 0)
+        return state
+
+    def _update_states(self, scheduler_output) -> Any:
+        result = super()._update_states(scheduler_output)
+        if self.__dict__.get("_nnterp_served") is not None or _carries_specs(scheduler_output):
+            self.nnterp_served.plan_step(scheduler_output, self.input_batch.req_ids, self.requests)
+        return result
+
+    def nnterp_take(self, handle: str) -> Optional[dict]:
+        state = self.__dict__.get("_nnterp_served")
+        return None if state is None else state.take(handle)
+
+    def nnterp_describe(self) -> dict:
+        """What requests are checked against: layers, hidden size, the standard names."""
+        served = self.nnterp_served
+        layers = self.get_model().get_submodule(served.names.layers)
+        return {"num_layers": len(layers), "hidden_size": self.get_model().get_submodule(served.names.embed_tokens).embedding_dim,
+                "names": served.names.as_dict()}
+
+    def nnterp_unembedding_row(self, token_id: int) -> Optional[list[float]]:
+        """Row ``token_id`` of the full LM head (None on a pipeline stage that does not hold it)."""
+        from ..distributed.tp import gather_param
+
+        served = self.nnterp_served
+        head = self.get_model().get_submodule(served.names.lm_head)
+        if not is_local(head):
+            return None
+        return gather_param(head, "weight")[token_id].float().tolist()
+
+
+def _carries_specs(scheduler_output: Any) -> bool:
+    return any(SPEC_KEY in ((getattr(data.sampling_params, "extra_args", None) or {})) for data in scheduler_output.scheduled_new_reqs)
+
+
+class ServingWorker:
+    """The served requests' RPCs on the engine's worker (``collective_rpc`` calls them by name)."""
+
+    def nnterp_take(self, handle: str) -> Optional[dict]:
+        return self.model_runner.nnterp_take(handle)
+
+    def nnterp_describe(self) -> dict:
+        return self.model_runner.nnterp_describe()
+
+    def nnterp_unembedding_row(self, token_id: int) -> Optional[list[float]]:
+        return self.model_runner.nnterp_unembedding_row(token_id)

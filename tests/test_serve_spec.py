@@ -1,0 +1,68 @@
+"""The served request format, checked without an engine: what parse_spec accepts and how it names what it
+refuses; the server's side never loads nnsight; nnterp serve's defaults for vLLM's server."""
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from nnterp.backends.taps.spec import ModelFacts, RequestSpec, SpecError, parse_spec
+
+FACTS = ModelFacts(num_layers=4, hidden_size=3)
+
+
+def test_a_full_spec_round_trips_to_the_engine():
+    spec = parse_spec({"steer": [{"layers": [-1, 0], "vector": [1, 2, 3], "factor": 2, "tokens": "generated"}],
+                       "capture": [{"accessor": "mlps_output", "layers": 2}],
+                       "ablate": [{"accessor": "attentions_output", "layers": [1], "mode": "mean"}],
+                       "skip_layers": [[1, 2]]}, FACTS)
+    assert spec.steer[0].layers == [0, 3] and spec.steer[0].vector == [1.0, 2.0, 3.0] and spec.steer[0].factor == 2.0
+    assert spec.capture[0].tokens == "prompt" and spec.capture_names == ["mlps_output.2"]
+    spec.handle = "h"
+    again = RequestSpec.from_json(spec.to_json())
+    assert again.to_json() == spec.to_json() and again.skip_layers == [(1, 2)]
+    token = parse_spec({"steer": [{"layers": 1, "vector": {"token": " London"}}]}, FACTS).steer[0]
+    assert token.vector is None and token.token == " London"
+
+
+@pytest.mark.parametrize("data, param", [
+    ([], "nnterp"),
+    ({"steer": {}}, "nnterp.steer"),
+    ({"steer": [{"layers": [4], "vector": [0, 0, 0]}]}, "nnterp.steer[0].layers"),
+    ({"steer": [{"layers": [], "vector": [0, 0, 0]}]}, "nnterp.steer[0].layers"),
+    ({"steer": [{"layers": [1, 1], "vector": [0, 0, 0]}]}, "nnterp.steer[0].layers"),
+    ({"steer": [{"layers": [1], "vector": [0, 0]}]}, "nnterp.steer[0].vector"),
+    ({"steer": [{"layers": [1], "vector": [0, math.nan, 0]}]}, "nnterp.steer[0].vector"),
+    ({"steer": [{"layers": [1], "vector": [0, 0, 0], "factor": math.inf}]}, "nnterp.steer[0].factor"),
+    ({"steer": [{"layers": [1], "vector": {"word": "x"}}]}, "nnterp.steer[0].vector"),
+    ({"steer": [{"layers": [1], "vector": [0, 0, 0], "scale": 2}]}, "nnterp.steer[0].scale"),
+    ({"capture": [{"accessor": "residual", "layers": [1]}]}, "nnterp.capture[0].accessor"),
+    ({"capture": [{"accessor": "layers_output", "layers": [1], "tokens": "last"}]}, "nnterp.capture[0].tokens"),
+    ({"capture": [{"accessor": "layers_output", "layers": [1]}, {"accessor": "layers_output", "layers": 1}]}, "nnterp.capture"),
+    ({"ablate": [{"accessor": "mlps_output", "layers": [1], "mode": "random"}]}, "nnterp.ablate[0].mode"),
+    ({"skip_layers": [[3, 1]]}, "nnterp.skip_layers[0]"),
+    ({"skip_layers": [3]}, "nnterp.skip_layers[0]"),
+])
+def test_each_invalid_field_is_named(data, param):
+    with pytest.raises(SpecError) as caught:
+        parse_spec(data, FACTS)
+    assert caught.value.param == param and str(caught.value).startswith(param)
+
+
+def test_the_api_servers_side_loads_no_nnsight():
+    """nnsight's patches break vLLM's streaming responses, so the middleware's module must not load it."""
+    code = "import sys, nnterp.backends.vllm.server as s; s.serve_arguments('m', []); print('nnsight' in sys.modules)"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.stdout.strip() == "False", run.stderr[-2000:]
+
+
+def test_serve_defaults_and_what_the_user_overrides():
+    from nnterp.backends.vllm.server import serve_arguments
+
+    defaults = serve_arguments("m", ["--port", "9"])
+    assert defaults[:4] == ["serve", "m", "--port", "9"]
+    assert defaults[defaults.index("--host") + 1] == "127.0.0.1" and "--enforce-eager" in defaults
+    assert "--no-enable-prefix-caching" in defaults and "nnterp.backends.vllm.server.NNterpMiddleware" in defaults
+    given = serve_arguments("m", ["--host", "0.0.0.0", "--no-enforce-eager", "--enable-prefix-caching"])
+    assert given.count("--host") == 1 and "--enforce-eager" not in given and "--no-enable-prefix-caching" not in given
