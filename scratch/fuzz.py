@@ -5,8 +5,9 @@
 
 (``--vllm`` needs a vLLM engine in the environment, e.g. vLLM's CPU build.)
 Each HF case runs a random trace program through StandardizedTransformer and compares every read with
-forward hooks on the raw model (the same batch, and each prompt alone); vLLM cases compare
-StandardizedVLLM with each prompt run alone on HF. Prints a summary and the first mismatches (each with
+forward hooks on the raw model (the same batch, and each prompt alone), and every fourth also generates its
+prompts as a batch against each prompt's own greedy decode; vLLM cases compare StandardizedVLLM with each
+prompt run alone on HF, every fourth right after a trace during which one of vLLM's modules failed. Prints a summary and the first mismatches (each with
 the case, which reproduces with ``make_case(seed, architecture, surface)``); exits 1 if any.
 """
 
@@ -23,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 from differential import (  # noqa: E402
-    HF_ARCHITECTURES, alone_references, check_hf_case, check_vllm_case, make_case, summarize, surface_of,
+    HF_ARCHITECTURES, alone_references, check_hf_case, check_hf_generation, check_vllm_case, failing_trace, make_case,
+    summarize, surface_of,
 )
 
 
@@ -62,6 +64,8 @@ def main() -> int:
                 model(architecture, torch.float32)
                 case = make_case(args.seed + number, architecture, surfaces[architecture])
                 found, worst = check_hf_case(model(architecture, case.dtype), case)
+                if number % 4 == 0:  # batched greedy generation of the same prompts against each prompt alone
+                    found += check_hf_generation(model(architecture, torch.float32), case)[0]
             except Exception as error:  # reported with the case, the run goes on
                 errors.append(f"{architecture} case {args.seed + number}: {type(error).__name__}: {str(error)[:300]}")
                 continue
@@ -85,7 +89,13 @@ def fuzz_vllm(architecture: str, path: str, hf_model, args) -> bool:
     references = [alone_references(hf_model, case) for case in cases]
     vllm_model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4)
     results = []
-    for case, expected in zip(cases, references):
+    for number, (case, expected) in enumerate(zip(cases, references)):
+        if number % 4 == 1:  # one of vLLM's modules fails during a trace first: the engine must serve the case
+            try:
+                failing_trace(vllm_model, case)
+            except RuntimeError as error:
+                if "forward pass raised" not in str(error):
+                    raise
         found, worst = check_vllm_case(vllm_model, case, expected)
         results.append((case, found, worst))
     print(f"vLLM {architecture}: {summarize(results)}\n({time.time() - start:.0f} s)", flush=True)

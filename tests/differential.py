@@ -542,6 +542,31 @@ def compare_alone(case: Case, got: dict, references: dict, masks: dict, rtol: fl
     return mismatches, worst
 
 
+def inject_engine_failure(vllm_model, layer: int) -> None:
+    """Make decoder layer ``layer`` of the (in-process) engine raise in its next forward pass, once: an error
+    raised by vLLM's own module, which the engine must survive."""
+    def install(worker):
+        state = {"armed": True}
+
+        def fail(module, args):
+            if state["armed"]:
+                state["armed"] = False
+                raise RuntimeError("injected failure of a vLLM module")
+
+        worker.model_runner.get_model().get_submodule(vllm_model.names.layers)[layer].register_forward_pre_hook(fail)
+
+    vllm_model.vllm_entrypoint.llm_engine.collective_rpc(install)
+
+
+def failing_trace(vllm_model, case: Case) -> None:
+    """A trace of the case's first prompt (reading a layer, so interventions run) during which the engine's
+    module fails; raises the error the caller gets."""
+    inject_engine_failure(vllm_model, vllm_model.num_layers - 1)
+    with torch.no_grad(), vllm_model.trace(case.prompts[0]):
+        vllm_model.layers_output[0].save()
+        vllm_model.logits.save()
+
+
 def check_vllm_case(vllm_model, case: Case, references: dict) -> tuple[list[Mismatch], dict]:
     """``case`` (one prompt per invoke) on a StandardizedVLLM against :func:`alone_references` computed on the
     HF model of the same weights (before the engine started: vLLM's Transformers backend patches the HF

@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from differential import alone_references, check_vllm_case, make_case, summarize, surface_of  # noqa: E402
+from differential import alone_references, check_vllm_case, failing_trace, make_case, summarize, surface_of  # noqa: E402
 from nnsight.intervention.interleaver import OutOfOrderError  # noqa: E402
 
 from engines import hf_and_vllm  # noqa: E402
@@ -110,6 +110,21 @@ def test_fuzz_sample_matches_hf_alone(pair):
     results = []
     for seed in range(300, 308):
         case = make_case(seed, architecture, surface, one_prompt_per_invoke=True, dtypes=(torch.float32,))
+        found, worst = check_vllm_case(vllm_model, case, alone_references(hf_model, case))
+        results.append((case, found, worst))
+    assert not any(found for _, found, _ in results), summarize(results)
+
+
+def test_fuzz_cases_after_engine_side_failures_match_hf_alone(pair):
+    """Cases run right after a trace during which one of vLLM's modules failed: the failure reaches that trace,
+    and the engine's next values are still the HF reference's."""
+    architecture, hf_model, vllm_model = pair
+    surface = surface_of(hf_model)
+    results = []
+    for seed in range(320, 324):
+        case = make_case(seed, architecture, surface, one_prompt_per_invoke=True, dtypes=(torch.float32,))
+        with pytest.raises(RuntimeError, match="injected failure of a vLLM module.*forward pass raised"):
+            failing_trace(vllm_model, case)
         found, worst = check_vllm_case(vllm_model, case, alone_references(hf_model, case))
         results.append((case, found, worst))
     assert not any(found for _, found, _ in results), summarize(results)
