@@ -10,8 +10,8 @@ call joins them and installs. vllm 0.25.1 (pinned to the device's torch 2.11.0, 
 kernels eager traces of dense models do not need (FlashAttention 2, MoE, FlashMLA, DeepGEMM, the Rust
 frontend); FlashAttention 3 stays because vLLM imports it at start-up, but attention runs on the Triton
 backend, and FlashInfer (not carried) is kept out of sampling: see ENVIRONMENT. Its pure-Python
-dependencies are installed with ``--no-deps`` (DEPENDENCIES: what ``import vllm``, an engine and nnsight import
-beyond the device image). ``.dev-payload/`` must be ignored (``echo /.dev-payload/ >> .git/info/exclude``).
+dependencies are installed with ``--no-deps`` (DEPENDENCIES: what ``import vllm``, an engine, vLLM's API server and nnsight
+import beyond the device image). ``.dev-payload/`` must be ignored (``echo /.dev-payload/ >> .git/info/exclude``).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ DEPENDENCIES = [
     "setproctitle", "ijson", "watchfiles", "depyf==0.20.0", "astor", "python-json-logger", "mistral-common", "gguf",
     "prometheus-fastapi-instrumentator", "lm-format-enforcer==0.11.3", "interegular", "cachetools", "jsonschema",
     "referencing", "rpds-py", "jsonschema-specifications", "openai-harmony", "pycountry",
+    # the OpenAI-compatible server (nnterp serve, scratch/bench_serve.py)
+    "uvicorn", "h11", "click", "prometheus-client", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal",
+    "propcache", "aiohappyeyeballs", "anyio", "model-hosting-container-standards==0.1.16", "jmespath", "supervisor",
+    "sse-starlette", "pydantic-settings", "python-dotenv", "httpx", "httpcore",
 ]
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64"]
@@ -75,7 +79,7 @@ def prepare(with_smollm2: bool = True, part_bytes: int = PART_BYTES) -> None:
     downloads = PAYLOAD / "downloads"
     if not next(downloads.glob("vllm-*.whl"), None):
         download([VLLM], downloads)
-        download(DEPENDENCIES, downloads / "deps")
+    download(DEPENDENCIES, downloads / "deps")  # pip keeps the wheels already there
     archive = io.BytesIO()
     with tarfile.open(fileobj=archive, mode="w") as tar:
         vllm = stripped_vllm(next(downloads.glob("vllm-*.whl")))

@@ -56,7 +56,7 @@ def wait_until_serving(url: str, process: subprocess.Popen, seconds: float, api_
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"nnterp serve exited with status {process.returncode} before serving")
+            raise RuntimeError(f"the server exited with status {process.returncode} before serving")
         try:
             with urllib.request.urlopen(urllib.request.Request(url + "/v1/models", headers=headers), timeout=5) as reply:
                 if json.loads(reply.read()).get("data"):
@@ -64,4 +64,4 @@ def wait_until_serving(url: str, process: subprocess.Popen, seconds: float, api_
         except OSError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"nnterp serve did not answer at {url} within {seconds:.0f} s")
+    raise TimeoutError(f"the server did not answer at {url} within {seconds:.0f} s")

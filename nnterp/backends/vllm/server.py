@@ -323,8 +323,13 @@ def serve_arguments(model: str, arguments: list[str]) -> list[str]:
 
 
 def serve(model: str, arguments: list[str]) -> int:
-    """Run vLLM's server with nnterp's additions, through vLLM's own ``serve`` command (its argument parser,
-    checks and launch; blocks until the server stops)."""
+    """Run vLLM's server with nnterp's additions (blocks until the server stops)."""
+    return run_vllm_serve(serve_arguments(model, arguments))
+
+
+def run_vllm_serve(argv: list[str]) -> int:
+    """vLLM's own ``vllm serve`` command (its argument parser, checks and launch) on ``argv`` (``["serve", MODEL,
+    ...]``); the installed ``vllm`` script is not used because some builds ship it broken."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
 
     try:  # vLLM >= 0.28 moved these
@@ -335,10 +340,10 @@ def serve(model: str, arguments: list[str]) -> int:
         from vllm.utils import FlexibleArgumentParser
 
     cli_env_setup()
-    parser = FlexibleArgumentParser(prog="nnterp")
+    parser = FlexibleArgumentParser(prog="vllm")
     command = ServeSubcommand()
     command.subparser_init(parser.add_subparsers(dest="subparser"))
-    args = parser.parse_args(serve_arguments(model, arguments))
+    args = parser.parse_args(argv)
     command.validate(args)
     command.cmd(args)
     return 0
