@@ -161,6 +161,7 @@ def main() -> None:
                         continue
                     rates[kind, name] = max(run_workload(url, path, spec, prompts, args.max_tokens)
                                             for _ in range(args.repeats))
+                    print(f"{kind} / {name}: {rates[kind, name]:.0f} tokens/s", flush=True)
             finally:
                 stop(process)
     baseline = rates["vllm", "plain"]

@@ -30,6 +30,7 @@ from typing import Any
 from ..taps.spec import SPEC_KEY, ModelFacts, RequestSpec, SpecError, parse_spec
 
 GENERATION_PATHS = ("/v1/completions", "/v1/chat/completions")
+V2_RUNNER = "VLLM_USE_V2_MODEL_RUNNER"
 INLINE_BYTES = int(os.environ.get("NNTERP_SERVE_INLINE_BYTES", 4 << 20))
 MAX_CAPTURE_BYTES = int(os.environ.get("NNTERP_SERVE_MAX_CAPTURE_BYTES", 1 << 30))
 KEEP_SECONDS = float(os.environ.get("NNTERP_SERVE_KEEP_SECONDS", 600))
@@ -324,7 +325,19 @@ def serve_arguments(model: str, arguments: list[str]) -> list[str]:
 
 def serve(model: str, arguments: list[str]) -> int:
     """Run vLLM's server with nnterp's additions (blocks until the server stops)."""
+    require_v1_model_runner()
     return run_vllm_serve(serve_arguments(model, arguments))
+
+
+def require_v1_model_runner() -> None:
+    """Ask vLLM (through its own environment variable, inherited by the engine's processes) for the model runner
+    nnsight instruments: from vLLM 0.25 the V2 runner is the default for dense models, and a worker holding it
+    refuses to start. An explicit request for the V2 runner is refused here, with the reason."""
+    asked = os.environ.get(V2_RUNNER)
+    if asked not in (None, "", "0"):
+        raise SystemExit(f"nnterp serve: {V2_RUNNER}={asked!r} selects vLLM's V2 model runner, which carries no "
+                         f"interventions; unset it, or serve with plain vLLM.")
+    os.environ[V2_RUNNER] = "0"
 
 
 def run_vllm_serve(argv: list[str]) -> int:
