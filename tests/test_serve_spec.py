@@ -66,3 +66,14 @@ def test_serve_defaults_and_what_the_user_overrides():
     assert "--no-enable-prefix-caching" in defaults and "nnterp.backends.vllm.server.NNterpMiddleware" in defaults
     given = serve_arguments("m", ["--host", "0.0.0.0", "--no-enforce-eager", "--enable-prefix-caching"])
     assert given.count("--host") == 1 and "--enforce-eager" not in given and "--no-enable-prefix-caching" not in given
+
+
+def test_serve_asks_for_the_instrumented_model_runner(monkeypatch):
+    from nnterp.backends.vllm.server import V2_RUNNER, require_v1_model_runner
+
+    monkeypatch.delenv(V2_RUNNER, raising=False)
+    require_v1_model_runner()
+    assert __import__("os").environ[V2_RUNNER] == "0"
+    monkeypatch.setenv(V2_RUNNER, "1")
+    with pytest.raises(SystemExit, match="V2 model runner, which carries no interventions"):
+        require_v1_model_runner()
