@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from ..core.accessors import LayerAccessor, ModuleListView
+from ..core.heads import HeadsAccessor
 from ..core.forward_order import in_forward_order, record_access
 from ..core.layout import LayoutError, ModelLayout, check_same_shape, drift, infer_model_layout, load_snapshot
 from ..core.layout.model import copy_if
@@ -98,6 +99,7 @@ class StandardizedMixin:
         self.attentions_output = LayerAccessor(self, "self_attn", "output")
         self.mlps_input = LayerAccessor(self, "mlp", "input")
         self.mlps_output = LayerAccessor(self, "mlp", "output")
+        self.heads_output = HeadsAccessor(self)
         self.attentions = ModuleListView(self, "self_attn", "attentions")
         self.mlps = ModuleListView(self, "mlp", "mlps")
         if self.names.ln_final is None:
@@ -217,6 +219,51 @@ class StandardizedMixin:
                 parts[2] = layer_child(layer, parts[2], self.names) or parts[2]
             return ".".join([self.names.layers, *parts[1:]])
         return path
+
+    # -- per-head results ----------------------------------------------------------
+
+    def head_results(self, layer: int) -> torch.Tensor:
+        """Each head's contribution to the stream at ``layer`` (inside a trace): ``heads_output[layer]`` through
+        its slice of the output projection, ``[..., heads, hidden]`` (``[batch, seq, ...]`` on HF, a request's
+        ``[tokens, ...]`` on vLLM). Summed over heads, plus the projection's bias, it is the projection's output
+        (``attentions_output[layer]`` where the attention returns it unchanged)."""
+        return self.project_heads(layer, self.heads_output[layer], during_forward=True)
+
+    def project_heads(self, layer: int, heads: torch.Tensor, during_forward: bool = False) -> torch.Tensor:
+        """``heads`` (``[..., heads, head_dim]``, as ``heads_output[layer]`` reads) through layer ``layer``'s output
+        projection one head at a time, bias excluded: ``[..., heads, hidden]``. The projection module itself runs
+        (whatever its weight format), so it works where an engine repacks weights."""
+        layer, projection = self.heads_output.projection(layer)
+        module = projection._module
+        count = heads.shape[-2]
+        alone = (heads.unsqueeze(-3) * torch.eye(count, dtype=heads.dtype, device=heads.device)[:, :, None]).flatten(-2)
+        weight = getattr(module, "weight", None)
+        if type(module).__name__ == "Conv1D":  # GPT-2 stores [in, out]
+            return alone @ weight
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.shape[-1] == alone.shape[-1]:
+            return torch.nn.functional.linear(alone, weight)
+        if during_forward:
+            raise RuntimeError(
+                f"head_results({layer}): the output projection ({type(module).__name__}) keeps no plain weight on this "
+                "engine (vLLM's CPU backend repacks it), and it cannot run again while the forward pass is inside "
+                "it. Cache heads_output and use run_with_cache(...)[1].stack_head_results(), which runs the "
+                "projection in a request of its own.")
+        # an engine's own linear layer whose weight was repacked: its forward
+        flat = alone.reshape(-1, alone.shape[-1])
+        base = _first(module.forward(torch.zeros_like(flat[:1])))
+        return (_first(module.forward(flat)) - base).reshape(*alone.shape[:-1], -1)
+
+    # -- caches --------------------------------------------------------------------
+
+    def run_with_cache(self, prompts, names=None, layers=None):
+        """``logits, cache``: the logits ``[batch, seq, vocab]`` of ``prompts`` and an
+        :class:`~nnterp.standardized.cache.ActivationCache` of the accessors ``names`` at ``layers`` (default: the
+        stream entering layer 0 and ``attentions_output``, ``mlps_output``, ``layers_output`` of every layer), read
+        in one trace. Both are ``[batch, seq, ...]`` padded on the left (on HF as the model pads its batches), with
+        zeros at padding positions; ``cache.attention_mask`` marks the real tokens."""
+        from .cache import run_with_cache
+
+        return run_with_cache(self, prompts, names, layers)
 
     # -- extraction --------------------------------------------------------------
 
@@ -544,6 +591,11 @@ class StandardizedMixin:
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+
+def _first(output):
+    """A module's output tensor (vLLM's linear layers return ``(output, bias)``)."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _with_progress(results: Iterator, total: int, progress: bool) -> Iterator:
