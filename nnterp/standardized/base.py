@@ -10,6 +10,7 @@ import torch
 
 from ..core.accessors import LayerAccessor, ModuleListView
 from ..core.heads import HeadsAccessor
+from ..core.routers import RoutersAccessor
 from ..core.forward_order import in_forward_order, record_access
 from ..core.layout import LayoutError, ModelLayout, check_same_shape, drift, infer_model_layout, load_snapshot
 from ..core.layout.model import copy_if
@@ -100,6 +101,7 @@ class StandardizedMixin:
         self.mlps_input = LayerAccessor(self, "mlp", "input")
         self.mlps_output = LayerAccessor(self, "mlp", "output")
         self.heads_output = HeadsAccessor(self)
+        self.routers_output = RoutersAccessor(self)
         self.attentions = ModuleListView(self, "self_attn", "attentions")
         self.mlps = ModuleListView(self, "mlp", "mlps")
         if self.names.ln_final is None:
@@ -252,6 +254,10 @@ class StandardizedMixin:
         flat = alone.reshape(-1, alone.shape[-1])
         base = _first(module.forward(torch.zeros_like(flat[:1])))
         return (_first(module.forward(flat)) - base).reshape(*alone.shape[:-1], -1)
+
+    def experts_chosen(self, layer: int) -> torch.Tensor:
+        """The experts layer ``layer``'s router chose for each token (inside a trace; see ``routers_output``)."""
+        return self.routers_output.experts_chosen(layer)
 
     # -- caches --------------------------------------------------------------------
 
