@@ -11,10 +11,12 @@ from .patchscope import (
     patchscope_lens,
     repeat_prompt,
 )
+from .sae import Splice, splice
 from .steering import Generation, steer, steered_generation
 
 __all__ = [
     "Generation",
+    "Splice",
     "TargetPrompt",
     "TargetPromptBatch",
     "activation_patching",
@@ -26,6 +28,7 @@ __all__ = [
     "patchscope_generate",
     "patchscope_lens",
     "repeat_prompt",
+    "splice",
     "steer",
     "steered_generation",
 ]
