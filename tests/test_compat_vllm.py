@@ -12,7 +12,6 @@ pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
 from nnterp import RenameConfig, RenamingError  # noqa: E402
-from nnterp.core.attention import AttentionProbabilitiesUnavailable  # noqa: E402
 from nnterp.standardized.checks import check_renaming  # noqa: E402
 from nnterp.standardized.vllm import StandardizedVLLM  # noqa: E402
 
@@ -42,7 +41,7 @@ def test_module_tree_aliases_and_layout_facts(pair):
     raw, model = pair
     assert model.model.layers._module is model.layers._module and model.model.ln_final._module is model.ln_final._module
     assert model.layers[0].self_attn.out_proj._module is model.layers[0].self_attn.o_proj._module
-    assert model.num_heads == raw.config.num_attention_heads and not model.attn_probs_available
+    assert model.num_heads == raw.config.num_attention_heads and model.attn_probs_available
     with torch.no_grad(), model.trace(PROMPTS[0]):
         output = nnsight.save(model.layers[0].output)
         called = model.layers_output(0).save()
@@ -117,8 +116,6 @@ def test_check_renaming_on_vllm_reads_the_engines_shapes(pair):
 
 def test_arguments_vllm_cannot_honour_fail_before_the_engine_starts(tiny_path, tmp_path):
     path = str(tiny_path("llama"))
-    with pytest.raises(AttentionProbabilitiesUnavailable, match=r"StandardizedTransformer\(\.\.\., enable_attention_probs=True\)"):
-        StandardizedVLLM(path, enable_attention_probs=True)
     with pytest.raises(NotImplementedError, match="remote execution on NDIF"):
         StandardizedVLLM(path, remote=True)
     with pytest.raises(FileNotFoundError, match="StandardizedVLLM: the model path .* does not exist"):

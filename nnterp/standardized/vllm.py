@@ -14,7 +14,6 @@ from ..backends.vllm.backend import VLLMBackend
 from ..backends.vllm.collect import collect_like_local
 from ..backends.vllm.embedding_scale import embedding_scale
 from ..backends.vllm.engine import (
-    VLLM_NO_PROBABILITIES,
     cpu_meta_build,
     engine_kwargs,
     expert_group_after_a_dense_engine,
@@ -26,7 +25,7 @@ from ..backends.vllm.engine import (
     worker_class,
     wrapped_hf_model,
 )
-from ..core.attention import AttentionProbabilitiesUnavailable
+from ..backends.vllm.attention import RecomputedAttentionProbabilities
 from ..core.inputs import check_prompts, token_id_prompt
 from ..core.padding import in_trace
 from ..core.rename import RenameConfig, layer_child, resolve_names, split_rename
@@ -61,8 +60,9 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     prompts", "Processed prompts") are off unless ``use_tqdm=True``.
 
     ``model`` is a model directory, hub id or GGUF file; other keyword arguments go to the engine. nnterp
-    1.x's arguments mean what they mean on ``StandardizedTransformer``, except ``enable_attention_probs=True``
-    (vLLM never materializes the probabilities: an error) and ``check_attn_probs_with_trace`` (unused).
+    1.x's arguments mean what they mean on ``StandardizedTransformer``, except ``enable_attention_probs`` (not
+    needed: ``attention_probabilities`` recomputes the prompt's patterns from queries and keys, read-only) and
+    ``check_attn_probs_with_trace`` (unused).
     """
 
     def __init__(
@@ -85,8 +85,6 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         **vllm_kwargs: Any,
     ) -> None:
         refuse_remote(remote, "StandardizedVLLM")
-        if enable_attention_probs:
-            raise AttentionProbabilitiesUnavailable(VLLM_NO_PROBABILITIES)
         config, hints, extra = split_rename(rename, rename_config, vllm_kwargs)
         model = check_model_source(model, "StandardizedVLLM", loaded_ok=False)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -148,10 +146,12 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
             return super()._load_meta(repo_id, **kwargs)
 
     @property
-    def attention_probabilities(self):
-        raise AttentionProbabilitiesUnavailable(VLLM_NO_PROBABILITIES)
-
-    attn_probs_available = False
+    def attention_probabilities(self) -> RecomputedAttentionProbabilities:
+        """Prompt tokens' attention patterns ``[1, heads, tokens, tokens]``, recomputed from the queries and keys
+        vLLM's attention kernel receives (read-only; ``backends/vllm/attention.py``)."""
+        if "_attention_probabilities" not in self.__dict__:
+            object.__setattr__(self, "_attention_probabilities", RecomputedAttentionProbabilities(self))
+        return self.__dict__["_attention_probabilities"]
 
     @property
     def input_ids(self) -> torch.Tensor:

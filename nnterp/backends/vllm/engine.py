@@ -15,12 +15,6 @@ from typing import Any
 import torch
 
 CPU_KV_CACHE_BYTES = 2**30
-VLLM_NO_PROBABILITIES = (
-    "vLLM's attention kernels (paged / flash) never materialize attention probabilities; use "
-    "StandardizedTransformer(..., enable_attention_probs=True) on the same weights for them."
-)
-
-
 def quiet_vllm_logging() -> None:
     """vLLM logs ~45 INFO lines per engine start: WARNING unless the user set ``VLLM_LOGGING_LEVEL``. The
     variable reaches vLLM's logging config and the engine's worker processes; the logger's own level also
