@@ -590,3 +590,25 @@ def summarize(results: list[tuple[Case, list[Mismatch], dict]]) -> str:
         lines += [str(mismatch) for mismatch in found[:3]]
     return "\n".join(lines)
 
+
+
+def check_cache_case(model, surface: Surface, case: Case) -> tuple[list[Mismatch], float]:
+    """``run_with_cache`` over ``case``'s prompts (its padding side, every layer accessor at every layer and the
+    logits) against each prompt run alone on the raw model (float32)."""
+    present = [target for target in LAYER_ACCESSORS if (target, 0) in surface.sequence]
+    reads = [{"kind": "read", "target": target, "layer": layer} for layer in range(model.num_layers) for target in present]
+    reads.append({"kind": "read", "target": "logits", "layer": None})
+    case = Case(case.seed, case.architecture, case.prompts, [list(range(len(case.prompts)))], case.padding_side,
+                torch.float32, [reads])
+    default_side = model.tokenizer.padding_side
+    model.tokenizer.padding_side = case.padding_side
+    try:
+        if case.padding_side == "left" and model.left_padding_shifts_positions and _padded(model, case):
+            case.padding_side = model.tokenizer.padding_side = "right"
+        logits, cache = model.run_with_cache(case.prompts, names=present)
+    finally:
+        model.tokenizer.padding_side = default_side
+    got = {(0, index): logits if op["target"] == "logits" else cache[op["target"], op["layer"]]
+           for index, op in enumerate(reads)}
+    masks = {("ours", 0): cache.attention_mask, ("reference", 0): cache.attention_mask}
+    return compare_alone(case, got, alone_references(model, case), masks, rtol=1e-4)

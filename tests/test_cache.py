@@ -165,5 +165,10 @@ def test_bad_requests_are_named(tiny_path, llama):
     _, cache = gemma.run_with_cache("Hi")
     with pytest.raises(ValueError, match="layer 0's output is not its input plus its attention and MLP outputs"):
         cache.decompose_resid()
+    opt = StandardizedTransformer(str(tiny_path("opt")))  # its layers compute the MLP inline
+    _, cache = opt.run_with_cache(["Hi", "One two three"])
+    assert cache.names() == ["layers_input", "attentions_output", "layers_output"]
+    with pytest.raises(ValueError, match="layers have no mlp module"):
+        cache.decompose_resid()
     with pytest.raises(TypeError, match="one integer layer index"), gemma.trace("Hi"):
         gemma.heads_output["0"]

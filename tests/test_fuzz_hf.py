@@ -7,7 +7,7 @@ import dataclasses
 
 import pytest
 import torch
-from differential import HF_ARCHITECTURES, check_hf_case, check_hf_generation, make_case, summarize, surface_of
+from differential import HF_ARCHITECTURES, check_cache_case, check_hf_case, check_hf_generation, make_case, summarize, surface_of
 
 from nnterp import StandardizedTransformer
 
@@ -183,3 +183,14 @@ def test_fuzzer_finds_steering_positions_that_count_padding(load, monkeypatch):
     monkeypatch.setattr(base.StandardizedMixin, "_real_tokens", lambda self, shape: torch.ones(shape, dtype=torch.bool))
     results = check(load, cases)
     assert any(found for _, found, _ in results), summarize(results)
+
+
+@pytest.mark.parametrize("architecture", HF_ARCHITECTURES)
+def test_fuzz_run_with_cache_matches_each_prompt_alone(load, architecture):
+    """run_with_cache of random prompt sets (left and right padding) holds each prompt's own values."""
+    model, surface = load(architecture, torch.float32)
+    results = []
+    for seed in range(SEED * 1000 + 80, SEED * 1000 + 83):
+        found, worst = check_cache_case(model, surface, make_case(seed, architecture, surface))
+        results.append((make_case(seed, architecture, surface), found, {"alone": worst}))
+    assert not any(found for _, found, _ in results), summarize(results)

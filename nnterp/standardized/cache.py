@@ -27,8 +27,9 @@ Names = Sequence[str] | Mapping[str, Sequence[int] | None] | None
 def requested(model: Any, names: Names, layers: Sequence[int] | None) -> dict[str, list[int]]:
     """``{accessor: sorted layer indices}`` from ``names`` (accessor names, or ``{accessor: layers or None}``) and
     ``layers`` (applies to names given as a list; None: every layer)."""
-    if names is None:
-        names = DEFAULT_NAMES if layers is None else dict.fromkeys(DEFAULT_NAMES, layers)
+    if names is None:  # the default: what the model has (some layers have no MLP module)
+        names = {name: (indices if layers is None or name == "layers_input" else layers)
+                 for name, indices in DEFAULT_NAMES.items() if has_accessor(model, name)}
     elif isinstance(names, str):
         names = {names: layers}
     elif not isinstance(names, Mapping):
@@ -40,6 +41,18 @@ def requested(model: Any, names: Names, layers: Sequence[int] | None) -> dict[st
         indices = range(model.num_layers) if indices is None else ([indices] if isinstance(indices, int) else indices)
         chosen[name] = sorted({model._check_layer_index(index, f"run_with_cache({name!r})") for index in indices})
     return chosen
+
+
+def has_accessor(model: Any, name: str) -> bool:
+    """Whether layer 0 has the module ``name`` reads (a layer always does; attention and MLP may be missing)."""
+    role = {"attentions": "attentions", "mlps": "mlps", "heads": "attentions"}.get(name.split("_")[0])
+    if role is None:
+        return True
+    try:
+        getattr(model, role)[0]
+    except AttributeError:
+        return False
+    return True
 
 
 def run_with_cache(model: Any, prompts: str | Sequence[str], names: Names = None,
@@ -209,6 +222,12 @@ class ActivationCache:
         if mode not in ("all", "attn", "mlp"):
             raise ValueError(f"decompose_resid: mode is 'all', 'attn' or 'mlp', got {mode!r}.")
         limit = self._boundary(layer)
+        for name in ("attentions_output", "mlps_output"):
+            if not has_accessor(self.model, name):
+                raise ValueError(
+                    f"decompose_resid: {type(self.model._module).__name__}'s layers have no {name.split('_')[0][:-1]} "
+                    f"module, so there is no {name} to decompose into. Decompose by layer instead: layers_output[i] - "
+                    "layers_input[i].")
         parts, labels = [self["layers_input", 0]], ["layers_input_0"]
         for index in range(limit):
             for name, short in (("attentions_output", "attn"), ("mlps_output", "mlp")):
