@@ -61,6 +61,15 @@ finally:
     handle.remove()
 assert abs(float(ablated_diff) - float(last[paris] - last[rome])) < 1e-3
 """,
+    "05_served_engine": """
+raw = hf._module
+with torch.no_grad():
+    hidden = raw(**hf.tokenizer(prompt, return_tensors='pt'), output_hidden_states=True).hidden_states[6][0]
+assert float((captured - hidden).abs().max() / hidden.abs().max()) < 1e-5  # float32 engine vs HF
+assert steered.text == hf_steered.text and plain.text != steered.text
+if server.poll() is None:
+    server.kill()
+""",
 }
 
 
