@@ -31,6 +31,15 @@ def tiny_path(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def pair(tiny_path):
+    """``(StandardizedTransformer, StandardizedVLLM)`` on the tiny Llama, one engine per test module (shut down after)."""
+    from engines import hf_and_vllm
+
+    with hf_and_vllm(tiny_path("llama")) as models:
+        yield models
+
+
 @pytest.fixture(scope="session")
 def llama(tiny_path):
     return StandardizedTransformer(str(tiny_path("llama")))

@@ -32,3 +32,14 @@ def hooked_logits(raw: torch.nn.Module, layers: torch.nn.ModuleList, input_ids: 
     finally:
         for handle in handles:
             handle.remove()
+
+
+def logits_with_hook(model, module: torch.nn.Module, hook, prompt: str, pre: bool = False) -> torch.Tensor:
+    """Logits of a plain forward of the raw model on ``prompt`` with ``hook`` on ``module`` (a forward hook, or a
+    forward pre-hook with ``pre``), removed after."""
+    handle = module.register_forward_pre_hook(hook) if pre else module.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model._module(**model.tokenizer(prompt, return_tensors="pt")).logits
+    finally:
+        handle.remove()

@@ -3,6 +3,7 @@ prompt alone and manual computation."""
 
 import pytest
 import torch
+from hf_reference import logits_with_hook
 
 from nnterp import StandardizedTransformer
 
@@ -141,12 +142,7 @@ def test_ablating_one_head_equals_a_hook_on_the_raw_model(tiny_path, model_type)
         value[..., 2 * head_dim:3 * head_dim] = 0
         return (value, *args[1:])
 
-    handle = projection.register_forward_pre_hook(zero_head)
-    try:
-        with torch.no_grad():
-            reference = model._module(**model.tokenizer(PROMPTS[0], return_tensors="pt")).logits
-    finally:
-        handle.remove()
+    reference = logits_with_hook(model, projection, zero_head, PROMPTS[0], pre=True)
     assert torch.allclose(logits, reference, atol=1e-5)
     assert not per_head[:, :, 2].any() and per_head[:, :, 1].abs().sum() > 0
 

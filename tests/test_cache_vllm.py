@@ -7,14 +7,7 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from engines import hf_and_vllm  # noqa: E402
 from test_cache import NAMES, PROMPTS, raw_reads  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_path):
-    with hf_and_vllm(tiny_path("llama")) as models:
-        yield models
 
 
 def test_vllm_cache_equals_each_prompt_alone_on_hf(pair):

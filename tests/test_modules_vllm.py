@@ -7,7 +7,6 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from engines import hf_and_vllm  # noqa: E402
 
 from nnterp.interventions import (  # noqa: E402
     TargetPrompt,
@@ -26,12 +25,6 @@ from nnterp.prompt_utils import Prompt, run_prompts  # noqa: E402
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
 ATOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_path):
-    with hf_and_vllm(tiny_path("llama")) as models:
-        yield models
 
 
 def both(pair, run):

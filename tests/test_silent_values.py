@@ -7,6 +7,7 @@ import linecache
 import pytest
 import torch
 from nnsight.intervention.interleaver import OutOfOrderError
+from hf_reference import logits_with_hook
 from torch import nn
 
 from nnterp import StandardizedTransformer
@@ -64,12 +65,7 @@ def test_falcon_write_hands_the_parent_a_copy(falcon):
     expected_written = hooked_outputs(falcon, "mlp", PROMPTS[0])[1] * 2
     assert torch.equal(written, expected_written)
     mlp = falcon._torch_module("layers")[1].mlp
-    handle = mlp.register_forward_hook(lambda module, args, output: output * 2)
-    try:
-        with torch.no_grad():
-            expected = falcon._module(**falcon.tokenizer(PROMPTS[0], return_tensors="pt")).logits
-    finally:
-        handle.remove()
+    expected = logits_with_hook(falcon, mlp, lambda module, args, output: output * 2, PROMPTS[0])
     assert torch.allclose(logits, expected, atol=1e-6)
 
 

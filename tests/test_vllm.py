@@ -9,7 +9,6 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from engines import hf_and_vllm  # noqa: E402
 
 from nnterp.core.layout import drift, load_snapshot  # noqa: E402
 from harness.equivalence import RESULT_PREFIX, compare, read_accessors  # noqa: E402
@@ -17,12 +16,6 @@ from harness.equivalence import RESULT_PREFIX, compare, read_accessors  # noqa: 
 TESTS = Path(__file__).resolve().parent  # the harness runs from here (`python -m harness...`)
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six"]
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_path):
-    with hf_and_vllm(tiny_path("llama")) as models:
-        yield models
 
 
 def test_vllm_layout_matches_reviewed_snapshot(pair):

@@ -14,7 +14,24 @@ Role = Literal["layer", "self_attn", "mlp"]
 Direction = Literal["input", "output"]
 
 
-class LayerAccessor:
+class PerLayer:
+    """What every value indexed by layer inside a trace offers besides ``[i]``: ``accessor(i)``, ``len`` (the
+    layer count), and a clear refusal to iterate."""
+
+    _model: StandardModel
+    name: str
+
+    def __call__(self, layer: int) -> torch.Tensor:
+        return self[layer]
+
+    def __len__(self) -> int:
+        return self._model.num_layers
+
+    def __iter__(self):
+        raise TypeError(f"{self.name} cannot be iterated; index it inside a trace, e.g. {self.name}[0].")
+
+
+class LayerAccessor(PerLayer):
     """Index with a layer number (negative counts from the end) inside a trace to read or assign.
 
     Reads follow the module's inferred layout and go through the backend's read policy (vLLM clones
@@ -93,9 +110,6 @@ class LayerAccessor:
                 value = flat_tokens.flatten(layout.output.read(output, where), value, where)
             envoy.output = layout.output.write(output, value, where)
 
-    def __call__(self, layer: int) -> torch.Tensor:
-        return self[layer]
-
     def get_module(self, layer: int):
         """The envoy of layer ``layer``'s module this accessor reads."""
         return self._model._role_envoy(self._role, self._model._check_layer_index(layer, self.name), self.name)
@@ -108,12 +122,6 @@ class LayerAccessor:
             return False
         kinds = {layout.output.kind for key, layout in self._model.layout.modules.items() if key.startswith(f"{self._role}:")}
         return kinds.pop() != "tensor" if len(kinds) == 1 else None
-
-    def __len__(self) -> int:
-        return self._model.num_layers
-
-    def __iter__(self):
-        raise TypeError(f"{self.name} cannot be iterated; index it inside a trace, e.g. {self.name}[0].")
 
 
 class ModuleListView:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from .accessors import PerLayer
 from .forward_order import in_forward_order
 from .layout import check_same_shape
 from .surface import StandardModel
@@ -32,7 +33,7 @@ def output_projection_name(attention: torch.nn.Module, where: str) -> str:
     )
 
 
-class HeadsAccessor:
+class HeadsAccessor(PerLayer):
     """Index with a layer number inside a trace to read or assign the per-head attention output."""
 
     name = "heads_output"
@@ -85,12 +86,3 @@ class HeadsAccessor:
         else:
             key = next(iter(kwargs))
             projection.inputs = (args, {**kwargs, key: new})
-
-    def __call__(self, layer: int) -> torch.Tensor:
-        return self[layer]
-
-    def __len__(self) -> int:
-        return self._model.num_layers
-
-    def __iter__(self):
-        raise TypeError("heads_output cannot be iterated; index it inside a trace, e.g. heads_output[0].")

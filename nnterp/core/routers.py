@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from . import flat_tokens
+from .accessors import PerLayer
 from .forward_order import in_forward_order
 from .surface import StandardModel
 
@@ -37,7 +38,7 @@ def router_weight(router: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor |
     return None
 
 
-class RoutersAccessor:
+class RoutersAccessor(PerLayer):
     """Index with a layer number inside a trace to read the router logits of that layer's MoE block."""
 
     name = "routers_output"
@@ -125,12 +126,3 @@ class RoutersAccessor:
             f"routers_output[{index}] is read-only: the router has already chosen the experts from these logits, so "
             "writing them would change nothing. To change the routing, write mlps_input (what the router reads) or "
             "assign the router's output through model.mlps[i].<router>.output.")
-
-    def __call__(self, layer: int) -> torch.Tensor:
-        return self[layer]
-
-    def __len__(self) -> int:
-        return self._model.num_layers
-
-    def __iter__(self):
-        raise TypeError("routers_output cannot be iterated; index it inside a trace, e.g. routers_output[0].")

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from ...core.accessors import PerLayer
 from ...core.forward_order import current_block, in_forward_order
 
 NO_WRITES = (
@@ -74,10 +75,11 @@ def probabilities(query: torch.Tensor, key: torch.Tensor, recipe: dict[str, Any]
     return scores.softmax(-1)[None]
 
 
-class RecomputedAttentionProbabilities:
+class RecomputedAttentionProbabilities(PerLayer):
     """``model.attention_probabilities`` of StandardizedVLLM (read-only, prompt tokens)."""
 
     enabled = True
+    name = "attention_probabilities"
 
     def __init__(self, model: Any) -> None:
         self._model = model
@@ -121,9 +123,3 @@ class RecomputedAttentionProbabilities:
 
     def __setitem__(self, index: int, value: torch.Tensor) -> None:
         raise TypeError(NO_WRITES.format(layer=index))
-
-    def __call__(self, layer: int) -> torch.Tensor:
-        return self[layer]
-
-    def __len__(self) -> int:
-        return self._model.num_layers
