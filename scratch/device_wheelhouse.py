@@ -47,6 +47,8 @@ DEPENDENCIES = [
     "uvicorn", "h11", "click", "prometheus-client", "aiohttp", "multidict", "yarl", "frozenlist", "aiosignal",
     "propcache", "aiohappyeyeballs", "anyio", "model-hosting-container-standards==0.1.16", "jmespath", "supervisor",
     "sse-starlette", "pydantic-settings", "python-dotenv", "httpx", "httpcore",
+    # vLLM's Ray executor (scratch/gpu_ray.py)
+    "ray==2.60.0", "msgpack", "protobuf", "pyyaml", "requests", "idna", "urllib3", "certifi", "charset-normalizer",
 ]
 PLATFORMS = ["manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64", "manylinux_2_27_x86_64",
              "manylinux_2_28_x86_64", "manylinux_2_31_x86_64", "manylinux_2_34_x86_64", "manylinux_2_35_x86_64"]

@@ -53,11 +53,12 @@ def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
             **{f"generation_{name}": [torch.tensor(tokens, dtype=torch.float32)] for name, tokens in generations.items()}}
 
 
-def dump_reads(path: str, out: str, tp: int, pp: int) -> None:
+def dump_reads(path: str, out: str, tp: int, pp: int, executor: str | None = None) -> None:
     from nnterp.standardized.vllm import StandardizedVLLM
 
+    extra = {} if executor is None else {"distributed_executor_backend": executor}
     model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, check_layout=False,
-                             tensor_parallel_size=tp, pipeline_parallel_size=pp)
+                             tensor_parallel_size=tp, pipeline_parallel_size=pp, **extra)
     reads = read_prompts(model)
     for prompt_reads, prompt in zip(reads, PROMPTS):
         prompt_reads.update(tool_reads(model, prompt))
@@ -66,23 +67,24 @@ def dump_reads(path: str, out: str, tp: int, pp: int) -> None:
     torch.save(reads, out)
 
 
-def reads_in_fresh_process(path: str, tp: int, pp: int, workdir: str) -> list[dict]:
-    out = str(Path(workdir) / f"reads-tp{tp}-pp{pp}.pt")
+def reads_in_fresh_process(path: str, tp: int, pp: int, workdir: str, executor: str | None = None) -> list[dict]:
+    out = str(Path(workdir) / f"reads-tp{tp}-pp{pp}-{executor}.pt")
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(tp * pp)))
     tests = str(Path(__file__).resolve().parents[1])
     code = (f"import sys; sys.path.insert(0, {tests!r}); from harness.parallel import dump_reads; "
-            f"dump_reads({path!r}, {out!r}, {tp}, {pp})")
+            f"dump_reads({path!r}, {out!r}, {tp}, {pp}, {executor!r})")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     if run.returncode != 0:
-        raise RuntimeError(f"tp={tp} pp={pp} failed:\n{run.stderr[-4000:]}")
+        raise RuntimeError(f"tp={tp} pp={pp} executor={executor} failed:\n{run.stderr[-4000:]}")
     return torch.load(out, weights_only=False)
 
 
-def parallel_reads(path: str, tp: int, pp: int) -> list[dict]:
-    """Every accessor and tool on :data:`PROMPTS` from an engine at (tp, pp), in a fresh process."""
+def parallel_reads(path: str, tp: int, pp: int, executor: str | None = None) -> list[dict]:
+    """Every accessor and tool on :data:`PROMPTS` from an engine at (tp, pp) on vLLM's ``executor`` (None: its
+    default), in a fresh process."""
     with tempfile.TemporaryDirectory() as workdir:
-        return reads_in_fresh_process(path, tp, pp, workdir)
+        return reads_in_fresh_process(path, tp, pp, workdir, executor)
 
 
 def compare_parallel(path: str, tp: int = 2, pp: int = 1) -> dict[str, dict[str, float]]:

@@ -103,6 +103,12 @@ def engine_kwargs(vllm_kwargs: dict, trust_remote_code: bool, unsafe_enable_pref
     vllm_kwargs["enable_prefix_caching"] = unsafe_enable_prefix_caching
     vllm_kwargs.setdefault("dispatch", True)
     if no_accelerator():
+        if vllm_kwargs.get("distributed_executor_backend") == "ray":
+            raise ValueError(
+                "distributed_executor_backend='ray': vLLM's CPU engine cannot run on its Ray executor (its CPU "
+                "platform declares no Ray device, and the executor places each worker on one). On CPUs use the "
+                "default multiprocessing executor (tensor_parallel_size / pipeline_parallel_size work as they are); "
+                "Ray runs on GPU machines.")
         # An explicit KV cache: vLLM's CPU worker otherwise sizes it as a fraction of host memory minus this
         # process's resident memory, which fails once the process holds other models (an HF one, say).
         vllm_kwargs.setdefault("kv_cache_memory_bytes", CPU_KV_CACHE_BYTES)
