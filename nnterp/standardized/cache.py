@@ -65,7 +65,7 @@ def run_with_cache(model: Any, prompts: str | Sequence[str], names: Names = None
     reads = [(layer, name) for layer in range(model.num_layers) for name in CACHEABLE if layer in chosen.get(name, ())]
 
     def read(batched: bool) -> dict:
-        values = {}
+        values = {"input_ids": model.input_ids}  # the forward's own tokens, read before any module
         for layer, name in reads:
             value = getattr(model, name)[layer]
             if name == "heads_output":
@@ -82,8 +82,8 @@ def run_with_cache(model: Any, prompts: str | Sequence[str], names: Names = None
         if not one_request_per_prompt(model):
             with model.trace(prompts):
                 mask = nnsight.save(model.trace_attention_mask())
-                ids = nnsight.save(model.input_ids)
                 values = nnsight.save(read(True))
+            ids = values.pop("input_ids")
             mask = torch.ones_like(ids) if mask is None else mask
         else:
             with model.trace() as tracer:
@@ -91,32 +91,29 @@ def run_with_cache(model: Any, prompts: str | Sequence[str], names: Names = None
                 for row, prompt in enumerate(prompts):
                     with tracer.invoke(prompt):
                         slots[row] = read(False)
-            values, ids, mask = _padded(model, prompts, list(slots))
+            values, ids, mask = _left_padded(model, list(slots))
     cache_values = {key: _zero_padding(value, mask) for key, value in values.items()}
     logits = cache_values.pop("logits")
     return logits, ActivationCache(model, cache_values, mask, ids)
 
 
-def _padded(model: Any, prompts: list[str], slots: list[dict]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """Per-request values ``[1, tokens_i, ...]`` as one left-padded batch."""
-    lengths = [next(iter(slot.values())).shape[1] for slot in slots]
-    longest, left = max(lengths), True
+def _left_padded(model: Any, slots: list[dict]) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """Per-request values ``[1, tokens_i, ...]`` as one left-padded batch, with its token ids and mask."""
+    lengths = [slot["input_ids"].shape[-1] for slot in slots]
+    longest = max(lengths)
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else 0
-    ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, (prompt, length) in enumerate(zip(prompts, lengths)):
-        tokens = model.tokenizer(prompt, return_tensors="pt")["input_ids"][0]
-        if len(tokens) != length:
-            raise RuntimeError(f"run_with_cache: prompt {row} has {len(tokens)} tokens but the engine ran {length}.")
-        where = slice(longest - length, longest) if left else slice(0, length)
-        ids[row, where], mask[row, where] = tokens, 1
+    ids = torch.full((len(slots), longest), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(slots), longest), dtype=torch.long)
     values = {}
-    for key in slots[0]:
-        shape = (len(prompts), longest, *slots[0][key].shape[2:])
-        batch = torch.zeros(shape, dtype=slots[0][key].dtype)
-        for row, (slot, length) in enumerate(zip(slots, lengths)):
-            batch[row, (longest - length if left else 0):(longest if left else length)] = slot[key][0].cpu()
-        values[key] = batch
+    for row, (slot, length) in enumerate(zip(slots, lengths)):
+        ids[row, longest - length:] = slot["input_ids"].reshape(-1).cpu()
+        mask[row, longest - length:] = 1
+        for key, value in slot.items():
+            if key == "input_ids":
+                continue
+            if key not in values:
+                values[key] = torch.zeros((len(slots), longest, *value.shape[2:]), dtype=value.dtype)
+            values[key][row, longest - length:] = value[0].cpu()
     return values, ids, mask
 
 
