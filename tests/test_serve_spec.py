@@ -64,8 +64,10 @@ def test_serve_defaults_and_what_the_user_overrides():
     assert defaults[:4] == ["serve", "m", "--port", "9"]
     assert defaults[defaults.index("--host") + 1] == "127.0.0.1" and "--enforce-eager" in defaults
     assert "--no-enable-prefix-caching" in defaults and "nnterp.backends.vllm.server.NNterpMiddleware" in defaults
-    given = serve_arguments("m", ["--host", "0.0.0.0", "--no-enforce-eager", "--enable-prefix-caching"])
-    assert given.count("--host") == 1 and "--enforce-eager" not in given and "--no-enable-prefix-caching" not in given
+    given = serve_arguments("m", ["--host", "0.0.0.0", "--enable-prefix-caching"])
+    assert given.count("--host") == 1 and "--no-enable-prefix-caching" not in given
+    with pytest.raises(SystemExit, match="--no-enforce-eager would serve CUDA graphs"):
+        serve_arguments("m", ["--no-enforce-eager"])
 
 
 def test_serve_asks_for_the_instrumented_model_runner(monkeypatch):

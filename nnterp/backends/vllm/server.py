@@ -306,12 +306,17 @@ async def _maybe_await(value: Any) -> Any:
 
 def serve_arguments(model: str, arguments: list[str]) -> list[str]:
     """``vllm serve`` arguments for ``nnterp serve MODEL ARGUMENTS``: loopback unless ``--host`` is given, nnterp's
-    worker and middleware, eager execution (hooks do not run inside captured CUDA graphs) and no prefix caching
+    worker and middleware, eager execution (hooks do not run inside captured CUDA graphs: ``--no-enforce-eager`` is
+    refused) and no prefix caching
     (cached tokens skip the forward pass) unless the arguments say otherwise; on a machine without an accelerator,
     vLLM's CPU engine with a 1 GiB KV cache."""
     from .engine import no_accelerator, worker_class
 
     given = {argument.split("=", 1)[0] for argument in arguments if argument.startswith("--")}
+    if "--no-enforce-eager" in given:
+        raise SystemExit("nnterp serve: --no-enforce-eager would serve CUDA graphs, which never run the hooks that "
+                         "apply a request's interventions: its captures would be stale and its steering lost. Serve "
+                         "eagerly (the default), or serve plain vLLM for graph speed without interventions.")
     extra = ["--middleware", f"{NNterpMiddleware.__module__}.{NNterpMiddleware.__name__}"]
     defaults = {"--host": ["--host", "127.0.0.1"], "--worker-cls": ["--worker-cls", worker_class()],
                 "--enforce-eager": ["--enforce-eager"], "--enable-prefix-caching": ["--no-enable-prefix-caching"]}
