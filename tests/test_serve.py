@@ -51,22 +51,13 @@ def vector(seed: int, width: int = 128, scale: float = 4.0) -> list[float]:
 def hf_streams(hf, token_ids: list[int], steer: dict[int, torch.Tensor], read: list[int]) -> dict[int, torch.Tensor]:
     """Each layer in ``read``'s output on ``token_ids`` (one forward of the raw HF model), ``steer[layer]`` added to
     that layer's output by a hook: the reference, sharing no code with nnterp."""
-    model, _ = hf
-    seen, handles = {}, []
-    for index, layer in enumerate(model.model.layers):
-        def hook(module, args, output, index=index):
-            value = output[0] if isinstance(output, tuple) else output
-            if index in steer:
-                value = value + steer[index]
-            seen[index] = value[0].clone()
-            return (value, *output[1:]) if isinstance(output, tuple) else value
-        handles.append(layer.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([token_ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
+    layers = hf[0].model.layers
+
+    def add(vector):
+        return lambda module, args, output: ((output[0] + vector, *output[1:]) if isinstance(output, tuple)
+                                             else output + vector)
+
+    seen = hf_with_hooks(hf, token_ids, {layers[index]: add(vector) for index, vector in steer.items()})
     return {layer: seen[layer] for layer in read}
 
 

@@ -64,6 +64,14 @@ def run_sync(model) -> dict:
     return {"shared": list(shared), "first": first, "second": second, "tokens": list(tokens)}
 
 
+async def first_probs(model):
+    """A clean async trace after a failure: the first prompt's next-token probabilities."""
+    with torch.no_grad(), model.trace() as tracer:
+        with tracer.invoke(PROMPTS[0]):
+            first = model.next_token_probs.save()  # noqa: F841
+    return (await tracer.backend).saves["first"]
+
+
 def test_async_trace_gives_the_sync_engines_values(engines, loop):
     sync_model, async_model = engines
     expected = run_sync(sync_model)
@@ -118,15 +126,9 @@ def test_an_error_in_one_request_is_raised_with_its_type_and_the_engine_keeps_se
                 raise KeyError("raised in the second invoke")
         await tracer.backend
 
-    async def clean():
-        with torch.no_grad(), model.trace() as tracer:
-            with tracer.invoke(PROMPTS[0]):
-                first = model.next_token_probs.save()  # noqa: F841
-        return (await tracer.backend).saves["first"]
-
     with pytest.raises(KeyError, match="raised in the second invoke"):
         loop.run_until_complete(failing())
-    assert torch.equal(loop.run_until_complete(asyncio.wait_for(clean(), 60)), expected)
+    assert torch.equal(loop.run_until_complete(asyncio.wait_for(first_probs(model), 60)), expected)
 
 
 def test_a_write_on_another_device_is_refused_and_the_async_engine_keeps_serving(engines, loop):
@@ -142,12 +144,6 @@ def test_a_write_on_another_device_is_refused_and_the_async_engine_keeps_serving
                 model.logits.save()
         await tracer.backend
 
-    async def clean():
-        with torch.no_grad(), model.trace() as tracer:
-            with tracer.invoke(PROMPTS[0]):
-                first = model.next_token_probs.save()  # noqa: F841
-        return (await tracer.backend).saves["first"]
-
     with pytest.raises(ValueError, match=r"on cpu but the new value is on meta. Move it first: value.to\('cpu'\)"):
         loop.run_until_complete(asyncio.wait_for(failing(), 60))
-    assert torch.equal(loop.run_until_complete(asyncio.wait_for(clean(), 60)), expected)
+    assert torch.equal(loop.run_until_complete(asyncio.wait_for(first_probs(model), 60)), expected)

@@ -24,6 +24,7 @@ from ..taps.capture import Capture
 from ..taps.plan import ExtractionPlan
 from ..taps.rows import Pending, PromptRows
 from ..taps.transfer import HostTransfer, InFlight
+from .step_rows import request_extra, scheduled_rows
 
 REQUEST_KEY = "nnterp_extraction"  # SamplingParams.extra_args[REQUEST_KEY] = [extraction id, prompt index]
 
@@ -98,31 +99,24 @@ class WorkerExtractions:
         for request_id in scheduler_output.finished_req_ids:
             self.requests.pop(request_id, None)
         for data in scheduler_output.scheduled_new_reqs:
-            key = (getattr(data.sampling_params, "extra_args", None) or {}).get(REQUEST_KEY)
+            key = request_extra(data, REQUEST_KEY)
             if key is not None and key[0] in self.running:
                 self.requests[data.req_id] = (key[0], int(key[1]))
         for extraction in self.running.values():
             extraction.share = None
         if not self.requests:
             return
-        tokens = scheduler_output.num_scheduled_tokens
-        start = 0
-        for request_id in batch_order:
-            count = tokens.get(request_id)
-            if count is None:
-                continue
+        for request_id, start, count, position in scheduled_rows(scheduler_output, batch_order, request_states):
             key = self.requests.get(request_id)
             extraction = self.running[key[0]] if key is not None else None
             if extraction is not None and extraction.error is None:
                 share = extraction.share = extraction.share or StepShare()
-                position = request_states[request_id].num_computed_tokens
                 share.prompts.append((key[1], share.count, count, position))
                 if share.ranges and share.ranges[-1][1] == start:
                     share.ranges[-1] = (share.ranges[-1][0], start + count)
                 else:
                     share.ranges.append((start, start + count))
                 share.count += count
-            start += count
         for extraction in self.running.values():
             if extraction.share is not None:
                 extraction.capture.arm(self._rows(extraction.share.ranges), extraction.share.count)

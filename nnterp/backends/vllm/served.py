@@ -26,6 +26,7 @@ from ...core.layout import ModelLayout, infer_model_layout
 from ...core.rename import ModuleNames, resolve_names
 from ..taps.plan import Tap, module_tap
 from ..taps.spec import SPEC_KEY, RequestSpec
+from .step_rows import request_extra, scheduled_rows
 KEEP_SECONDS = 600  # captures nobody took are dropped after this long
 
 
@@ -86,7 +87,7 @@ class ServedRequests:
 
     def plan_step(self, scheduler_output: Any, batch_order: list[str], request_states: dict) -> None:
         for data in scheduler_output.scheduled_new_reqs:
-            text = (getattr(data.sampling_params, "extra_args", None) or {}).get(SPEC_KEY)
+            text = request_extra(data, SPEC_KEY)
             if text is not None:
                 self._add(data.req_id, text, len(data.prompt_token_ids or ()))
         for request_id in scheduler_output.finished_req_ids:
@@ -96,18 +97,11 @@ class ServedRequests:
             served.rows = served.positions = None
         if not self.active:
             return
-        tokens = scheduler_output.num_scheduled_tokens
-        start = 0
-        for request_id in batch_order:
-            count = tokens.get(request_id)
-            if count is None:
-                continue
+        for request_id, start, count, first in scheduled_rows(scheduler_output, batch_order, request_states):
             served = self.active.get(request_id)
             if served is not None:
-                first = request_states[request_id].num_computed_tokens
                 served.rows = torch.arange(start, start + count)
                 served.positions = torch.arange(first, first + count)
-            start += count
 
     def _add(self, request_id: str, text: str, prompt_length: int) -> None:
         spec = RequestSpec.from_json(text)
