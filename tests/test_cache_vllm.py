@@ -54,21 +54,26 @@ def test_vllm_head_ablation_equals_hf(pair):
     assert after.shape[-1] == hf.hidden_size
 
 
-def test_vllm_splice_equals_hf(pair):
+def spliced_run(model, sae):
+    """A splice with a feature edit on one prompt: the features and the last layer's stream (a function of its
+    own, so no other model sits in the frame a vLLM trace ships to its engine)."""
     from nnterp.interventions import splice
+
+    with torch.no_grad(), model.trace(PROMPTS[0]):
+        spliced = splice(model, "layers_output", 1, sae, include_error=True)
+        features = spliced.features.clone()
+        features[..., 2] = 3.0
+        spliced.features = features
+        saved = model.as_batch(spliced.features).save()
+        stream = model.as_batch(model.layers_output[-1]).save()
+    return saved, stream
+
+
+def test_vllm_splice_equals_hf(pair):
     from test_sae import TinySAE
 
     hf, vllm_model = pair
     sae = TinySAE(hf.hidden_size)
-    streams = {}
-    for name, model in (("hf", hf), ("vllm", vllm_model)):
-        with torch.no_grad(), model.trace(PROMPTS[0]):
-            spliced = splice(model, "layers_output", 1, sae, include_error=True)
-            features = spliced.features.clone()
-            features[..., 2] = 3.0
-            spliced.features = features
-            saved = model.as_batch(spliced.features).save()
-            stream = model.as_batch(model.layers_output[-1]).save()
-        streams[name] = (saved, stream)
+    streams = {name: spliced_run(model, sae) for name, model in (("hf", hf), ("vllm", vllm_model))}
     assert torch.allclose(streams["hf"][0], streams["vllm"][0], atol=1e-4)
     assert torch.allclose(streams["hf"][1], streams["vllm"][1], atol=1e-4)

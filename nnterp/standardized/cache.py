@@ -285,10 +285,13 @@ class ActivationCache:
         probe[1::2] = -1000.0
         if width % 2:
             probe[-1] = 0.0
-        zero, normed_probe, shifted = self.final_norm(torch.stack([torch.zeros(width), probe, probe + 500.0]).to(stream))
+        probes = torch.stack([torch.zeros(width), probe, probe + 500.0]).to(stream)
+        # one pass of the norm (one engine request on vLLM) over the probes and the stream
+        through_norm = self.final_norm(torch.cat([probes, stream.reshape(-1, width)]))
+        zero, normed_probe, shifted = through_norm[:3]
         bias, weight = zero.double(), (normed_probe.double() - zero.double()) * probe.double().sign()
         centred = torch.allclose(normed_probe, shifted, rtol=1e-3, atol=1e-4)
-        normed = self.final_norm(stream).double() - bias
+        normed = through_norm[3:].reshape(stream.shape).double() - bias
         centre = (lambda x: x - x.mean(-1, keepdim=True)) if centred else (lambda x: x)
         numerator = weight * centre(stream.double())
         scale = numerator.norm(dim=-1, keepdim=True) / normed.norm(dim=-1, keepdim=True).clamp_min(1e-30)
@@ -326,7 +329,8 @@ class ActivationCache:
 
     def _unembedding(self, ids: torch.Tensor) -> torch.Tensor:
         def rows() -> torch.Tensor:
-            return self.model.parameter("lm_head.weight")[ids.to(self.model.parameter("lm_head.weight").device)]
+            weight = self.model.parameter("lm_head.weight")  # gathered once under tensor parallelism
+            return weight[ids.to(weight.device)]
 
         if not one_request_per_prompt(self.model):
             with torch.no_grad():

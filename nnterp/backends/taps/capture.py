@@ -8,11 +8,19 @@ extracted, without padding or other requests' tokens).
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from .plan import Tap
+
+
+def hook_module(root: torch.nn.Module, path: str, direction: str, hook: Callable) -> Any:
+    """A forward pre-hook (``direction == "input"``: ``hook(module, args, kwargs)``) or forward hook
+    (``hook(module, args, kwargs, output)``) on ``root``'s module at ``path``; returns its handle."""
+    module = root.get_submodule(path)
+    register = module.register_forward_pre_hook if direction == "input" else module.register_forward_hook
+    return register(hook, with_kwargs=True)
 
 
 class CaptureError(RuntimeError):
@@ -38,9 +46,7 @@ class Capture:
         for slot, tap in enumerate(self.taps):
             by_module.setdefault((tap.path, tap.direction), []).append(slot)
         for (path, direction), slots in by_module.items():
-            module = root.get_submodule(path)
-            register = module.register_forward_pre_hook if direction == "input" else module.register_forward_hook
-            self._handles.append(register(self._hook(slots), with_kwargs=True))
+            self._handles.append(hook_module(root, path, direction, self._hook(slots)))
 
     def arm(self, rows: torch.Tensor | slice, count: int) -> None:
         """Capture the next forward pass: ``rows`` of each stream's flattened ``[tokens, width]`` (a slice, or

@@ -24,6 +24,7 @@ import torch
 from ...core.backend import is_local
 from ...core.layout import ModelLayout, infer_model_layout
 from ...core.rename import ModuleNames, resolve_names
+from ..taps.capture import hook_module
 from ..taps.plan import Tap, module_tap
 from ..taps.spec import SPEC_KEY, RequestSpec
 from .step_rows import request_extra, scheduled_rows
@@ -75,8 +76,9 @@ class ServedRequests:
         self.model = model
         self.reports = reports  # this rank returns captures (one rank per pipeline stage)
         self.names: ModuleNames = resolve_names(model)
-        width = model.get_submodule(self.names.embed_tokens).embedding_dim
-        self.layout: ModelLayout = infer_model_layout(model, self.names, width, "vllm", type(model).__name__, None)
+        self.hidden_size = model.get_submodule(self.names.embed_tokens).embedding_dim
+        self.layout: ModelLayout = infer_model_layout(model, self.names, self.hidden_size, "vllm", type(model).__name__,
+                                                      None)
         self.active: dict[str, Served] = {}  # engine request id -> request
         self.done: dict[str, Served] = {}  # handle -> finished request, until taken
         self.handles: dict[str, str] = {}  # engine request id -> handle
@@ -134,9 +136,7 @@ class ServedRequests:
         site = self._sites.setdefault(key, Site(tap))
         site.operations.append((request_id, kind, entry))
         if key not in self._hooks:
-            module = self.model.get_submodule(tap.path)
-            register = module.register_forward_pre_hook if tap.direction == "input" else module.register_forward_hook
-            self._hooks[key] = register(self._hook(key), with_kwargs=True)
+            self._hooks[key] = hook_module(self.model, tap.path, tap.direction, self._hook(key))
 
     def _finish(self, request_id: str) -> None:
         served = self.active.pop(request_id, None)
@@ -318,8 +318,7 @@ class ServingRunner:
         """What requests are checked against: layers, hidden size, the standard names."""
         served = self.nnterp_served
         layers = self.get_model().get_submodule(served.names.layers)
-        return {"num_layers": len(layers), "hidden_size": self.get_model().get_submodule(served.names.embed_tokens).embedding_dim,
-                "names": served.names.as_dict()}
+        return {"num_layers": len(layers), "hidden_size": served.hidden_size, "names": served.names.as_dict()}
 
     def nnterp_unembedding_row(self, token_id: int) -> Optional[list[float]]:
         """Row ``token_id`` of the full LM head (None on a pipeline stage that does not hold it)."""
@@ -333,7 +332,7 @@ class ServingRunner:
 
 
 def _carries_specs(scheduler_output: Any) -> bool:
-    return any(SPEC_KEY in ((getattr(data.sampling_params, "extra_args", None) or {})) for data in scheduler_output.scheduled_new_reqs)
+    return any(request_extra(data, SPEC_KEY) is not None for data in scheduler_output.scheduled_new_reqs)
 
 
 class ServingWorker:
