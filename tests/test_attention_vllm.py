@@ -67,3 +67,16 @@ def test_writes_and_later_generation_steps_are_refused(tiny_path):
         assert read_patterns(model)[0].shape[-1] == len(model.tokenizer(PROMPT)["input_ids"])  # still serving
     finally:
         model.close()
+
+
+def test_latent_attention_is_refused_with_the_hf_alternative(tmp_path):
+    path = str(build_tiny_model("deepseek_v2", tmp_path / "deepseek_v2").path)
+    model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=2)
+    try:
+        with pytest.raises(ValueError, match=r"attention_probabilities\[0\].*StandardizedTransformer\(\.\.\., enable_attention_probs=True\)"):
+            read_patterns(model)
+        with torch.no_grad(), model.trace(PROMPT):  # the engine serves the next trace
+            after = model.layers_output[0].save()
+        assert after.shape[-1] == model.hidden_size
+    finally:
+        model.close()

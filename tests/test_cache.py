@@ -168,3 +168,41 @@ def test_bad_requests_are_named(tiny_path, llama):
         cache.decompose_resid()
     with pytest.raises(TypeError, match="one integer layer index"), gemma.trace("Hi"):
         gemma.heads_output["0"]
+
+
+def test_every_refusal_names_the_problem(llama, tiny_path):
+    from nnterp.core.heads import output_projection_name
+    from nnterp.interventions import splice
+    from test_sae import TinySAE
+
+    _, cache = llama.run_with_cache(PROMPTS)
+    with pytest.raises(ValueError, match="mode is 'all', 'attn' or 'mlp', got 'heads'"):
+        cache.decompose_resid(mode="heads")
+    with pytest.raises(IndexError, match=r"layer 7 is out of range: 0\.\.3"):
+        cache.accumulated_resid(layer=7)
+    with pytest.raises(KeyError, match="no cached layer of it below 3"):
+        cache.stack_activation("heads_output")
+    with pytest.raises(ValueError, match="' Paris is' is 2 tokens; give one token"):
+        cache.logit_attrs(cache.decompose_resid(), " Paris is")
+    with pytest.raises(ValueError, match="2 tokens for 3 prompts"):
+        cache.logit_attrs(cache.decompose_resid(), [1, 2])
+    cache.final_norm = lambda stack: torch.tanh(stack)  # a norm that is not a weight over one scale per token
+    with pytest.raises(ValueError, match="is not a LayerNorm or RMSNorm"):
+        cache.apply_ln_to_stack(cache.decompose_resid())
+    with pytest.raises(AttributeError, match=r"heads_output\[0\]: the attention module \(Module\) has no output projection"):
+        output_projection_name(torch.nn.Module(), "heads_output[0]")
+    from types import SimpleNamespace
+
+    from nnterp.core.heads import HeadsAccessor
+
+    bare = HeadsAccessor(SimpleNamespace(_text_config=SimpleNamespace(), num_heads=None, hidden_size=128))
+    with pytest.raises(ValueError, match="the config gives neither head_dim nor the number of heads"):
+        bare.head_dim()
+    with pytest.raises(ValueError, match="not a multiple of head_dim 32"):
+        llama.heads_output._split(torch.zeros(1, 30), "heads_output[0]")
+    with pytest.raises(ValueError, match="'embed_tokens' is not a stream accessor"), llama.trace("Hi"):
+        splice(llama, "embed_tokens", 0, TinySAE(llama.hidden_size))
+    with pytest.raises(ValueError, match=r"the features have shape \(1, 2, 16\), the new value \(1, 2, 3\)"):
+        with llama.trace("Hi"):
+            spliced = splice(llama, "layers_output", 0, TinySAE(llama.hidden_size))
+            spliced.features = torch.zeros(1, 2, 3)

@@ -57,3 +57,14 @@ def test_dense_layers_and_writes_are_refused(tiny_path, llama):
     dbrx = StandardizedTransformer(str(tiny_path("dbrx")))
     with pytest.raises(ValueError, match="does not return the experts it chose"), dbrx.trace("Hi"):
         dbrx.experts_chosen(0)
+
+
+def test_routers_that_cannot_be_read_are_named(tiny_path):
+    mixtral = StandardizedTransformer(str(tiny_path("mixtral")))
+    accessor, hidden = mixtral.routers_output, torch.randn(5, mixtral.hidden_size)
+    router = torch.nn.Linear(mixtral.hidden_size, 4, bias=False)
+    with pytest.raises(ValueError, match="none of the router's outputs .* is its linear map of its input"):
+        accessor._logits(router, hidden, (router(hidden).softmax(-1),), "model.routers_output[0]")
+    narrow = torch.nn.Linear(mixtral.hidden_size, 3, bias=False)
+    with pytest.raises(ValueError, match="the router returns width 3, the config has 4 experts"):
+        accessor._logits(narrow, hidden, (narrow(hidden),), "model.routers_output[0]")

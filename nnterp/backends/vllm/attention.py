@@ -98,7 +98,8 @@ class RecomputedAttentionProbabilities(PerLayer):
         where = f"model.attention_probabilities[{layer}]"
         if found is None:
             raise ValueError(f"{where}: the attention module ({type(attention._module).__name__}) runs no vLLM attention "
-                             "layer nnterp can read queries and keys from (e.g. multi-head latent attention).")
+                             "layer nnterp can read queries and keys from. Use StandardizedTransformer(..., "
+                             "enable_attention_probs=True) on the same weights.")
         block = current_block()
         if block is not None and getattr(block, "iteration", 0):
             raise ValueError(f"{where}: on vLLM the pattern covers the prompt's tokens (the first step); a later "
