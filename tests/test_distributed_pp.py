@@ -69,12 +69,19 @@ def test_out_of_order_consumption_raises_the_single_process_error(reference):
     assert all(result["seconds"] < 30 for result in results)
 
 
-def test_operations_on_a_placeholder_wait_until_its_contents_are_needed():
+def _local_channel():
     from torch.distributed import HashStore
 
-    from nnterp.backends.distributed.pp import RemoteValue, StageChannel
+    from nnterp.backends.distributed.pp import StageChannel
+    from nnterp.backends.distributed.transport import StageTransport
 
-    channel, value, fetches = StageChannel(HashStore(), timeout=1), torch.arange(6.0).reshape(2, 3), []
+    return StageChannel(StageTransport(HashStore(), timeout=1))
+
+
+def test_operations_on_a_placeholder_wait_until_its_contents_are_needed():
+    from nnterp.backends.distributed.pp import RemoteValue
+
+    channel, value, fetches = _local_channel(), torch.arange(6.0).reshape(2, 3), []
     channel.publish("layer", value)
 
     def fetch():
@@ -89,12 +96,11 @@ def test_operations_on_a_placeholder_wait_until_its_contents_are_needed():
 
 
 def test_saves_resolve_from_published_values_and_drop_what_nobody_published():
-    from torch.distributed import HashStore
+    from nnterp.backends.distributed.pp import RemoteValue, resolve_saves
 
-    from nnterp.backends.distributed.pp import RemoteValue, StageChannel, resolve_saves
-
-    channel = StageChannel(HashStore(), timeout=1)
+    channel = _local_channel()
     channel.publish("published", torch.ones(2))
+
     def placeholder(key):
         return RemoteValue(None, key, lookup=lambda: channel.fetch_if_published(key))
 
@@ -103,20 +109,49 @@ def test_saves_resolve_from_published_values_and_drop_what_nobody_published():
     assert set(resolved) == {"doubled", "local"} and torch.equal(resolved["doubled"], torch.full((2,), 2.0))
 
 
-def test_values_larger_than_the_store_accepts_travel_in_chunks():
-    from datetime import timedelta
+def test_a_published_value_is_the_value_at_publication():
+    channel, value = _local_channel(), torch.ones(3)
+    channel.publish("layer", value)
+    value.mul_(5)  # the holder reuses its buffer afterwards, as vLLM does
+    assert torch.equal(channel.fetch("layer", "layer"), torch.ones(3))
 
-    from torch.distributed import TCPStore
 
-    from nnterp.backends.distributed.pp import CHUNK_BYTES, StageChannel
-    from harness.distributed import free_port
+@pytest.fixture(scope="module")
+def transfers():
+    from harness.distributed import transport_transfers
 
-    channel = StageChannel(TCPStore("127.0.0.1", free_port(), 1, True, timeout=timedelta(seconds=30)), timeout=5)
-    large = torch.randn(6 * CHUNK_BYTES // 4)  # 24 MiB: one value of that size resets the store's connection
-    channel.publish("large", large)
-    assert torch.equal(channel.fetch("large", "large"), large)
-    channel.delete_published()
-    assert channel.fetch_if_published("large") is None
+    return run_on_ranks(transport_transfers, world_size=3, timeout=300)
+
+
+def test_values_travel_between_processes_point_to_point(transfers):
+    """Rank 0 holds; ranks 1 and 2 pull a 24 MiB value (larger than a key-value store takes in one piece), a
+    bfloat16 value and three values in one request; the store only ever held their descriptions."""
+    reference = transfers[0]["values"]
+    for consumer in transfers[1:]:
+        assert consumer["values"].keys() == reference.keys()
+        for key, value in reference.items():
+            assert consumer["values"][key].dtype == value.dtype and torch.equal(consumer["values"][key], value), key
+        assert consumer["largest_store_entry"] < 100  # bytes: a description, never a tensor
+
+
+def test_released_values_are_freed_and_unannounced(transfers):
+    holder = transfers[0]
+    assert holder["held_bytes_before"] > 24 << 20 and holder["held_bytes_after"] == 0 and holder["held_keys_after"] == []
+    assert all(consumer["announced_after_release"] is False for consumer in transfers[1:])
+
+
+def test_a_value_nobody_publishes_times_out_with_its_key(transfers):
+    consumer = transfers[1]
+    assert consumer["missing"].startswith("TransportTimeout") and "never-published" in consumer["missing"]
+    assert consumer["missing_seconds"] < 10
+
+
+def test_a_value_its_holder_dropped_fails_at_once(transfers):
+    """The holder answers every pull: a value it no longer holds is an immediate error, not a receive that
+    times out (which would also close the connection for every later pull)."""
+    for consumer in transfers[1:]:
+        assert consumer["dropped"].startswith("TransportTimeout") and "no longer holds" in consumer["dropped"]
+        assert consumer["dropped_seconds"] < 2
 
 
 def test_the_reported_stage_error_is_the_first_that_is_not_a_timeout():

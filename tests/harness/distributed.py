@@ -276,3 +276,58 @@ def pp_read_timings(rank: int, world_size: int, path: str, split: int, repeats: 
 def bind(program: Callable, **kwargs: Any) -> Callable[[int, int], Any]:
     """``program`` with its keyword arguments bound, picklable for spawned ranks."""
     return partial(program, **kwargs)
+
+
+def transport_transfers(rank: int, world_size: int) -> dict:
+    """Rank 0 publishes values; the other ranks pull them (one alone, a large one, three in one request),
+    then rank 0 releases them. Reports what each rank saw."""
+    import torch.distributed as dist
+
+    from nnterp.backends.distributed.transport import StageTransport, TransportTimeout
+
+    transport = StageTransport(dist.distributed_c10d._get_default_store(), timeout=3.0)
+    generator = torch.Generator().manual_seed(0)
+    values = {"large": torch.randn(6 << 20, generator=generator), "bf16": torch.randn(4, 5, generator=generator).bfloat16(),
+              **{f"step{i}": torch.randn(2, 3, generator=generator) for i in range(3)}, "scalar": torch.tensor(7.0)}
+    result: dict = {}
+    if rank == 0:
+        for key, value in values.items():
+            transport.publish(key, value)
+        result["values"] = values
+        result["held_bytes_before"] = transport.held_bytes
+    dist.barrier()
+    if rank != 0:
+        pulled = {key: transport.fetch([key])[0] for key in ("large", "bf16", "scalar")}
+        pulled.update(zip(("step0", "step1", "step2"), transport.fetch(["step0", "step1", "step2"])))
+        result["values"] = pulled
+        result["largest_store_entry"] = max(len(transport.store.get(key)) for key in values)
+        start = time.time()
+        try:
+            transport.wait("never-published")
+            result["missing"] = "nothing raised"
+        except TransportTimeout as error:
+            result["missing"] = f"{type(error).__name__}: {error}"
+        result["missing_seconds"] = time.time() - start
+    if rank == 0:  # a value dropped while still announced (a holder that released too early)
+        transport.publish("dropped", torch.ones(2))
+        with transport._lock:
+            transport._held.pop("dropped")
+    dist.barrier()
+    if rank != 0:
+        start = time.time()
+        try:
+            transport.fetch(["dropped"])
+            result["dropped"] = "nothing raised"
+        except TransportTimeout as error:
+            result["dropped"] = f"{type(error).__name__}: {error}"
+        result["dropped_seconds"] = time.time() - start
+    dist.barrier()
+    if rank == 0:
+        transport.release(list(values))
+        result["held_bytes_after"], result["held_keys_after"] = transport.held_bytes, transport.held_keys
+    dist.barrier()
+    if rank != 0:
+        result["announced_after_release"] = any(transport.announced(key) for key in values)
+    dist.barrier()
+    transport.close()
+    return result

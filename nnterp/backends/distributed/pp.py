@@ -13,15 +13,15 @@ handed out once this stage has finished its part of the step (``STAGE_END``), a 
 stage once this stage has started the step (``STAGE_START``). From there the owner produces the value
 without waiting on this stage, so consuming it cannot deadlock. The engine serves both boundaries.
 
-Values travel through a ``torch.distributed`` key-value store shared by the stages; a value that does
-not arrive within the timeout (an access out of forward order, or a value no stage produced) raises
+Values travel point to point over a process group, pulled by the stage that consumes them (see
+``transport``); the key-value store only says which value exists where. A value that is not published
+within the timeout (an access out of forward order, or a value no stage produced) raises
 :class:`CrossStageTimeout`.
 """
 
 from __future__ import annotations
 
-import io
-from datetime import timedelta
+from concurrent.futures import Future
 from typing import Any, Callable, Iterable
 
 import torch
@@ -30,6 +30,7 @@ from nnsight.intervention.interleaver import OutOfOrderError
 
 from ...core.backend import EMBEDDINGS, HEAD, Position, is_local
 from ...core.forward_order import current_block
+from .transport import StageTransport, TransportTimeout
 
 STAGE_START = "model.nnterp_stage_start"
 STAGE_END = "model.nnterp_stage_end"
@@ -65,34 +66,6 @@ def local_layer_range(layers: Iterable[torch.nn.Module]) -> range:
     return range(held[0], held[-1] + 1)
 
 
-CHUNK_BYTES = 4 << 20  # the store refuses values of some 16 MiB and more: larger ones travel in chunks
-
-
-def _put(store: dist.Store, key: str, value: torch.Tensor) -> int:
-    """Stores ``value`` under ``key`` as chunks then a header naming their count (so a reader waiting on
-    ``key`` finds every chunk present); returns the count."""
-    buffer = io.BytesIO()
-    torch.save(value.detach().cpu(), buffer)
-    data = buffer.getvalue()
-    count = max(1, -(-len(data) // CHUNK_BYTES))
-    for index in range(count):
-        store.set(f"{key}/chunk{index}", data[index * CHUNK_BYTES:(index + 1) * CHUNK_BYTES])
-    store.set(key, str(count))
-    return count
-
-
-def _get(store: dist.Store, key: str, device: torch.device | str) -> torch.Tensor:
-    count = int(store.get(key))
-    data = b"".join(store.get(f"{key}/chunk{index}") for index in range(count))
-    return torch.load(io.BytesIO(data), weights_only=True).to(device)
-
-
-def _delete(store: dist.Store, key: str, count: int) -> None:
-    store.delete_key(key)
-    for index in range(count):
-        store.delete_key(f"{key}/chunk{index}")
-
-
 def _timeout_error(where: str, timeout: float) -> CrossStageTimeout:
     return CrossStageTimeout(
         f"{where} is owned by another pipeline stage and was not published within {timeout:g} s. "
@@ -102,20 +75,24 @@ def _timeout_error(where: str, timeout: float) -> CrossStageTimeout:
 
 
 class StageChannel:
-    """Publishes this stage's reads and fetches other stages' reads by key, through a shared store.
+    """Publishes this stage's reads and fetches other stages' reads by key (through a :class:`StageTransport`).
 
-    Keys are ``<trace>/<where>#<occurrence>``: every stage runs the same body, so the n-th read of the same
-    value in the same trace has the same key on every stage. ``prefix`` separates traces that run at the
-    same time (the engine's request id).
+    Keys are ``<prefix>/<trace>/<where>#<occurrence>``: every stage runs the same body, so the n-th read of
+    the same value in the same trace has the same key on every stage. ``prefix`` separates traces that run
+    at the same time (the engine's request id).
     """
 
-    def __init__(self, store: dist.Store | None = None, timeout: float = 60.0, prefix: str = "nnterp-pp") -> None:
-        base = store if store is not None else dist.distributed_c10d._get_default_store()
-        self.store = dist.PrefixStore(prefix, base)
-        self.timeout = timeout
+    def __init__(self, transport: StageTransport | None = None, timeout: float = 60.0, prefix: str = "nnterp-pp") -> None:
+        self.transport = transport if transport is not None else StageTransport(_default_store(), timeout)
+        self.prefix = prefix
         self.trace = 0
-        self.published: list[tuple[str, int]] = []
+        self.published: list[str] = []
         self._occurrences: dict[str, int] = {}
+        self._prefetched: dict[str, Future] = {}
+
+    @property
+    def timeout(self) -> float:
+        return self.transport.timeout
 
     def new_trace(self) -> None:
         """Start the keys of the next trace (call at the same point on every stage)."""
@@ -125,56 +102,76 @@ class StageChannel:
     def key(self, where: str) -> str:
         occurrence = self._occurrences.get(where, 0)
         self._occurrences[where] = occurrence + 1
-        return f"{self.trace}/{where}#{occurrence}"
+        return f"{self.prefix}/{self.trace}/{where}#{occurrence}"
 
     def publish(self, key: str, value: torch.Tensor) -> None:
-        self.published.append((key, _put(self.store, key, value)))
+        self.transport.publish(key, value)
+        self.published.append(key)
+
+    def prefetch(self, key: str, device: torch.device | str = "cpu") -> None:
+        """Starts pulling ``key`` in the background if its stage has published it already (a value of an
+        earlier stage, handed out when this stage starts its step, arrives while this stage runs)."""
+        if key not in self._prefetched and self.transport.announced(key):
+            self._prefetched[key] = self.transport.prefetch(key, device)
 
     def fetch(self, key: str, where: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        if key in self._prefetched:
+            return self._prefetched[key].result()
         try:
-            self.store.wait([key], timedelta(seconds=self.timeout))
-        except Exception as error:  # the store raises its own timeout type (DistStoreError / RuntimeError)
+            self.transport.wait(key)
+        except TransportTimeout as error:
             raise _timeout_error(where, self.timeout) from error
-        return _get(self.store, key, device)
+        return self.transport.fetch([key], device)[0]
 
     def fetch_if_published(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The value if some stage published it, without waiting."""
-        return _get(self.store, key, device) if self.store.check([key]) else None
+        if key in self._prefetched:
+            return self._prefetched[key].result()
+        return self.transport.fetch([key], device)[0] if self.transport.announced(key) else None
+
+    def settle(self) -> None:
+        """Waits for this channel's background pulls (before the stages release what they published)."""
+        for future in self._prefetched.values():
+            future.exception()
+        self._prefetched.clear()
 
     def delete_published(self) -> None:
         """Drop this stage's published values (once every stage is done with the trace)."""
-        for key, count in self.published:
-            _delete(self.store, key, count)
+        self.transport.release(self.published)
         self.published.clear()
+
+
+def _default_store() -> dist.Store:
+    return dist.distributed_c10d._get_default_store()
 
 
 class ParameterShelf:
     """Parameters another stage holds: the owner offers each one once per process, a reader fetches it once
     and keeps it (parameters do not change between traces)."""
 
-    def __init__(self, store: dist.Store | None = None, timeout: float = 60.0) -> None:
-        base = store if store is not None else dist.distributed_c10d._get_default_store()
-        self.store = dist.PrefixStore("nnterp-pp-parameters", base)
-        self.timeout = timeout
+    def __init__(self, transport: StageTransport | None = None, timeout: float = 60.0) -> None:
+        self.transport = transport if transport is not None else StageTransport(_default_store(), timeout)
         self._offered: set[str] = set()
         self._taken: dict[str, torch.Tensor] = {}
 
     def offer(self, path: str, value: torch.Tensor) -> None:
         if path not in self._offered:
-            _put(self.store, path, value)
+            self.transport.publish(f"parameters/{path}", value)
             self._offered.add(path)
 
     def take(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor:
         if path not in self._taken:
             try:
-                self.store.wait([path], timedelta(seconds=self.timeout))
-            except Exception as error:
-                raise _timeout_error(f"parameter {path}", self.timeout) from error
-            self._taken[path] = _get(self.store, path, device)
+                self.transport.wait(f"parameters/{path}")
+            except TransportTimeout as error:
+                raise _timeout_error(f"parameter {path}", self.transport.timeout) from error
+            self._taken[path] = self.transport.fetch([f"parameters/{path}"], device)[0]
         return self._taken[path]
 
     def take_if_offered(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        return self.take(path, device) if path in self._taken or self.store.check([path]) else None
+        if path in self._taken or self.transport.announced(f"parameters/{path}"):
+            return self.take(path, device)
+        return None
 
 
 class RemoteValue:
@@ -418,6 +415,7 @@ class PipelineStageBackend:
     def _placeholder(self, where: str, gate: Callable[[], None] | None = None) -> RemoteValue:
         channel = self._channel(where)
         key = channel.key(where)
+        channel.prefetch(key, self.device)
         return RemoteValue(lambda: channel.fetch(key, where, self.device), where, gate,
                            lookup=lambda: channel.fetch_if_published(key, self.device))
 

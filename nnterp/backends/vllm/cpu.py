@@ -18,7 +18,7 @@ from .extraction_worker import ExtractionRunner, ExtractionWorker
 from .meta import patched_attribute
 from .recovery import RecoveringRunner
 from .served import ServingRunner, ServingWorker
-from .worker import PipelineRunner, SharedModelRunner, SharedModelWorker
+from .worker import PipelineRunner, SharedModelRunner, SharedModelWorker, StageWorker
 
 
 class NNsightCPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner,
@@ -31,7 +31,7 @@ class NNsightCPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, S
         mark_prepacked_moe_weights(self.model)
 
 
-class NNsightCPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, NNsightGPUWorker, CPUWorker):
+class NNsightCPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, StageWorker, NNsightGPUWorker, CPUWorker):
     """vLLM's CPU worker whose runner interleaves interventions (nnsight's RPCs come from NNsightGPUWorker)."""
 
     def init_device(self) -> None:

@@ -72,11 +72,11 @@ class Site:
 class ServedRequests:
     """The served requests of one engine worker, and the hooks that serve them."""
 
-    def __init__(self, model: torch.nn.Module, reports: bool) -> None:
+    def __init__(self, model: torch.nn.Module, reports: bool, hidden_size: int) -> None:
         self.model = model
         self.reports = reports  # this rank returns captures (one rank per pipeline stage)
         self.names: ModuleNames = resolve_names(model)
-        self.hidden_size = model.get_submodule(self.names.embed_tokens).embedding_dim
+        self.hidden_size = hidden_size  # from the config: a later pipeline stage holds no embeddings
         self.layout: ModelLayout = infer_model_layout(model, self.names, self.hidden_size, "vllm", type(model).__name__,
                                                       None)
         self.active: dict[str, Served] = {}  # engine request id -> request
@@ -301,7 +301,8 @@ class ServingRunner:
         if state is None:
             from vllm.distributed.parallel_state import get_tp_group
 
-            state = self.__dict__["_nnterp_served"] = ServedRequests(self.get_model(), get_tp_group().rank_in_group == 0)
+            state = self.__dict__["_nnterp_served"] = ServedRequests(self.get_model(), get_tp_group().rank_in_group == 0,
+                                                                     self.model_config.get_hidden_size())
         return state
 
     def _update_states(self, scheduler_output) -> Any:

@@ -24,6 +24,7 @@ from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 from .extraction_worker import ExtractionRunner, ExtractionWorker
 from .recovery import RecoveringRunner
 from .served import ServingRunner, ServingWorker
+from ..distributed.transport import StageTransport
 from ..distributed.pp import (
     STAGE_END,
     STAGE_START,
@@ -46,7 +47,7 @@ class WorkerStage:
     size: int
     publishes: bool  # one tensor-parallel rank per stage publishes (the others hold the same values)
     device: torch.device
-    store: Any
+    transport: StageTransport
     parameters: ParameterShelf
     channels: dict[str, StageChannel] = field(default_factory=dict)  # by engine request id
     unpickling_request: Optional[str] = None  # the request whose body is being unpickled
@@ -72,7 +73,7 @@ def stage_backend(model: Any, inner: Any) -> Any:
         return inner
     channel = None
     if stage.unpickling_request is not None:
-        channel = StageChannel(stage.store, STAGE_TIMEOUT_S, prefix=f"nnterp-pp/{stage.unpickling_request}")
+        channel = StageChannel(stage.transport, prefix=f"requests/{stage.unpickling_request}")
         stage.channels[stage.unpickling_request] = channel
     layers = local_layer_range(model._module.get_submodule(model.names.layers))
     return PipelineStageBackend(inner, channel, layers, stage.first, stage.last, parameters=stage.parameters,
@@ -121,9 +122,10 @@ class PipelineRunner:
         self.nnsight_requests.__class__ = StageRequests
         import torch.distributed as dist
 
-        store = dist.distributed_c10d._get_default_store()
+        # a collective: every worker loads its model at the same point
+        transport = StageTransport(dist.distributed_c10d._get_default_store(), STAGE_TIMEOUT_S)
         _STAGE = WorkerStage(rank=pp.rank_in_group, size=pp.world_size, publishes=get_tp_group().rank_in_group == 0,
-                             device=self.device, store=store, parameters=ParameterShelf(store, STAGE_TIMEOUT_S))
+                             device=self.device, transport=transport, parameters=ParameterShelf(transport))
 
     def _update_states(self, scheduler_output) -> None:
         super()._update_states(scheduler_output)
@@ -151,7 +153,7 @@ class PipelineRunner:
 
         import torch.distributed as dist
         from nnsight.modeling.vllm.collect import dumps_compact
-        from vllm.distributed.parallel_state import get_pp_group
+        from vllm.distributed.parallel_state import get_pp_group, get_world_group
 
         finished = set(finished_request_ids or [])
         wanted = set(request_ids) | finished
@@ -174,7 +176,10 @@ class PipelineRunner:
                         entry["saves"] = sequence["saves"]
                 entry["error"] = first_cause([stage.get((engine_id, index)) for stage in by_stage])
             payload = dumps_compact(collected)
-        dist.barrier(group=get_pp_group().cpu_group)  # every stage is done reading this request's values
+        for request in tracked:
+            if request.named(finished) and (channel := _STAGE.channels.get(request.id)) is not None:
+                channel.settle()
+        dist.barrier(group=get_world_group().cpu_group)  # every rank is done reading this request's values
         for request in tracked:
             if request.named(finished) and (channel := _STAGE.channels.pop(request.id, None)) is not None:
                 channel.delete_published()
@@ -226,7 +231,23 @@ class SharedModelWorker:
         return self.model_runner.nnterp_share_model(key, payload, replaces)
 
 
-class NNterpGPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, NNsightGPUWorker):
+class StageWorker:
+    """The RPC that reports what this pipeline stage holds for other stages (None off pipeline parallelism)."""
+
+    def nnterp_stage_transport(self) -> Optional[dict]:
+        if _STAGE is None:
+            return None
+        from vllm.distributed.utils import get_pp_indices
+
+        keys = _STAGE.transport.held_keys
+        values = [key for key in keys if not key.startswith("parameters/")]
+        layers = get_pp_indices(self.model_config.hf_text_config.num_hidden_layers, _STAGE.rank, _STAGE.size)
+        return {"stage": _STAGE.rank, "layers": list(layers), "held_values": len(values), "held_parameters": len(keys) - len(values),
+                "held_bytes": _STAGE.transport.held_bytes, "open_requests": len(_STAGE.channels),
+                "published": _STAGE.transport.published_count}
+
+
+class NNterpGPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, StageWorker, NNsightGPUWorker):
     """nnsight's GPU worker, with nnterp's runner."""
 
     def init_device(self) -> None:
