@@ -89,6 +89,7 @@ class StageChannel:
         self.published: list[str] = []
         self._occurrences: dict[str, int] = {}
         self._prefetched: dict[str, Future] = {}
+        self._fetched: dict[str, torch.Tensor] = {}
 
     @property
     def timeout(self) -> float:
@@ -114,7 +115,17 @@ class StageChannel:
         if key not in self._prefetched and self.transport.announced(key):
             self._prefetched[key] = self.transport.prefetch(key, device)
 
+    def fetch_published(self, keys: list[str], device: torch.device | str = "cpu") -> None:
+        """Pulls every published value of ``keys`` not pulled yet, one request per holding stage (saves
+        resolved at collection), for :meth:`fetch_if_published` to hand out."""
+        wanted = [key for key in dict.fromkeys(keys)
+                  if key not in self._fetched and key not in self._prefetched and self.transport.announced(key)]
+        if wanted:
+            self._fetched.update(zip(wanted, self.transport.fetch(wanted, device)))
+
     def fetch(self, key: str, where: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        if key in self._fetched:
+            return self._fetched[key]
         if key in self._prefetched:
             return self._prefetched[key].result()
         try:
@@ -125,6 +136,8 @@ class StageChannel:
 
     def fetch_if_published(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The value if some stage published it, without waiting."""
+        if key in self._fetched:
+            return self._fetched[key]
         if key in self._prefetched:
             return self._prefetched[key].result()
         return self.transport.fetch([key], device)[0] if self.transport.announced(key) else None
@@ -134,6 +147,7 @@ class StageChannel:
         for future in self._prefetched.values():
             future.exception()
         self._prefetched.clear()
+        self._fetched.clear()
 
     def delete_published(self) -> None:
         """Drop this stage's published values (once every stage is done with the trace)."""
@@ -185,9 +199,9 @@ class RemoteValue:
     """
 
     def __init__(self, fetch: Callable[[], Any] | None, where: str, gate: Callable[[], None] | None = None,
-                 lookup: Callable[[], Any] | None = None) -> None:
+                 lookup: Callable[[], Any] | None = None, key: str | None = None) -> None:
         self._fetch, self._gate, self._op, self._lookup = fetch, gate, None, lookup
-        self.where = where
+        self.where, self.key = where, key
         self._value: Any = None
         self._ready = False
 
@@ -231,7 +245,7 @@ class RemoteValue:
     def __getstate__(self) -> dict:
         """Pickles without what it would fetch or compute (saves are shipped between processes): only the
         value, if it has one."""
-        return {"where": self.where, "_value": self._value, "_ready": self._ready,
+        return {"where": self.where, "key": self.key, "_value": self._value, "_ready": self._ready,
                 "_fetch": None, "_gate": None, "_op": None, "_lookup": None}
 
     def __setstate__(self, state: dict) -> None:
@@ -327,6 +341,22 @@ def _materialize(value: Any) -> Any:
     return _evaluate(value, None)
 
 
+def unfetched_keys(value: Any) -> list[str]:
+    """The channel keys of the placeholders ``value`` still needs (inside containers and recorded operations)."""
+    if isinstance(value, RemoteValue):
+        if value.materialized:
+            return []
+        if value._op is not None:
+            function, args, kwargs = value._op
+            return unfetched_keys(args) + unfetched_keys(kwargs)
+        return [value.key] if value.key is not None else []
+    if isinstance(value, (list, tuple)):
+        return [key for item in value for key in unfetched_keys(item)]
+    if isinstance(value, dict):
+        return [key for item in value.values() for key in unfetched_keys(item)]
+    return []
+
+
 def resolve_saves(saves: dict[str, Any], fetch: Callable[[RemoteValue], Any]) -> dict[str, Any]:
     """Saved values with every placeholder replaced by its value, computing recorded operations (``fetch``
     gives a not yet fetched placeholder's value, or None where no stage published it); a name whose value
@@ -417,7 +447,7 @@ class PipelineStageBackend:
         key = channel.key(where)
         channel.prefetch(key, self.device)
         return RemoteValue(lambda: channel.fetch(key, where, self.device), where, gate,
-                           lookup=lambda: channel.fetch_if_published(key, self.device))
+                           lookup=lambda: channel.fetch_if_published(key, self.device), key=key)
 
     def _publish(self, where: str, value: torch.Tensor) -> None:
         key = self._channel(where).key(where)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import logging
+import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 logger = logging.getLogger(__name__)
 
 STOP = "stop"
+SWITCH_INTERVAL_S = 0.0005
 
 
 def _raw_store(store: dist.Store) -> dist.Store:
@@ -87,6 +89,7 @@ class StageTransport:
         self._lock = threading.Lock()
         self._server: threading.Thread | None = None
         self._prefetcher: ThreadPoolExecutor | None = None
+        self._pending: list[tuple[str, torch.device | str, Future]] = []
 
     @property
     def store(self) -> dist.Store:
@@ -132,6 +135,9 @@ class StageTransport:
             store = dist.PrefixStore(self._prefix, _own_client(self._raw_store, timedelta(days=365)))
             self._server = threading.Thread(target=self._serve, args=(store,), name="nnterp-stage-transport", daemon=True)
             self._server.start()
+            # A woken thread waits for the interpreter lock up to this interval while the main thread runs
+            # Python (the engine's step loop): 5 ms by default, the bulk of a pull's latency.
+            sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL_S))
 
     def _serve(self, store: dist.Store) -> None:
         """Answers pull requests in the order they were numbered, until told to stop (or the store goes away)."""
@@ -216,10 +222,29 @@ class StageTransport:
             raise TransportTimeout(f"{key} (held by rank {holder}) did not arrive") from error
 
     def prefetch(self, key: str, device: torch.device | str = "cpu") -> Future:
-        """Starts pulling an announced value in the background; the future gives the value."""
-        if self._prefetcher is None:
-            self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="nnterp-stage-prefetch")
-        return self._prefetcher.submit(lambda: self.fetch([key], device)[0])
+        """Starts pulling an announced value in the background; the future gives the value. Values asked for
+        while a pull is under way go together in the next one (one request per holder)."""
+        future: Future = Future()
+        with self._lock:
+            self._pending.append((key, device, future))
+            if self._prefetcher is None:
+                self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="nnterp-stage-prefetch")
+            self._prefetcher.submit(self._pull_pending)
+        return future
+
+    def _pull_pending(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:  # an earlier pull took these
+            return
+        try:
+            values = self.fetch([key for key, _, _ in batch])
+        except Exception as error:
+            for _, _, future in batch:
+                future.set_exception(error)
+            return
+        for (_, device, future), value in zip(batch, values):
+            future.set_result(value.to(device))
 
     def _request(self, holder: int, lines: list[str]) -> int:
         number = self.store.add(f"pull/{holder}", 1)

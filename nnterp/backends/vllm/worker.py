@@ -34,6 +34,7 @@ from ..distributed.pp import (
     StageChannel,
     local_layer_range,
     resolve_saves,
+    unfetched_keys,
 )
 
 STAGE_TIMEOUT_S = float(os.environ.get("NNTERP_PP_TIMEOUT", "60"))
@@ -171,7 +172,10 @@ class PipelineRunner:
                     continue
                 sequence = entry["sequences"].get(index)
                 if sequence is not None:  # from the live values: what a placeholder would compute is not pickled
-                    sequence["saves"] = resolve_saves(request.saves(), RemoteValue.lookup)
+                    saves = request.saves()
+                    if (channel := _STAGE.channels.get(request.id)) is not None:  # one pull per stage
+                        channel.fetch_published(unfetched_keys(saves), _STAGE.device)
+                    sequence["saves"] = resolve_saves(saves, RemoteValue.lookup)
                     if index == 0:
                         entry["saves"] = sequence["saves"]
                 entry["error"] = first_cause([stage.get((engine_id, index)) for stage in by_stage])
