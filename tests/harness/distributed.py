@@ -167,7 +167,7 @@ def tp_shard_and_gather(rank: int, world_size: int) -> dict:
 PP_PROMPT = "The capital of France is"
 
 
-def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float):
+def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float, device: str = "cpu"):
     """A StandardizedTransformer holding only this stage's layers (stage 0: ``[0, split)``, stage 1: the
     rest; the others are ``PPMissingLayer`` stubs, as vLLM builds them) with a pipeline-stage backend.
 
@@ -180,7 +180,7 @@ def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float):
     from nnterp.backends.distributed.pp import STAGE_END, STAGE_START, PipelineStageBackend, StageChannel, local_layer_range
     from nnterp.standardized import StandardizedTransformer
 
-    hf_model = AutoModelForCausalLM.from_pretrained(str(path))
+    hf_model = AutoModelForCausalLM.from_pretrained(str(path)).to(device)
     layers = hf_model.model.layers
     for index in range(len(layers)):
         if (index < split) != (rank == 0):
@@ -191,7 +191,7 @@ def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float):
         hf_model.model.norm.register_forward_pre_hook(lambda module, args: channel.publish(channel.key(where), args[0]))
     else:
         def receive(module, args, kwargs):
-            return (channel.fetch(channel.key(where), where), *args[1:]), kwargs
+            return (channel.fetch(channel.key(where), where, device), *args[1:]), kwargs
 
         layers[split].register_forward_pre_hook(receive, with_kwargs=True)
     # no load-time renaming check: until the stage backend below is installed, the other stage's layers are stubs
@@ -214,14 +214,15 @@ def pp_stage_model(path: str | Path, rank: int, split: int, timeout: float):
     return model
 
 
-def pp_trace(rank: int, world_size: int, path: str, split: int) -> dict:
+def pp_trace(rank: int, world_size: int, path: str, split: int, device: str = "cpu") -> dict:
     """The same trace body on both stages: steer layer 0 (a write stage 1 ignores), read layer 0, the
     last layer and the logits; reads of the other stage's layers are placeholders."""
     import nnsight
 
     from nnterp.backends.distributed.pp import RemoteValue, owning_stages
 
-    model = pp_stage_model(path, rank, split, timeout=60)
+    model = pp_stage_model(path, rank, split, timeout=60, device=device)
+    model._backend.device = device
     owners = owning_stages({f"layers.{i}": layer for i, layer in enumerate(model._module.model.layers)})
     with torch.no_grad(), model.trace(PP_PROMPT):
         model.layers_output[0] = model.layers_output[0] * 2
@@ -251,12 +252,13 @@ def pp_out_of_order(rank: int, world_size: int, path: str, split: int, timeout: 
     return {"error": None, "seconds": time.time() - start}
 
 
-def pp_read_timings(rank: int, world_size: int, path: str, split: int, repeats: int) -> dict:
+def pp_read_timings(rank: int, world_size: int, path: str, split: int, repeats: int, device: str = "cpu") -> dict:
     """On stage 1, seconds to consume (``.sum().item()``) its own last layer's output vs stage 0's layer 0
     output (a placeholder fetched from stage 0), both once the value exists; medians over ``repeats`` traces."""
     import statistics
 
-    model = pp_stage_model(path, rank, split, timeout=60)
+    model = pp_stage_model(path, rank, split, timeout=60, device=device)
+    model._backend.device = device
     local, remote = [], []
     for _ in range(repeats):
         with torch.no_grad(), model.trace(PP_PROMPT):
@@ -278,7 +280,7 @@ def bind(program: Callable, **kwargs: Any) -> Callable[[int, int], Any]:
     return partial(program, **kwargs)
 
 
-def transport_transfers(rank: int, world_size: int) -> dict:
+def transport_transfers(rank: int, world_size: int, device: str = "cpu") -> dict:
     """Rank 0 publishes values; the other ranks pull them (one alone, a large one, three in one request),
     then rank 0 releases them. Reports what each rank saw."""
     import torch.distributed as dist
@@ -292,7 +294,7 @@ def transport_transfers(rank: int, world_size: int) -> dict:
     result: dict = {}
     if rank == 0:
         for key, value in values.items():
-            transport.publish(key, value)
+            transport.publish(key, value.to(device))
         result["values"] = values
         result["held_bytes_before"] = transport.held_bytes
     dist.barrier()
