@@ -132,6 +132,8 @@ def test_values_travel_between_processes_point_to_point(transfers):
         for key, value in reference.items():
             assert consumer["values"][key].dtype == value.dtype and torch.equal(consumer["values"][key], value), key
         assert consumer["largest_store_entry"] < 100  # bytes: a description, never a tensor
+        for key, value in consumer["prefetched"].items():  # pulled in the background, several per request
+            assert torch.equal(value, reference[key]), key
 
 
 def test_released_values_are_freed_and_unannounced(transfers):

@@ -302,6 +302,8 @@ def transport_transfers(rank: int, world_size: int, device: str = "cpu") -> dict
         pulled = {key: transport.fetch([key])[0] for key in ("large", "bf16", "scalar")}
         pulled.update(zip(("step0", "step1", "step2"), transport.fetch(["step0", "step1", "step2"])))
         result["values"] = pulled
+        futures = {key: transport.prefetch(key) for key in ("step2", "bf16", "large", "step0")}  # in the background
+        result["prefetched"] = {key: future.result(timeout=60) for key, future in futures.items()}
         result["largest_store_entry"] = max(len(transport.store.get(key)) for key in values)
         start = time.time()
         try:

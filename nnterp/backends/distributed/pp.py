@@ -124,23 +124,37 @@ class StageChannel:
             self._fetched.update(zip(wanted, self.transport.fetch(wanted, device)))
 
     def fetch(self, key: str, where: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        if key in self._fetched:
-            return self._fetched[key]
-        if key in self._prefetched:
-            return self._prefetched[key].result()
+        value = self._already_pulled(key, where)
+        if value is not None:
+            return value
         try:
             self.transport.wait(key)
         except TransportTimeout as error:
             raise _timeout_error(where, self.timeout) from error
-        return self.transport.fetch([key], device)[0]
+        return self._pull(key, where, device)
 
     def fetch_if_published(self, key: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The value if some stage published it, without waiting."""
+        value = self._already_pulled(key, key)
+        if value is None and self.transport.announced(key):
+            value = self._pull(key, key, device)
+        return value
+
+    def _already_pulled(self, key: str, where: str) -> torch.Tensor | None:
         if key in self._fetched:
             return self._fetched[key]
         if key in self._prefetched:
-            return self._prefetched[key].result()
-        return self.transport.fetch([key], device)[0] if self.transport.announced(key) else None
+            try:
+                return self._prefetched[key].result()
+            except TransportTimeout as error:
+                raise CrossStageTimeout(f"{where}: {error}") from error
+        return None
+
+    def _pull(self, key: str, where: str, device: torch.device | str) -> torch.Tensor:
+        try:
+            return self.transport.fetch([key], device)[0]
+        except TransportTimeout as error:
+            raise CrossStageTimeout(f"{where}: {error}") from error
 
     def settle(self) -> None:
         """Waits for this channel's background pulls (before the stages release what they published)."""
