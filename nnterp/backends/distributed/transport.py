@@ -11,7 +11,6 @@ holder releases them (the engine does when the request finishes).
 from __future__ import annotations
 
 import logging
-import logging
 import sys
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,8 +19,6 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-
-logger = logging.getLogger(__name__)
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +57,7 @@ class _Held:
 
 
 class TransportTimeout(TimeoutError):
-    """A value was not announced in time."""
+    """A value did not arrive: not announced in time, no longer held by its holder, or its transfer failed."""
 
 
 class StageTransport:
