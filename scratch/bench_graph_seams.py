@@ -6,7 +6,8 @@ steering can run on a graph-captured engine (hooks re-entered at replay through 
 Modes, each in a fresh process, vanilla vLLM (no nnsight, no nnterp): ``graphs`` (vLLM's default, compiled
 piecewise graphs), ``eager``, ``breakable`` (``VLLM_USE_BREAKABLE_CUDAGRAPH=1``, no seam), ``seam-noop`` (a seam
 after every decoder layer that does nothing), ``seam-read`` (a seam after every decoder layer that copies the
-layer's hidden rows into a static buffer), ``seam-one`` (``seam-read`` at one layer only). Prints tokens/s and
+layer's hidden rows into a static buffer), ``seam-one`` (``seam-read`` at one layer only), ``seam-steer`` (adds a
+vector in place to one layer's hidden rows at every step). Prints tokens/s and
 the ratio to ``graphs``; one JSON line per mode.
 """
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-MODES = ("graphs", "eager", "breakable", "seam-noop", "seam-read", "seam-one")
+MODES = ("graphs", "eager", "breakable", "seam-noop", "seam-read", "seam-one", "seam-steer")
 
 try:
     from vllm.v1.worker.gpu_worker import Worker as _VLLMWorker
@@ -46,11 +47,14 @@ class SeamWorker(_VLLMWorker):
         hidden = model.config.hidden_size
         rows = self.vllm_config.scheduler_config.max_num_batched_tokens
         dtype = next(model.parameters()).dtype
-        chosen = range(len(layers)) if kind != "one" else [len(layers) // 2]
-        buffers = {index: torch.empty(rows, hidden, dtype=dtype, device="cuda") for index in chosen} if kind != "noop" else {}
+        chosen = range(len(layers)) if kind in ("noop", "read") else [len(layers) // 2]
+        buffers = {index: torch.empty(rows, hidden, dtype=dtype, device="cuda") for index in chosen} if kind in ("read", "one") else {}
+        vector = torch.full((hidden,), 1e-3, dtype=dtype, device="cuda")
 
         def serve(index, live):
-            if index in buffers:
+            if kind == "steer":
+                live.add_(vector)
+            elif index in buffers:
                 buffers[index][: live.shape[0]].copy_(live)
 
         for index in chosen:
