@@ -51,7 +51,10 @@ class SeamWorker(_VLLMWorker):
         buffers = {index: torch.empty(rows, hidden, dtype=dtype, device="cuda") for index in chosen} if kind in ("read", "one") else {}
         vector = torch.full((hidden,), 1e-3, dtype=dtype, device="cuda")
 
+        self.seams = {"recorded": 0, "served": 0}
+
         def serve(index, live):
+            self.seams["served"] += 1
             if kind == "steer":
                 live.add_(vector)
             elif index in buffers:
@@ -64,11 +67,15 @@ class SeamWorker(_VLLMWorker):
                 if capture is not None and capture._capturing:
                     weak = weak_ref_tensor(live)
                     capture.add_eager(lambda: serve(index, weak))
+                    self.seams["recorded"] += 1
                 else:
                     serve(index, live)
                 return output
 
             layers[index].register_forward_hook(hook)
+
+    def seam_counts(self) -> dict:
+        return getattr(self, "seams", {})
 
 
 def measure(args) -> dict:
@@ -94,7 +101,8 @@ def measure(args) -> dict:
             llm.generate(prompts, params, use_tqdm=False)
             seconds.append(time.perf_counter() - start)
         best = min(seconds)
-        return {"mode": args.mode, "model": args.model, "prompts": args.prompts, "prompt_tokens": args.tokens,
+        seams = llm.collective_rpc("seam_counts")[0] if args.mode.startswith("seam") else {}
+        return {"seams": seams, "mode": args.mode, "model": args.model, "prompts": args.prompts, "prompt_tokens": args.tokens,
                 "new_tokens": args.new, "seconds": round(best, 4),
                 "tokens_per_s": round(args.prompts * (args.tokens + args.new) / best, 1)}
 
