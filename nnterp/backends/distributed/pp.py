@@ -173,33 +173,35 @@ def _default_store() -> dist.Store:
     return dist.distributed_c10d._get_default_store()
 
 
+PARAMETER_KEYS = "parameters"  # the keys parameters are offered under, never released
+
+
 class ParameterShelf:
     """Parameters another stage holds: the owner offers each one once per process, a reader fetches it once
     and keeps it (parameters do not change between traces)."""
 
     def __init__(self, transport: StageTransport | None = None, timeout: float = 60.0) -> None:
-        self.transport = transport if transport is not None else StageTransport(_default_store(), timeout)
+        self.channel = StageChannel(transport, timeout, prefix=PARAMETER_KEYS)
         self._offered: set[str] = set()
         self._taken: dict[str, torch.Tensor] = {}
 
     def offer(self, path: str, value: torch.Tensor) -> None:
         if path not in self._offered:
-            self.transport.publish(f"parameters/{path}", value)
+            self.channel.transport.publish(f"{PARAMETER_KEYS}/{path}", value)
             self._offered.add(path)
 
     def take(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor:
         if path not in self._taken:
-            try:
-                self.transport.wait(f"parameters/{path}")
-            except TransportTimeout as error:
-                raise _timeout_error(f"parameter {path}", self.transport.timeout) from error
-            self._taken[path] = self.transport.fetch([f"parameters/{path}"], device)[0]
+            self._taken[path] = self.channel.fetch(f"{PARAMETER_KEYS}/{path}", f"parameter {path}", device)
         return self._taken[path]
 
     def take_if_offered(self, path: str, device: torch.device | str = "cpu") -> torch.Tensor | None:
-        if path in self._taken or self.transport.announced(f"parameters/{path}"):
-            return self.take(path, device)
-        return None
+        if path not in self._taken:
+            value = self.channel.fetch_if_published(f"{PARAMETER_KEYS}/{path}", device)
+            if value is None:
+                return None
+            self._taken[path] = value
+        return self._taken[path]
 
 
 class RemoteValue:

@@ -102,7 +102,7 @@ class StageTransport:
     def publish(self, key: str, value: torch.Tensor) -> None:
         """Keeps a copy of ``value`` (the holder may change its tensor later) and announces it. An
         accelerator's value is copied on its device, without waiting; it goes to the host when pulled."""
-        held = _Held(value.detach().clone().contiguous())
+        held = _Held(value.detach().clone(memory_format=torch.contiguous_format))
         with self._lock:
             self._held[key] = held
             self.published_count += 1

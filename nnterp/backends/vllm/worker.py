@@ -26,6 +26,7 @@ from .recovery import RecoveringRunner
 from .served import ServingRunner, ServingWorker
 from ..distributed.transport import StageTransport
 from ..distributed.pp import (
+    PARAMETER_KEYS,
     STAGE_END,
     STAGE_START,
     ParameterShelf,
@@ -244,7 +245,7 @@ class StageWorker:
         from vllm.distributed.utils import get_pp_indices
 
         keys = _STAGE.transport.held_keys
-        values = [key for key in keys if not key.startswith("parameters/")]
+        values = [key for key in keys if not key.startswith(f"{PARAMETER_KEYS}/")]
         layers = get_pp_indices(self.model_config.hf_text_config.num_hidden_layers, _STAGE.rank, _STAGE.size)
         return {"stage": _STAGE.rank, "layers": list(layers), "held_values": len(values), "held_parameters": len(keys) - len(values),
                 "held_bytes": _STAGE.transport.held_bytes, "open_requests": len(_STAGE.channels),
