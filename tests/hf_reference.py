@@ -43,3 +43,25 @@ def logits_with_hook(model, module: torch.nn.Module, hook, prompt: str, pre: boo
             return model._module(**model.tokenizer(prompt, return_tensors="pt")).logits
     finally:
         handle.remove()
+
+
+def add_to_stream(vector: torch.Tensor):
+    """A forward hook adding ``vector`` to a module's output stream."""
+    return lambda module, args, output: with_stream(output, stream_of(output) + vector)
+
+
+def outputs_with_hooks(raw: torch.nn.Module, token_ids: list[int], edits: dict, read: dict) -> dict[str, torch.Tensor]:
+    """One plain forward of the raw model on ``token_ids`` with forward hooks ``edits`` (``{module: hook}``)
+    installed: the output stream ``[tokens, hidden]`` of each module in ``read`` (``{name: module}``), after
+    any edit of that module."""
+    seen: dict = {}
+    handles = [module.register_forward_hook(hook) for module, hook in edits.items()]
+    handles += [module.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, stream_of(out)[0].clone()))
+                for name, module in read.items()]
+    try:
+        with torch.no_grad():
+            raw(torch.tensor([token_ids]))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen

@@ -11,6 +11,7 @@ import urllib.request
 import pytest
 import torch
 from harness.server import running_server
+from hf_reference import add_to_stream, outputs_with_hooks
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("vllm")
@@ -52,12 +53,7 @@ def hf_streams(hf, token_ids: list[int], steer: dict[int, torch.Tensor], read: l
     """Each layer in ``read``'s output on ``token_ids`` (one forward of the raw HF model), ``steer[layer]`` added to
     that layer's output by a hook: the reference, sharing no code with nnterp."""
     layers = hf[0].model.layers
-
-    def add(vector):
-        return lambda module, args, output: ((output[0] + vector, *output[1:]) if isinstance(output, tuple)
-                                             else output + vector)
-
-    seen = hf_with_hooks(hf, token_ids, {layers[index]: add(vector) for index, vector in steer.items()})
+    seen = hf_with_hooks(hf, token_ids, {layers[index]: add_to_stream(vector) for index, vector in steer.items()})
     return {layer: seen[layer] for layer in read}
 
 
@@ -227,16 +223,7 @@ def test_the_server_answers_after_an_engine_side_failure(server, client):
 def hf_with_hooks(hf, token_ids: list[int], hooks: dict) -> dict[int, torch.Tensor]:
     """Every layer's output of the raw HF model with forward hooks ``{module: hook}`` installed."""
     model, _ = hf
-    seen, handles = {}, [module.register_forward_hook(hook) for module, hook in hooks.items()]
-    handles += [layer.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(i, (o[0] if isinstance(o, tuple) else o)[0].clone()))
-                for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            model(torch.tensor([token_ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    return outputs_with_hooks(model, token_ids, hooks, dict(enumerate(model.model.layers)))
 
 
 @pytest.mark.parametrize("mode", ["zero", "mean"])

@@ -5,6 +5,7 @@ over the prompt and the generated tokens."""
 import pytest
 import torch
 from harness.server import running_server
+from hf_reference import add_to_stream, outputs_with_hooks
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytest.importorskip("vllm")
@@ -18,23 +19,10 @@ PROMPT = "The capital of France is"
 def hooked_streams(path: str, token_ids: list[int], steer: dict[int, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Layer and MLP outputs of one plain HF forward on ``token_ids``, ``steer[layer]`` added to layer outputs by hooks."""
     model = AutoModelForCausalLM.from_pretrained(path).eval()
-    seen, handles = {}, []
-    for index, layer in enumerate(model.model.layers):
-        def hook(module, args, output, index=index):
-            stream = output[0] if isinstance(output, tuple) else output
-            stream = stream + steer[index] if index in steer else stream
-            seen[f"layers_output.{index}"] = stream[0].clone()
-            return (stream, *output[1:]) if isinstance(output, tuple) else stream
-
-        handles.append(layer.register_forward_hook(hook))
-        handles.append(layer.mlp.register_forward_hook(lambda m, a, o, index=index: seen.__setitem__(f"mlps_output.{index}", o[0].clone())))
-    try:
-        with torch.no_grad():
-            model(torch.tensor([token_ids]))
-    finally:
-        for handle in handles:
-            handle.remove()
-    return seen
+    layers = model.model.layers
+    read = {**{f"layers_output.{index}": layer for index, layer in enumerate(layers)},
+            **{f"mlps_output.{index}": layer.mlp for index, layer in enumerate(layers)}}
+    return outputs_with_hooks(model, token_ids, {layers[index]: add_to_stream(vector) for index, vector in steer.items()}, read)
 
 
 @pytest.mark.parametrize("parallel", [["--pipeline-parallel-size", "2"], ["--tensor-parallel-size", "2"]], ids=["pp2", "tp2"])

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -67,17 +68,26 @@ def dump_reads(path: str, out: str, tp: int, pp: int, executor: str | None = Non
     torch.save(reads, out)
 
 
-def reads_in_fresh_process(path: str, tp: int, pp: int, workdir: str, executor: str | None = None) -> list[dict]:
-    out = str(Path(workdir) / f"reads-tp{tp}-pp{pp}-{executor}.pt")
+def engine_program_in_fresh_process(program: str, out: str, tp: int, pp: int, **arguments) -> Any:
+    """``harness.<module>.<function>(out=..., tp=..., pp=..., **arguments)`` (``program`` is ``"module.function"``)
+    in a fresh process, one engine per process; returns what it saved to ``out``. On CPU each rank gets a core
+    of its own, ranks sharing cores when they outnumber them."""
     env = dict(os.environ)
-    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(core) for core in range(tp * pp)))
+    cores = os.cpu_count() or 1
+    env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank % cores) for rank in range(tp * pp)))
+    module, function = program.rsplit(".", 1)
+    call = ", ".join(f"{name}={value!r}" for name, value in {"out": out, "tp": tp, "pp": pp, **arguments}.items())
     tests = str(Path(__file__).resolve().parents[1])
-    code = (f"import sys; sys.path.insert(0, {tests!r}); from harness.parallel import dump_reads; "
-            f"dump_reads({path!r}, {out!r}, {tp}, {pp}, {executor!r})")
+    code = f"import sys; sys.path.insert(0, {tests!r}); from harness.{module} import {function}; {function}({call})"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
     if run.returncode != 0:
-        raise RuntimeError(f"tp={tp} pp={pp} executor={executor} failed:\n{run.stderr[-4000:]}")
+        raise RuntimeError(f"{function} at tp={tp} pp={pp} {arguments} failed:\n{run.stderr[-4000:]}")
     return torch.load(out, weights_only=False)
+
+
+def reads_in_fresh_process(path: str, tp: int, pp: int, workdir: str, executor: str | None = None) -> list[dict]:
+    out = str(Path(workdir) / f"reads-tp{tp}-pp{pp}-{executor}.pt")
+    return engine_program_in_fresh_process("parallel.dump_reads", out, tp, pp, path=path, executor=executor)
 
 
 def parallel_reads(path: str, tp: int, pp: int, executor: str | None = None) -> list[dict]:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+from .parallel import engine_program_in_fresh_process
 
 PATTERNS = ("clean", "read_every_layer", "read_split", "consume_across", "write_across", "ablate", "steer")
 PROMPTS = ("The capital of France is", "One two three four five")
@@ -112,15 +111,7 @@ def dump_patterns(path: str, out: str, tp: int, pp: int) -> None:
 def patterns_in_fresh_process(path: str, tp: int, pp: int) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         out = str(Path(workdir) / f"patterns-tp{tp}-pp{pp}.pt")
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_OMP_THREADS_BIND", "|".join(str(rank % (os.cpu_count() or 1)) for rank in range(tp * pp)))
-        tests = str(Path(__file__).resolve().parents[1])
-        code = (f"import sys; sys.path.insert(0, {tests!r}); from harness.patterns import dump_patterns; "
-                f"dump_patterns({path!r}, {out!r}, {tp}, {pp})")
-        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1200)
-        if run.returncode != 0:
-            raise RuntimeError(f"patterns at tp={tp} pp={pp} failed:\n{run.stderr[-4000:]}")
-        return torch.load(out, weights_only=False)
+        return engine_program_in_fresh_process("patterns.dump_patterns", out, tp, pp, path=path)
 
 
 def classify(reference: dict, candidate: dict, atol: float = 1e-4) -> dict[str, str]:
