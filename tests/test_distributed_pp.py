@@ -116,6 +116,23 @@ def test_a_published_value_is_the_value_at_publication():
     assert torch.equal(channel.fetch("layer", "layer"), torch.ones(3))
 
 
+def test_a_value_released_before_it_is_read_is_the_cross_stage_error_naming_it():
+    """Read in the foreground or pulled in the background, a value its holder no longer holds (still
+    announced) is an immediate error naming the read."""
+    from nnterp.backends.distributed.pp import CrossStageTimeout
+
+    channel = _local_channel()
+    channel.publish("read", torch.ones(2))
+    channel.publish("pulled", torch.ones(2))
+    with channel.transport._lock:
+        channel.transport._held.clear()
+    with pytest.raises(CrossStageTimeout, match=r"layer 3: .*no longer holds \['read'\]"):
+        channel.fetch("read", "layer 3")
+    channel.prefetch("pulled")
+    with pytest.raises(CrossStageTimeout, match=r"layer 4: .*no longer holds \['pulled'\]"):
+        channel.fetch("pulled", "layer 4")
+
+
 @pytest.fixture(scope="module")
 def transfers():
     from harness.distributed import transport_transfers

@@ -197,15 +197,20 @@ class StageTransport:
         for holder, indices in by_holder.items():
             if holder == self.rank:
                 with self._lock:
-                    for index in indices:
-                        values[index] = self._held[keys[index]].tensor.clone()
-                continue
-            number = self._request(holder, [keys[index] for index in indices])
-            present = torch.empty(len(indices), dtype=torch.uint8)
-            self._receive(present, holder, number, keys[indices[0]])
-            missing = [keys[index] for index, ok in zip(indices, present.tolist()) if not ok]
+                    held = [self._held.get(keys[index]) for index in indices]
+                present = [value is not None for value in held]
+            else:
+                number = self._request(holder, [keys[index] for index in indices])
+                flags = torch.empty(len(indices), dtype=torch.uint8)
+                self._receive(flags, holder, number, keys[indices[0]])
+                present = [bool(flag) for flag in flags.tolist()]
+            missing = [keys[index] for index, ok in zip(indices, present) if not ok]
             if missing:
                 raise TransportTimeout(f"rank {holder} no longer holds {missing} (released before this read)")
+            if holder == self.rank:
+                for index, value in zip(indices, held):
+                    values[index] = value.tensor.clone()
+                continue
             for index in indices:
                 _, dtype, shape = records[index]
                 values[index] = torch.empty([int(size) for size in shape.split(",") if size], dtype=getattr(torch, dtype))
