@@ -1,5 +1,6 @@
-"""Throughput of activation extraction: vanilla vLLM, nnsight's vLLM trace, StandardizedVLLM (trace, extract one
-layer, extract all layers), plain HF forward with a hook, StandardizedTransformer (trace, extract).
+"""Throughput of activation extraction: vanilla vLLM (eager and CUDA graphs), nnsight's vLLM trace, StandardizedVLLM
+eager and on CUDA graphs (trace, extract one layer, extract all layers, steering at every step), plain HF forward
+with a hook, StandardizedTransformer (trace, extract).
 
     uv run --inexact --extra cpu python scratch/bench_throughput.py                      # CPU: tiny random Llama, ratios
     uv run --inexact --extra cpu python scratch/bench_throughput.py --quick              # the CI command (fewer prompts)
@@ -10,8 +11,12 @@ each measurement (the best of its runs) prints one JSON line (mode, prompts, tok
 as soon as it exists, and a table of
 ratios closes the run: vLLM modes against vanilla vLLM with the same engine settings (eager, same batch and
 scheduler limits, chunked prefill off, in-process engine core), HF modes against the plain forward with a hook.
-``tokens`` counts prompt tokens plus generated tokens. ``nnterp-vllm-generate`` runs StandardizedVLLM's
-engine with nothing extracted (what nnsight's worker costs by itself). Every mode saves the residual stream after the middle
+``x graphs`` is the ratio to vanilla vLLM with CUDA graphs (vLLM's default, measured in the same run; GPU only).
+``tokens`` counts prompt tokens plus generated tokens. ``nnterp-vllm-*`` is StandardizedVLLM's eager engine,
+``nnterp-graphs-*`` the same on CUDA graphs serving every accessor (``cuda_graphs=True``), ``nnterp-lean-*`` serving
+only ``layers_output`` (``cuda_graphs=("layers_output",)``); ``*-generate`` runs the engine with nothing extracted
+(what the worker costs by itself, the ``x engine`` base); ``*-steer`` adds a vector to one layer at every step
+through a served request's ``nnterp`` object. Every mode saves the residual stream after the middle
 layer (``--layer``) of every prompt to host memory ("all" modes: every layer). On a shared CPU machine compare
 ``cpu_seconds`` (the process's CPU time) rather than wall time. On a GPU, the engine arguments in
 ``NNTERP_VLLM_ARGS`` (JSON) apply to every vLLM mode, e.g. the attention backend.
@@ -35,10 +40,16 @@ GROUPS = {  # modes that share one process (one model or engine)
     "vllm": ["vllm"],
     "vllm-graphs": ["vllm-graphs"],
     "nnsight": ["nnsight-trace"],
-    "nnterp-vllm": ["nnterp-vllm-generate", "nnterp-vllm-trace", "nnterp-vllm-extract", "nnterp-vllm-extract-all"],
+    "nnterp-vllm": ["nnterp-vllm-generate", "nnterp-vllm-trace", "nnterp-vllm-extract", "nnterp-vllm-extract-all",
+                    "nnterp-vllm-steer"],
+    "nnterp-graphs": ["nnterp-graphs-generate", "nnterp-graphs-trace", "nnterp-graphs-extract", "nnterp-graphs-extract-all",
+                      "nnterp-graphs-steer"],
+    "nnterp-lean": ["nnterp-lean-generate", "nnterp-lean-extract", "nnterp-lean-steer"],
     "hf": ["hf-hooks", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
 }
-TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "hf-nnterp-trace"}  # measured in the first scenario only
+TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "nnterp-graphs-trace", "hf-nnterp-trace"}
+GRAPH_GROUPS = {"vllm-graphs", "nnterp-graphs", "nnterp-lean"}  # need a GPU
+ENGINE_PREFIXES = ("nnterp-vllm", "nnterp-graphs", "nnterp-lean")  # StandardizedVLLM modes: "<prefix>-generate" is the engine  # measured in the first scenario only
 BASELINE = {"vllm": "vllm", "hf": "hf-hooks"}
 WORDS = ("The capital of France is Paris . Germany Berlin Italy Rome Eiffel Tower Hello world this is a tiny model "
          "used to test interpretability tools A cat sat on the mat ; the dog ran in park One two three four five "
@@ -140,12 +151,14 @@ def nnsight_group(args, path: str) -> dict[str, Callable]:
     return {"nnsight-trace": run}
 
 
-def nnterp_vllm_group(args, path: str) -> dict[str, Callable]:
+def nnterp_vllm_group(args, path: str, prefix: str = "nnterp-vllm", cuda_graphs=False) -> dict[str, Callable]:
+    """StandardizedVLLM's modes; ``cuda_graphs`` as StandardizedVLLM takes it."""
+    from nnterp.backends.taps.spec import RequestSpec, Steer
     from nnterp.standardized.vllm import StandardizedVLLM
 
     from vllm import SamplingParams
 
-    model = StandardizedVLLM(path, **vllm_settings(args))
+    model = StandardizedVLLM(path, cuda_graphs=cuda_graphs, **vllm_settings(args))
 
     def generate(prompts, max_new_tokens, layer):  # the same engine, nothing extracted: its own overhead
         model.vllm_entrypoint.generate(prompts, SamplingParams(**sampling(max_new_tokens)), use_tqdm=False)
@@ -162,8 +175,15 @@ def nnterp_vllm_group(args, path: str) -> dict[str, Callable]:
                                   progress=False, ignore_eos=True))
         return run
 
-    return {"nnterp-vllm-generate": generate, "nnterp-vllm-trace": trace, "nnterp-vllm-extract": extract(None),
-            "nnterp-vllm-extract-all": extract(range(model.num_layers))}
+    def steer(prompts, max_new_tokens, layer):  # a served request's steering (the server's nnterp object) at every step
+        vector = [1e-3] * model.hidden_size
+        spec = RequestSpec(steer=[Steer([layer], vector, 1.0, "all")]).to_json()
+        params = SamplingParams(**sampling(max_new_tokens), extra_args={"nnterp": spec})
+        model.vllm_entrypoint.generate(prompts, params, use_tqdm=False)
+
+    modes = {"generate": generate, "trace": trace, "extract": extract(None), "extract-all": extract(range(model.num_layers)),
+             "steer": steer}
+    return {f"{prefix}-{name}": run for name, run in modes.items()}
 
 
 def hf_group(args, path: str) -> dict[str, Callable]:
@@ -234,6 +254,8 @@ def run_group(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     builders = {"vllm": lambda: vllm_group(args, path, graphs=False), "vllm-graphs": lambda: vllm_group(args, path, True),
                 "nnsight": lambda: nnsight_group(args, path), "nnterp-vllm": lambda: nnterp_vllm_group(args, path),
+                "nnterp-graphs": lambda: nnterp_vllm_group(args, path, "nnterp-graphs", cuda_graphs=True),
+                "nnterp-lean": lambda: nnterp_vllm_group(args, path, "nnterp-lean", cuda_graphs=("layers_output",)),
                 "hf": lambda: hf_group(args, path)}
     modes = builders[args.group]()
     modes = {mode: run for mode, run in modes.items() if mode in args.modes}
@@ -307,16 +329,18 @@ def table(records: list[dict]) -> str:
     def ratio(base, record, key):
         return base[key] / record[key] if base else float("nan")
 
-    lines = ["", f"{'mode':26} {'prompts':>7} {'new':>4} {'tokens':>8} {'tok/s':>10} {'x base':>7} {'x engine':>8} "
-                 f"{'cpu s':>7} {'x base cpu':>10}"]
+    lines = ["", f"{'mode':26} {'prompts':>7} {'new':>4} {'tokens':>8} {'tok/s':>10} {'x base':>7} {'x graphs':>8} "
+                 f"{'x engine':>8} {'cpu s':>7} {'x base cpu':>10}"]
     for record in records:
         hf = record["mode"].startswith("hf")
         base = baseline(record, BASELINE["hf" if hf else "vllm"])
-        engine = baseline(record, "nnterp-vllm-generate") if record["mode"].startswith("nnterp-vllm") else None
+        graphs = None if hf else baseline(record, "vllm-graphs")
+        prefix = next((prefix for prefix in ENGINE_PREFIXES if record["mode"].startswith(prefix + "-")), None)
+        engine = baseline(record, f"{prefix}-generate") if prefix else None
         lines.append(f"{record['mode']:26} {record['prompts']:>7} {record['max_new_tokens']:>4} {record['tokens']:>8} "
                      f"{record['tokens_per_s']:>10.0f} {ratio(base, record, 'seconds'):>7.2f} "
-                     f"{ratio(engine, record, 'seconds'):>8.2f} {record['cpu_seconds']:>7.2f} "
-                     f"{ratio(base, record, 'cpu_seconds'):>10.2f}")
+                     f"{ratio(graphs, record, 'seconds'):>8.2f} {ratio(engine, record, 'seconds'):>8.2f} "
+                     f"{record['cpu_seconds']:>7.2f} {ratio(base, record, 'cpu_seconds'):>10.2f}")
     if records:
         lines.append(f"device: {records[0]['device']}; model: {records[0]['model']}")
     return "\n".join(lines)
@@ -347,8 +371,8 @@ def main() -> int:
 
     if args.dtype is None:
         args.dtype = "bfloat16" if torch.cuda.is_available() else "float32"
-    if not torch.cuda.is_available():
-        args.modes = [mode for mode in args.modes if mode != "vllm-graphs"]  # no CUDA graphs on CPU
+    if not torch.cuda.is_available():  # no CUDA graphs on CPU
+        args.modes = [mode for mode in args.modes if not any(mode in GROUPS[group] for group in GRAPH_GROUPS)]
     if args.quick:
         args.scenarios = ["128:0", "128:8"]
     if args.group is not None:

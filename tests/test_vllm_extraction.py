@@ -154,3 +154,35 @@ def test_a_model_attribute_set_after_a_trace_reaches_later_traces(model):
     assert torch.equal(steered(), with_local)
     model.steering_direction = -vector
     assert torch.allclose(steered(), steered(-vector)) and not torch.allclose(steered(), with_local)
+
+
+def read_in_trace(model, name: str) -> torch.Tensor:
+    with model.trace(PROMPTS[0]):
+        value = getattr(model, name)[0].save()
+    return value
+
+
+def test_a_graph_captured_engine_refuses_what_it_does_not_serve(model):
+    """What a graph-captured engine serving only ``layers_output`` refuses, checked on the CPU engine with that
+    engine's backend (the refusal lives in the backend; a CPU machine cannot capture graphs): each read names
+    itself and the eager alternative, and the engine serves the next request."""
+    from nnterp.backends.vllm.backend import VLLMBackend
+
+    original = model._backend
+    model._backend = VLLMBackend(("layers_output",))
+    try:
+        assert model.graph_accessors == ("layers_output",)
+        assert read_in_trace(model, "layers_output").shape[-1] == model.hidden_size
+        for name in ("attentions_output", "mlps_input", "layers_input", "attention_probabilities", "heads_output"):
+            with pytest.raises(NotImplementedError, match=rf"{name} is not served on this graph-captured engine.*"
+                                                          r"cuda_graphs=False"):
+                read_in_trace(model, name)
+        with pytest.raises(NotImplementedError, match="mlps_output is not served"):
+            with model.trace(PROMPTS[0]):
+                model.mlps_output[0] = model.mlps_output[0] * 2
+        with pytest.raises(NotImplementedError, match="attentions_output is not served"):
+            list(model.extract(PROMPTS[:1], accessors=("attentions_output",), progress=False))
+    finally:
+        model._backend = original
+    assert model.graph_accessors is None
+    assert read_in_trace(model, "attentions_output").shape[-1] == model.hidden_size

@@ -71,6 +71,7 @@ class LayerAccessor(PerLayer):
         """The checked layer index, whether this process runs that layer (a pipeline stage may not), and
         the read's name."""
         layer_index = self._model._check_layer_index(index, self.name)
+        self._model._backend.check_served(self.name)
         owned = self._model._backend.owns(layer_index)
         return layer_index, owned, f"model.{self.name}[{layer_index}]"
 

@@ -46,6 +46,10 @@ class Backend:
         """The full logical parameter at ``path`` (``module`` runs at ``position`` of the forward pass)."""
         return self.local_parameter(module, param_name)
 
+    def check_served(self, read: str) -> None:
+        """Raise if the engine cannot serve ``read`` (an accessor's name, e.g. ``attentions_output``) at all
+        (an engine that replays CUDA graphs serves only its seams)."""
+
     def owns(self, position: Any) -> bool:
         """Whether this process runs the forward pass at ``position`` (always, except on a pipeline stage)."""
         return True

@@ -56,6 +56,7 @@ class HeadsAccessor(PerLayer):
     def projection(self, index: int):
         """The checked layer index and the envoy of its output projection."""
         layer = self._model._check_layer_index(index, self.name)
+        self._model._backend.check_served(self.name)
         attention = self._model.attentions[layer]
         where = f"{self.name}[{layer}]"
         return layer, getattr(attention, output_projection_name(attention._module, where))

@@ -49,6 +49,7 @@ class RoutersAccessor(PerLayer):
     def router(self, index: int):
         """The checked layer index and its router's envoy; a dense layer raises."""
         layer = self._model._check_layer_index(index, self.name)
+        self._model._backend.check_served(self.name)
         block = self._model.mlps[layer]
         name = router_name(block._module)
         if name is None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ from ..backends.vllm.engine import (
     wrapped_hf_model,
 )
 from ..backends.vllm.attention import RecomputedAttentionProbabilities
+from ..backends.vllm.graphs import graph_accessors, graph_engine_kwargs, nnsight_taps
 from ..core.inputs import check_prompts, token_id_prompt
 from ..core.padding import in_trace
 from ..core.rename import RenameConfig, layer_child, resolve_names, split_rename
@@ -63,6 +64,11 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
     1.x's arguments mean what they mean on ``StandardizedTransformer``, except ``enable_attention_probs`` (not
     needed: ``attention_probabilities`` recomputes the prompt's patterns from queries and keys, read-only) and
     ``check_attn_probs_with_trace`` (unused).
+
+    The engine runs eagerly unless ``cuda_graphs=True`` (or ``enforce_eager=False``): then vLLM replays breakable
+    CUDA graphs and every layer accessor, the token embeddings and the input ids are served at replay (seams
+    derived from the standard names); ``cuda_graphs=("layers_output",)`` serves only the accessors named (fewer
+    graph breaks). Other reads (attention probabilities, heads, routers, raw modules) raise on such an engine.
     """
 
     def __init__(
@@ -82,6 +88,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         check_layout: bool = True,
         unsafe_enable_prefix_caching: bool = False,
         use_tqdm: bool = False,
+        cuda_graphs: bool | Sequence[str] = False,
         **vllm_kwargs: Any,
     ) -> None:
         refuse_remote(remote, "StandardizedVLLM")
@@ -89,7 +96,12 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         model = check_model_source(model, "StandardizedVLLM", loaded_ok=False)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         object.__setattr__(self, "_use_tqdm", use_tqdm)  # read by _load_sync, inside super().__init__
+        accessors = graph_accessors(cuda_graphs, vllm_kwargs.pop("enforce_eager", None))
         vllm_kwargs = engine_kwargs(vllm_kwargs, trust_remote_code, unsafe_enable_prefix_caching)
+        if accessors is not None:
+            vllm_kwargs = graph_engine_kwargs(vllm_kwargs, accessors)
+            vllm_kwargs["taps"] = accessors  # nnsight's taps: resolved into module locations by _resolve_taps
+        object.__setattr__(self, "_graph_setup", (config, hints, extra, accessors))
         expert_group_after_a_dense_engine()
         with cpu_meta_build():
             super().__init__(model, **vllm_kwargs)
@@ -97,13 +109,24 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         width = self._module.get_submodule(names.embed_tokens).embedding_dim
         layout = infer_layout(self._module, names, width, "vllm", run=None, architecture=layout_key(self._module))
         _bind_aliases(self, names.nnsight_rename())
-        self._init_standard_surface(names, config, VLLMBackend(), layout, model)
+        self._init_standard_surface(names, config, VLLMBackend(accessors), layout, model)
         _mount_layer_children(self, names)
         for key, value in (tokenizer_kwargs or {}).items():
             setattr(self.tokenizer, key, value)
         # The renaming check runs traces, which on the async engine finish only when awaited: it is the sync
         # engine's (the layout is still inferred and compared with its reviewed snapshot).
         self._check_loaded(check_layout, check_renaming and not self._async_engine, allow_multimodal)
+
+    @property
+    def graph_accessors(self) -> tuple[str, ...] | None:
+        """The layer accessors this engine serves under CUDA graphs (``cuda_graphs=...``); None on an eager engine,
+        which serves everything."""
+        return self._backend.graph_accessors
+
+    def _resolve_taps(self, module: torch.nn.Module) -> tuple[str, ...]:
+        """nnsight's tap locations, derived from the standardized names of the graph-served accessors."""
+        config, hints, extra, accessors = self.__dict__["_graph_setup"]
+        return nnsight_taps(module, resolve_names(module, config, hints, extra), accessors)
 
     def _load_async(self, repo_id: str, **kwargs: Any) -> Any:
         self._WORKER_CLS = worker_class()

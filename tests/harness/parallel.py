@@ -54,12 +54,13 @@ def tool_reads(model, prompt: str) -> dict[str, list[torch.Tensor]]:
             **{f"generation_{name}": [torch.tensor(tokens, dtype=torch.float32)] for name, tokens in generations.items()}}
 
 
-def dump_reads(path: str, out: str, tp: int, pp: int, executor: str | None = None) -> None:
+def dump_reads(path: str, out: str, tp: int, pp: int, executor: str | None = None, engine: dict | None = None) -> None:
+    """The reads of :data:`PROMPTS` saved to ``out``; ``engine``: more engine arguments (e.g. ``cuda_graphs``)."""
     from nnterp.standardized.vllm import StandardizedVLLM
 
     extra = {} if executor is None else {"distributed_executor_backend": executor}
     model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, check_layout=False,
-                             tensor_parallel_size=tp, pipeline_parallel_size=pp, **extra)
+                             tensor_parallel_size=tp, pipeline_parallel_size=pp, **extra, **(engine or {}))
     reads = read_prompts(model)
     for prompt_reads, prompt in zip(reads, PROMPTS):
         prompt_reads.update(tool_reads(model, prompt))

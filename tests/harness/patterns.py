@@ -94,11 +94,12 @@ def long_generation(model) -> None:
     assert len(saved) == LONG_STEPS * model.num_layers, len(saved)
 
 
-def dump_patterns(path: str, out: str, tp: int, pp: int) -> None:
+def dump_patterns(path: str, out: str, tp: int, pp: int, engine: dict | None = None) -> None:
+    """The patterns' values saved to ``out``; ``engine``: more engine arguments (e.g. ``cuda_graphs``)."""
     from nnterp.standardized.vllm import StandardizedVLLM
 
     model = StandardizedVLLM(path, dtype="float32", max_model_len=128, max_num_seqs=4, check_layout=False,
-                             tensor_parallel_size=tp, pipeline_parallel_size=pp)
+                             tensor_parallel_size=tp, pipeline_parallel_size=pp, **(engine or {}))
     results = {f"{pattern}/{'generate' if generate else 'forward'}/{index}": run_pattern(model, pattern, prompt, generate)
                for pattern in PATTERNS for generate in (False, True) for index, prompt in enumerate(PROMPTS)}
     transport = {"after_patterns": stage_transport(model)}
@@ -108,10 +109,10 @@ def dump_patterns(path: str, out: str, tp: int, pp: int) -> None:
     torch.save({"results": results, "transport": transport}, out)
 
 
-def patterns_in_fresh_process(path: str, tp: int, pp: int) -> dict:
+def patterns_in_fresh_process(path: str, tp: int, pp: int, engine: dict | None = None) -> dict:
     with tempfile.TemporaryDirectory() as workdir:
         out = str(Path(workdir) / f"patterns-tp{tp}-pp{pp}.pt")
-        return engine_program_in_fresh_process("patterns.dump_patterns", out, tp, pp, path=path)
+        return engine_program_in_fresh_process("patterns.dump_patterns", out, tp, pp, path=path, engine=engine)
 
 
 def classify(reference: dict, candidate: dict, atol: float = 1e-4) -> dict[str, str]:

@@ -435,6 +435,9 @@ class PipelineStageBackend:
 
     # -- ownership ---------------------------------------------------------------
 
+    def check_served(self, read: str) -> None:
+        self.inner.check_served(read)
+
     def owns(self, position: Position) -> bool:
         if position == EMBEDDINGS:
             return self.first

@@ -13,11 +13,16 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .plan import Tap
+from .seams import seams_of
 
 
 def hook_module(root: torch.nn.Module, path: str, direction: str, hook: Callable) -> Any:
     """A forward pre-hook (``direction == "input"``: ``hook(module, args, kwargs)``) or forward hook
-    (``hook(module, args, kwargs, output)``) on ``root``'s module at ``path``; returns its handle."""
+    (``hook(module, args, kwargs, output)``) on ``root``'s module at ``path``; returns its handle. On an engine
+    that replays CUDA graphs the hook listens at the site's seam (served at replay too); a site without one raises."""
+    seams = seams_of(root)
+    if seams is not None:
+        return seams.add(path, direction, hook)
     module = root.get_submodule(path)
     register = module.register_forward_pre_hook if direction == "input" else module.register_forward_hook
     return register(hook, with_kwargs=True)

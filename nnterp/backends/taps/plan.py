@@ -22,18 +22,39 @@ ROLE_OF = {"layers": "layer", "attentions": "self_attn", "mlps": "mlp"}
 def module_tap(root: torch.nn.Module, names: ModuleNames, layout: ModelLayout, accessor: str, layer: int) -> Tap:
     """The tap of ``accessor`` (one of :data:`ACCESSORS`) at ``layer``: the native path of the module it reads,
     the direction, and that module's layout."""
+    path, direction = tap_site(root, names, accessor, layer)
+    role = ROLE_OF[accessor.partition("_")[0]]
+    return Tap(accessor, layer, path, direction, layout.for_module(role, root.get_submodule(path)))
+
+
+def tap_site(root: torch.nn.Module, names: ModuleNames, accessor: str, layer: int) -> tuple[str, str]:
+    """Where ``accessor`` at ``layer`` is read: the native path of its module and ``"input"`` or ``"output"``."""
     plural, _, direction = accessor.partition("_")
     role = ROLE_OF[plural]
     layer_module = root.get_submodule(names.layers)[layer]
-    path, module = f"{names.layers}.{layer}", layer_module
+    path = f"{names.layers}.{layer}"
     if role != "layer":
         child = layer_child(layer_module, role, names)
         if child is None:
             children = [name for name, _ in layer_module.named_children()]
             raise ValueError(f"{accessor}[{layer}]: layer {layer} ({type(layer_module).__name__}) has no {role} module "
                              f"(its children are {children}).")
-        path, module = f"{path}.{child}", getattr(layer_module, child)
-    return Tap(accessor, layer, path, direction, layout.for_module(role, module))
+        path = f"{path}.{child}"
+    return path, direction
+
+
+def graph_sites(root: torch.nn.Module, names: ModuleNames, accessors: Sequence[str]) -> list[tuple[str, str]]:
+    """The sites a graph-captured engine keeps seams at so that ``accessors`` are served at every layer; a layer
+    without the accessor's module (a hybrid stack's mixer) has none."""
+    sites = []
+    for layer in range(len(root.get_submodule(names.layers))):
+        for accessor in accessors:
+            role = ROLE_OF[accessor.partition("_")[0]]
+            layer_module = root.get_submodule(names.layers)[layer]
+            if role != "layer" and layer_child(layer_module, role, names) is None:
+                continue
+            sites.append(tap_site(root, names, accessor, layer))
+    return list(dict.fromkeys(sites))
 
 
 @dataclass(frozen=True)
@@ -88,6 +109,8 @@ def plan_extraction(model: Any, accessors: str | Sequence[str], layers: int | Se
         raise ValueError(f"extract reads the layer accessors {ACCESSORS}; {unknown} is not one of them.")
     if len(set(accessors)) != len(accessors):
         raise ValueError(f"accessors {accessors} names one accessor twice.")
+    for name in accessors:
+        model._backend.check_served(name)
     if layers is None:
         layers = range(model.num_layers)
     elif isinstance(layers, int):

@@ -93,6 +93,7 @@ class RecomputedAttentionProbabilities(PerLayer):
             raise RuntimeError("attention_probabilities was disabled on this model (disable()).")
         model = self._model
         layer = model._check_layer_index(index, "attention_probabilities")
+        model._backend.check_served("attention_probabilities")
         attention = model.attentions[layer]
         found = attention_kernel(attention._module)
         where = f"model.attention_probabilities[{layer}]"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ...core.backend import Backend
+from .graphs import EXTRA_READS, refuse_under_graphs
 from .readonly import read_only
 
 
@@ -15,6 +18,13 @@ class VLLMBackend(Backend):
 
     name = "vllm"
     batches_prompts = False  # one prompt per trace (each invoke is one request)
+
+    def __init__(self, graph_accessors: Optional[tuple[str, ...]] = None) -> None:
+        self.graph_accessors = graph_accessors  # what a graph-captured engine serves (None: eager, everything)
+
+    def check_served(self, read: str) -> None:
+        if self.graph_accessors is not None and read not in (*self.graph_accessors, *EXTRA_READS):
+            refuse_under_graphs(read, self.graph_accessors)
 
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:
         return read_only(value if fresh else value.clone(), where)

@@ -15,14 +15,15 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 from ..distributed.tp import REPACKED
 from .extraction_worker import ExtractionRunner, ExtractionWorker
+from .graphs import GraphRunner, GraphWorker
 from .meta import patched_attribute
 from .recovery import RecoveringRunner
 from .served import ServingRunner, ServingWorker
 from .worker import PipelineRunner, SharedModelRunner, SharedModelWorker, StageWorker
 
 
-class NNsightCPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner,
-                            CPUModelRunner):
+class NNsightCPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, GraphRunner, PipelineRunner,
+                            NNsightGPUModelRunner, CPUModelRunner):
     """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages, extraction and
     shared model copy."""
 
@@ -31,7 +32,7 @@ class NNsightCPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, S
         mark_prepacked_moe_weights(self.model)
 
 
-class NNsightCPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, StageWorker, NNsightGPUWorker, CPUWorker):
+class NNsightCPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, StageWorker, GraphWorker, NNsightGPUWorker, CPUWorker):
     """vLLM's CPU worker whose runner interleaves interventions (nnsight's RPCs come from NNsightGPUWorker)."""
 
     def init_device(self) -> None:

@@ -94,11 +94,6 @@ def engine_kwargs(vllm_kwargs: dict, trust_remote_code: bool, unsafe_enable_pref
             "pass, so reads would miss them and interventions would silently not apply to them. To turn it on "
             "anyway, pass unsafe_enable_prefix_caching=True instead of enable_prefix_caching=True."
         )
-    if vllm_kwargs.get("enforce_eager") is False:
-        raise ValueError(
-            "enforce_eager=False: StandardizedVLLM runs vLLM eagerly. Its accessors are read and written by hooks, "
-            "which a replayed CUDA graph never runs, so under graphs every read would be stale and every write "
-            "lost. Drop enforce_eager (the engine is eager); for vLLM's speed without interventions use vLLM itself.")
     vllm_kwargs = translate_hf_kwargs(vllm_kwargs)
     check_dtype(vllm_kwargs.get("dtype"))
     if trust_remote_code:

@@ -22,6 +22,7 @@ from nnsight.modeling.vllm.model_runners.GPUModelRunner import NNsightGPUModelRu
 from nnsight.modeling.vllm.workers.GPUWorker import NNsightGPUWorker
 
 from .extraction_worker import ExtractionRunner, ExtractionWorker
+from .graphs import GraphRunner, GraphWorker
 from .recovery import RecoveringRunner
 from .served import ServingRunner, ServingWorker
 from ..distributed.transport import StageTransport
@@ -225,8 +226,10 @@ class SharedModelRunner:
             objects.pop(replaces, None)
 
 
-class NNterpGPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, PipelineRunner, NNsightGPUModelRunner):
-    """nnsight's GPU model runner with pipeline stages, extraction and a shared model copy for traces."""
+class NNterpGPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, GraphRunner, PipelineRunner,
+                           NNsightGPUModelRunner):
+    """nnsight's GPU model runner with pipeline stages, extraction, a shared model copy for traces and seams for
+    CUDA graphs."""
 
 
 class SharedModelWorker:
@@ -252,7 +255,7 @@ class StageWorker:
                 "published": _STAGE.transport.published_count}
 
 
-class NNterpGPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, StageWorker, NNsightGPUWorker):
+class NNterpGPUWorker(ServingWorker, ExtractionWorker, SharedModelWorker, StageWorker, GraphWorker, NNsightGPUWorker):
     """nnsight's GPU worker, with nnterp's runner."""
 
     def init_device(self) -> None:
