@@ -119,6 +119,39 @@ def test_concurrent_requests_each_equal_their_result_alone(client):
     assert len({r.text for r in together}) > 1
 
 
+def test_steering_batched_over_concurrent_requests_equals_hf_hooks(client, hf):
+    """Requests steered in the same engine steps (one gather of every request's vector per layer): two entries
+    on one layer add up, a vector shared by two requests, steering only the prompt's or only the generated
+    tokens. Each request's captured last layer equals the HF model steered by hooks on the same tokens."""
+    model, tokenizer = hf
+    specs = [[{"layers": [1], "vector": vector(7), "factor": 1.0}, {"layers": [1], "vector": vector(8), "factor": 0.5}],
+             [{"layers": [1], "vector": vector(7), "factor": 1.0}],
+             [{"layers": [0], "vector": vector(9), "factor": 2.0, "tokens": "prompt"}],
+             [{"layers": [0, 1], "vector": vector(10), "factor": 1.0, "tokens": "generated"}]]
+    prompts = [PROMPT, "One two three four", "Hello", "Le chat est noir"]
+
+    def send(index: int):
+        return client.complete(prompts[index], max_tokens=4, return_token_ids=True, steer=specs[index],
+                               capture=[{"accessor": "layers_output", "layers": [2], "tokens": "all"}])
+
+    with concurrent.futures.ThreadPoolExecutor(len(specs)) as pool:
+        results = list(pool.map(send, range(len(specs))))
+    for index, (spec, result) in enumerate(zip(specs, results)):
+        prompt_ids = tokenizer(prompts[index])["input_ids"]
+        token_ids = prompt_ids + result.response["choices"][0]["token_ids"][:-1]
+        prompt_rows = torch.arange(len(token_ids)) < len(prompt_ids)
+        steer: dict[int, torch.Tensor] = {}
+        for entry in spec:
+            rows = {"all": torch.ones_like(prompt_rows), "prompt": prompt_rows, "generated": ~prompt_rows}[entry.get("tokens", "all")]
+            for layer in entry["layers"]:
+                addend = rows[:, None] * entry["factor"] * torch.tensor(entry["vector"])
+                steer[layer] = steer.get(layer, 0) + addend
+        expected = hf_streams(hf, token_ids, steer, [2])[2]
+        assert close(result.captures["layers_output", 2], expected), index
+    plain = hf_streams(hf, tokenizer(prompts[3])["input_ids"], {}, [2])[2]
+    assert close(results[3].captures["layers_output", 2][: plain.shape[0]], plain), "generated-only steering leaves the prompt"
+
+
 def test_streaming_gives_the_same_text_and_captures(client):
     spec = {"steer": [{"layers": [1], "vector": vector(7, scale=0.5)}],
             "capture": [{"accessor": "mlps_output", "layers": [2], "tokens": "all"}]}

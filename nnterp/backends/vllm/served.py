@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import numpy as np
 import torch
 
 from ...core.backend import is_local
@@ -40,25 +41,34 @@ class Served:
     captured: dict[str, list[torch.Tensor]] = field(default_factory=dict)
     means: dict[tuple[str, int], tuple[torch.Tensor, int]] = field(default_factory=dict)  # (sum, count) of prompt rows
     skip_inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # first skipped layer -> this step's stream
-    rows: Optional[torch.Tensor] = None  # this step's rows of the flat batch
-    positions: Optional[torch.Tensor] = None  # their token positions
+    span: Optional[tuple[int, int, int]] = None  # this step's (first row in the flat batch, rows, first position)
     error: Optional[str] = None
     finished_at: Optional[float] = None
 
-    def vector(self, entry: Any, like: torch.Tensor) -> torch.Tensor:
-        """``factor * vector`` of a steering entry, on the stream's device and dtype (made once)."""
-        cached = getattr(entry, "_tensor", None)
-        if cached is None or cached.device != like.device or cached.dtype != like.dtype:
-            cached = entry._tensor = entry.factor * torch.tensor(entry.vector, dtype=like.dtype, device=like.device)
-        return cached
+    @property
+    def rows(self) -> torch.Tensor:
+        """This step's rows of the flat batch."""
+        start, count, _ = self.span
+        return torch.arange(start, start + count)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """The token positions of this step's rows."""
+        _, count, first = self.span
+        return torch.arange(first, first + count)
 
     def selected(self, tokens: str) -> torch.Tensor:
         """Which of this step's rows ``tokens`` ("all", "prompt", "generated") picks, as a boolean mask."""
+        return torch.from_numpy(self.selected_rows(tokens))
+
+    def selected_rows(self, tokens: str) -> np.ndarray:
+        _, count, first = self.span
+        positions = np.arange(first, first + count)
         if tokens == "prompt":
-            return self.positions < self.prompt_length
+            return positions < self.prompt_length
         if tokens == "generated":
-            return self.positions >= self.prompt_length
-        return torch.ones_like(self.positions, dtype=torch.bool)
+            return positions >= self.prompt_length
+        return np.ones(count, dtype=bool)
 
 
 @dataclass
@@ -67,6 +77,7 @@ class Site:
 
     tap: Tap
     operations: list[tuple[str, Any, str]] = field(default_factory=list)  # (request id, kind, entry)
+    steering: Optional[tuple[int, torch.Tensor]] = None  # (step, [rows; vector ids]) of this site's steering
 
 
 class ServedRequests:
@@ -84,6 +95,8 @@ class ServedRequests:
         self.handles: dict[str, str] = {}  # engine request id -> handle
         self._hooks: dict[tuple[str, str], Any] = {}
         self._sites: dict[tuple[str, str], Site] = {}
+        self._step = 0  # engine steps planned so far: what a site's batched steering was gathered for
+        self._vectors = SteeringVectors()
 
     # -- requests ------------------------------------------------------------------------------------------
 
@@ -95,15 +108,15 @@ class ServedRequests:
         for request_id in scheduler_output.finished_req_ids:
             self._finish(request_id)
         self._expire()
+        self._step += 1
         for served in self.active.values():
-            served.rows = served.positions = None
+            served.span = None
         if not self.active:
             return
         for request_id, start, count, first in scheduled_rows(scheduler_output, batch_order, request_states):
             served = self.active.get(request_id)
             if served is not None:
-                served.rows = torch.arange(start, start + count)
-                served.positions = torch.arange(first, first + count)
+                served.span = (start, count, first)
 
     def _add(self, request_id: str, text: str, prompt_length: int) -> None:
         spec = RequestSpec.from_json(text)
@@ -112,6 +125,7 @@ class ServedRequests:
         self.handles[request_id] = spec.handle
         try:
             for entry in spec.steer:
+                entry.table_row = self._vectors.acquire(entry)
                 for layer in entry.layers:
                     self._site("layers_output", layer, request_id, "steer", entry)
             for entry in spec.ablate:
@@ -145,6 +159,10 @@ class ServedRequests:
             return
         served.finished_at = time.monotonic()
         self.done[handle] = served
+        for entry in served.spec.steer:
+            if getattr(entry, "table_row", None) is not None:
+                self._vectors.release(entry)
+                entry.table_row = None
         for key, site in list(self._sites.items()):
             site.operations = [op for op in site.operations if op[0] != request_id]
             if not site.operations:
@@ -159,7 +177,7 @@ class ServedRequests:
     def fail_step(self, message: str) -> list[str]:
         """Mark every request with interventions in this step as failed (the step's forward pass raised); their
         hooks then leave the step's retry alone. Returns their ids."""
-        failed = [rid for rid, served in self.active.items() if served.rows is not None and served.error is None]
+        failed = [rid for rid, served in self.active.items() if served.span is not None and served.error is None]
         for request_id in failed:
             self.active[request_id].error = message
         return failed
@@ -199,32 +217,64 @@ class ServedRequests:
         return hook
 
     def _serve(self, site: Site, args: tuple, kwargs: dict, output: Any) -> Any:
-        """Edits first (steer, ablate, skip), then captures of the edited stream: what the next module receives."""
+        """Edits first (ablate, skip: replacements; then steering, added for all requests at once), then captures
+        of the edited stream: what the next module receives."""
         stream = site.tap.read(args, kwargs, output)
         flat = stream.reshape(-1, stream.shape[-1])
         edits: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, new stream rows)
-        captures = []
+        captures, steers = [], []
         for request_id, kind, entry in site.operations:
             served = self.active.get(request_id)
-            if served is None or served.rows is None or served.error is not None:
+            if served is None or served.span is None or served.error is not None:
                 continue
             if kind == "capture":
                 captures.append((served, entry))
-                continue
-            edit = self._guarded(served, site.tap, lambda: self._apply(served, site.tap, kind, entry, flat))
-            if edit is not None:
-                edits.append(edit)
+            elif kind == "steer":
+                steers.append((served, entry))
+            else:
+                edit = self._guarded(served, site.tap, lambda: self._apply(served, site.tap, kind, entry, flat))
+                if edit is not None:
+                    edits.append(edit)
+        steering = None
+        if steers:
+            try:
+                steering = self._steering(site, steers, flat)
+            except Exception as error:
+                for served, _ in steers:
+                    served.error = f"{type(error).__name__} at {site.tap.where}: {error}"
         if captures:
             edited = flat
-            if edits:
+            if edits or steering is not None:
                 edited = flat.clone()
                 for rows, values in edits:
                     edited[rows] = values
+                if steering is not None:
+                    edited.index_add_(0, *steering)
             for served, entry in captures:
                 self._guarded(served, site.tap, lambda: self._capture(served, site.tap, entry, edited))
-        if not edits or site.tap.direction == "input":
+        if (not edits and steering is None) or site.tap.direction == "input":
             return None
-        return _with_rows(site.tap, output, flat.shape, edits)
+        return _with_rows(site.tap, output, flat.shape, edits, steering)
+
+    def _steering(self, site: Site, steers: list, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, addends)`` of every steering request at ``site`` this step: the rows' indices and index
+        of their vector (one host-to-device copy), gathered once per step, and the vectors' rows."""
+        cached = site.steering
+        if cached is None or cached[0] != self._step or cached[1].device != flat.device:
+            rows, ids = [], []
+            for served, entry in steers:
+                start, count, _ = served.span
+                rows.append(np.arange(start, start + count))
+                vector = np.full(count, entry.table_row, dtype=np.int64)
+                if entry.tokens != "all":
+                    vector[~served.selected_rows(entry.tokens)] = 0  # row 0 of the table: no steering
+                ids.append(vector)
+            index = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(ids)]))
+            if flat.device.type == "cuda":
+                index = index.pin_memory()
+            cached = site.steering = (self._step, index.to(flat.device, non_blocking=True))
+        rows, ids = cached[1]
+        return rows, self._vectors.table(flat)[ids]
 
     @staticmethod
     def _guarded(served: Served, tap: Tap, action):
@@ -250,8 +300,6 @@ class ServedRequests:
         if kind == "skip_to":
             return rows, served.skip_inputs[entry].to(current)
         mask = served.selected(entry.tokens).to(flat.device)[:, None]
-        if kind == "steer":
-            return rows, current + mask * served.vector(entry, current)
         if kind == "ablate":
             if entry.mode == "zero":
                 target = torch.zeros_like(current)
@@ -273,9 +321,11 @@ class ServedRequests:
         return (total / count).to(current.dtype)[None]
 
 
-def _with_rows(tap: Tap, output: Any, flat_shape: torch.Size, edits: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    """The module's output with the stream's given rows replaced, in the module's own layout: a tensor, a tuple
-    item, or the hidden half of vLLM's ``(hidden, residual)`` (hidden := new stream - residual)."""
+def _with_rows(tap: Tap, output: Any, flat_shape: torch.Size, edits: list[tuple[torch.Tensor, torch.Tensor]],
+               steering: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> Any:
+    """The module's output with the stream's given rows replaced, then ``steering``'s ``(rows, addends)`` added,
+    in the module's own layout: a tensor, a tuple item, or the hidden half of vLLM's ``(hidden, residual)``
+    (hidden := new stream - residual; an addend to the stream is one to the hidden half)."""
     layout = tap.layout.output
     if layout.kind == "tensor":
         target, index = output, None
@@ -286,10 +336,55 @@ def _with_rows(tap: Tap, output: Any, flat_shape: torch.Size, edits: list[tuple[
     residual = output[1].reshape(flat_shape) if layout.kind == "dual" else None
     for rows, values in edits:
         updated[rows] = values if residual is None else values - residual.index_select(0, rows)
+    if steering is not None:
+        rows, addends = steering
+        updated.index_add_(0, rows, addends.to(updated.dtype))
     updated = updated.reshape(target.shape)
     if index is None:
         return updated
     return type(output)(updated if i == index else item for i, item in enumerate(output))
+
+
+class SteeringVectors:
+    """The distinct ``factor * vector`` of the steering entries of the requests being served, as one table (row 0:
+    zeros) on the stream's device and dtype, so a step's steering of many requests is one gather. A row is held
+    while a request uses it and reused after."""
+
+    def __init__(self) -> None:
+        self._rows: dict[tuple, int] = {}
+        self._users: dict[tuple, int] = {}
+        self._values: dict[int, list[float]] = {}
+        self._free: list[int] = []
+        self._table: Optional[torch.Tensor] = None
+
+    @staticmethod
+    def _key(entry: Any) -> tuple:
+        return float(entry.factor), tuple(entry.vector)
+
+    def acquire(self, entry: Any) -> int:
+        key = self._key(entry)
+        row = self._rows.get(key)
+        if row is None:
+            row = self._rows[key] = self._free.pop() if self._free else len(self._values) + 1
+            self._values[row] = [entry.factor * value for value in entry.vector]
+            self._table = None
+        self._users[key] = self._users.get(key, 0) + 1
+        return row
+
+    def release(self, entry: Any) -> None:
+        key = self._key(entry)
+        self._users[key] -= 1
+        if not self._users[key]:
+            del self._users[key]
+            self._free.append(self._rows.pop(key))
+
+    def table(self, like: torch.Tensor) -> torch.Tensor:
+        table = self._table
+        if table is None or table.device != like.device or table.dtype != like.dtype:
+            width = like.shape[-1]
+            values = [[0.0] * width] + [self._values.get(row, [0.0] * width) for row in range(1, len(self._values) + 1)]
+            table = self._table = torch.tensor(values, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
+        return table
 
 
 class ServingRunner:

@@ -1,0 +1,58 @@
+"""Where the time of StandardizedVLLM's graph-captured modes goes: cProfile of one warm run of each mode of
+``scratch/bench_throughput.py`` (the engine core runs in this process, so the worker's Python is profiled too).
+
+    python3 scratch/profile_graphs.py [--model random-1b] [--scenario 256:32] [--modes generate extract steer]
+                                      [--cuda-graphs true] [--top 25]     (GPU machine)
+
+Prints wall seconds per mode and the functions with the most own time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="random-1b")
+    parser.add_argument("--scenario", default="256:32")
+    parser.add_argument("--modes", nargs="+", default=["generate", "extract", "extract-all", "steer"])
+    parser.add_argument("--cuda-graphs", default="true", help="true, false or comma-separated accessors")
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args()
+    import bench_throughput as bench
+    from transformers import AutoTokenizer
+
+    settings = argparse.Namespace(max_model_len=1024, max_num_seqs=256, max_batched_tokens=32768, dtype="bfloat16")
+    path = bench.model_path(args.model, Path(os.environ.get("NNTERP_BENCH_CACHE", "/tmp/nnterp-bench")))
+    graphs = {"true": True, "false": False}.get(args.cuda_graphs.lower(), tuple(args.cuda_graphs.split(",")))
+    modes = bench.nnterp_vllm_group(settings, path, "m", cuda_graphs=graphs)
+    count, new = (int(part) for part in args.scenario.split(":"))
+    prompts = bench.make_prompts(AutoTokenizer.from_pretrained(path), count, 100)
+    layer = bench._num_layers(path) // 2
+    for name in args.modes:
+        run = modes[f"m-{name}"]
+        run(prompts, new, layer)  # warm
+        profile = cProfile.Profile()
+        start = time.perf_counter()
+        profile.enable()
+        run(prompts, new, layer)
+        profile.disable()
+        wall = time.perf_counter() - start
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
+        print(f"=== {name}: {wall:.3f} s (profiled)\n" + "\n".join(text.getvalue().splitlines()[6:]), flush=True)
+
+
+if __name__ == "__main__":
+    main()
