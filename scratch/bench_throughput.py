@@ -45,12 +45,12 @@ GROUPS = {  # modes that share one process (one model or engine)
     "nnterp-graphs": ["nnterp-graphs-generate", "nnterp-graphs-trace", "nnterp-graphs-extract", "nnterp-graphs-extract-all",
                       "nnterp-graphs-steer"],
     "nnterp-lean": ["nnterp-lean-generate", "nnterp-lean-extract", "nnterp-lean-steer"],
-    "hf": ["hf-hooks", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
+    "hf": ["hf-hooks", "hf-hooks-all", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
 }
 TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "nnterp-graphs-trace", "hf-nnterp-trace"}
 GRAPH_GROUPS = {"vllm-graphs", "nnterp-graphs", "nnterp-lean"}  # need a GPU
 ENGINE_PREFIXES = ("nnterp-vllm", "nnterp-graphs", "nnterp-lean")  # StandardizedVLLM modes: "<prefix>-generate" is the engine  # measured in the first scenario only
-BASELINE = {"vllm": "vllm", "hf": "hf-hooks"}
+BASELINE = {"vllm": "vllm", "hf": "hf-hooks", "hf-nnterp-extract-all": "hf-hooks-all"}  # extract-all: hooks on every layer
 WORDS = ("The capital of France is Paris . Germany Berlin Italy Rome Eiffel Tower Hello world this is a tiny model "
          "used to test interpretability tools A cat sat on the mat ; the dog ran in park One two three four five "
          "six Le chat est noir Der Hund ist braun El perro es grande").split()
@@ -200,18 +200,24 @@ def hf_group(args, path: str) -> dict[str, Callable]:
     model = StandardizedTransformer(raw, tokenizer=tokenizer)
     batch = args.hf_batch_size
 
-    def hooks(prompts, max_new_tokens, layer):
-        saved = []
-        handle = raw.model.layers[layer].register_forward_hook(lambda module, inputs, output: saved.append(
-            output[0] if isinstance(output, tuple) else output))
-        try:
-            for start in range(0, len(prompts), batch):
-                inputs = tokenizer(prompts[start:start + batch], return_tensors="pt", padding=True).to(device)
-                with torch.inference_mode():
-                    raw(**inputs, use_cache=False)
-                saved.pop().cpu()
-        finally:
-            handle.remove()
+    def hooks_at(chosen: Callable[[int], list[int]]):
+        """A plain forward per batch with forward hooks on the chosen layers, each output copied to the host."""
+        def run(prompts, max_new_tokens, layer):
+            saved = []
+            handles = [raw.model.layers[index].register_forward_hook(lambda module, inputs, output: saved.append(
+                output[0] if isinstance(output, tuple) else output)) for index in chosen(layer)]
+            try:
+                for start in range(0, len(prompts), batch):
+                    inputs = tokenizer(prompts[start:start + batch], return_tensors="pt", padding=True).to(device)
+                    with torch.inference_mode():
+                        raw(**inputs, use_cache=False)
+                    for value in saved:
+                        value.cpu()
+                    saved.clear()
+            finally:
+                for handle in handles:
+                    handle.remove()
+        return run
 
     def trace(prompts, max_new_tokens, layer):
         for start in range(0, len(prompts), batch):
@@ -224,7 +230,8 @@ def hf_group(args, path: str) -> dict[str, Callable]:
             consume(model.extract(prompts, layers=layers, batch_size=batch, progress=False))
         return run
 
-    return {"hf-hooks": hooks, "hf-nnterp-trace": trace, "hf-nnterp-extract": extract(False),
+    return {"hf-hooks": hooks_at(lambda layer: [layer]), "hf-hooks-all": hooks_at(lambda layer: range(model.num_layers)),
+            "hf-nnterp-trace": trace, "hf-nnterp-extract": extract(False),
             "hf-nnterp-extract-all": extract(True)}
 
 
@@ -333,7 +340,7 @@ def table(records: list[dict]) -> str:
                  f"{'x engine':>8} {'cpu s':>7} {'x base cpu':>10}"]
     for record in records:
         hf = record["mode"].startswith("hf")
-        base = baseline(record, BASELINE["hf" if hf else "vllm"])
+        base = baseline(record, BASELINE.get(record["mode"], BASELINE["hf" if hf else "vllm"]))
         graphs = None if hf else baseline(record, "vllm-graphs")
         prefix = next((prefix for prefix in ENGINE_PREFIXES if record["mode"].startswith(prefix + "-")), None)
         engine = baseline(record, f"{prefix}-generate") if prefix else None

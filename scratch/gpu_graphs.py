@@ -13,7 +13,8 @@ A tiny random Llama in float32; every engine runs in a fresh process and its val
    of every accessor, and served requests (the ``nnterp`` object of the server, offline) that steer at every step
    and capture two layers; plus the seams the engine recorded into its graphs.
 
-Prints the differences per item and exits 1 when a value differs by more than ``--atol`` or a token differs.
+Prints the differences per item and exits 1 when a value differs by more than ``--atol`` (section 3's extraction:
+``--rtol`` of its largest value) or a token differs.
 """
 
 from __future__ import annotations
@@ -82,6 +83,16 @@ def worst_difference(reference, candidate) -> float:
     return 0.0 if reference == candidate else float("inf")
 
 
+def magnitude(value) -> float:
+    if isinstance(value, torch.Tensor):
+        return float(value.float().abs().max()) if value.numel() else 0.0
+    if isinstance(value, dict):
+        return max((magnitude(item) for item in value.values()), default=0.0)
+    if isinstance(value, (list, tuple)):
+        return max((magnitude(item) for item in value), default=0.0)
+    return 0.0
+
+
 def run(program: str, path: str, workdir: str, engine: dict) -> object:
     out = str(Path(workdir) / f"{program}-{bool(engine)}.pt")
     if program == "batch":
@@ -100,6 +111,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--atol", type=float, default=1e-4)
+    parser.add_argument("--rtol", type=float, default=1e-5, help="extraction of several prompts: relative to the largest value "
+                        "(a decode batch padded to a graph's size may take other GEMM kernels than eager)")
     args = parser.parse_args()
     from nnterp.testing.tiny import build_tiny_model
     from nnterp.validation.vllm import compare_reads
@@ -117,6 +130,7 @@ def main() -> None:
         eager, tapped = (run("batch", path, workdir, engine) for engine in ({}, graphs))
         report["batch"] = {
             "extracted": worst_difference(eager["extracted"], tapped["extracted"]),
+            "extracted_magnitude": magnitude(eager["extracted"]),
             "served_captures": worst_difference([{k: v for k, v in s.items() if k != "tokens"} for s in eager["served"]],
                                                 [{k: v for k, v in s.items() if k != "tokens"} for s in tapped["served"]]),
             "served_tokens_equal": [s["tokens"] for s in eager["served"]] == [s["tokens"] for s in tapped["served"]],
@@ -127,7 +141,8 @@ def main() -> None:
         print("batch:", json.dumps(report["batch"]), flush=True)
     failed = (any(value > args.atol for value in report["reads"].values())
               or any(verdict != "match" for verdict in report["patterns"].values())
-              or report["batch"]["extracted"] > args.atol or report["batch"]["served_captures"] > args.atol
+              or report["batch"]["extracted"] > args.rtol * report["batch"]["extracted_magnitude"]
+              or report["batch"]["served_captures"] > args.atol
               or not report["batch"]["served_tokens_equal"] or any(report["batch"]["served_errors"]))
     report["verdict"] = "differs" if failed else "equal"
     print(json.dumps({"verdict": report["verdict"]}))

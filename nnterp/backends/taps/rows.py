@@ -56,29 +56,23 @@ class PromptRows:
         self.length += count
 
     def assemble(self) -> torch.Tensor:
-        """``[taps, tokens, width]``, a tensor of its own (not a view of a shared buffer)."""
+        """``[taps, tokens, width]``, a tensor of its own (not a view of a shared buffer): one concatenation of
+        the chunks' rows (on this thread alone below ``PARALLEL_COPY_BYTES``: a torch copy wakes a thread per
+        core, which then spin and slow the thread that drives the model; on an H100 the copies of one layer cost
+        0.75x of the engine's throughput that way, nothing on one thread; larger results, every layer of a
+        prompt, need the cores' bandwidth)."""
         first = self.chunks[0][0].host()
         with torch.inference_mode(False):
             rows = torch.empty((first.shape[0], self.length, first.shape[2]), dtype=first.dtype)
-        position = 0
-        for buffer, start, count in self.chunks:
-            copy_rows(rows[:, position:position + count], buffer.host()[:, start:start + count])
-            position += count
+        if rows.numel() * rows.element_size() >= PARALLEL_COPY_BYTES:
+            torch.cat([buffer.host()[:, start:start + count] for buffer, start, count in self.chunks], dim=1, out=rows)
+        else:
+            np.concatenate([buffer.host_bytes()[:, start:start + count] for buffer, start, count in self.chunks],
+                           axis=1, out=rows.view(torch.uint8).numpy())
         return rows
 
 
 PARALLEL_COPY_BYTES = 4 << 20
-
-
-def copy_rows(target: torch.Tensor, source: torch.Tensor) -> None:
-    """``target[...] = source`` for host tensors. Below ``PARALLEL_COPY_BYTES`` on this thread alone: a torch
-    copy wakes a thread per core, which then spin and slow the thread that drives the model (on an H100 the
-    copies of one layer cost 0.75x of the engine's throughput that way, nothing on one thread). Larger copies
-    (every layer of a prompt) need the cores' bandwidth."""
-    if source.numel() * source.element_size() >= PARALLEL_COPY_BYTES:
-        target.copy_(source)
-    else:
-        np.copyto(target.view(torch.uint8).numpy(), source.view(torch.uint8).numpy())
 
 
 class Pending:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import numpy as np
 import torch
 
 
@@ -19,6 +20,7 @@ class InFlight:
     def __init__(self, buffer: torch.Tensor, streams: dict) -> None:
         self._host: Optional[torch.Tensor] = None
         self._pinned: Optional[torch.Tensor] = None
+        self._bytes: Optional[np.ndarray] = None
         self._event = None
         if buffer.device.type == "cpu":
             self._host = buffer
@@ -37,10 +39,19 @@ class InFlight:
 
     def host(self) -> torch.Tensor:
         """The buffer's contents in host memory (safe to call from several threads)."""
-        if self._event is not None:
-            self._event.synchronize()
-            return self._pinned
+        event = self._event
+        if event is not None:
+            event.synchronize()
+            self._host, self._event = self._pinned, None
         return self._host
+
+    def host_bytes(self) -> np.ndarray:
+        """:meth:`host` as a numpy array of its bytes, ``[..., width * item size]`` (made once; numpy has no
+        bfloat16, and slicing numpy arrays costs a fraction of slicing tensors)."""
+        array = self._bytes
+        if array is None:
+            array = self._bytes = self.host().view(torch.uint8).numpy()
+        return array
 
 
 class HostTransfer:
