@@ -172,6 +172,9 @@ def test_a_graph_captured_engine_refuses_what_it_does_not_serve(model):
     model._backend = VLLMBackend(("layers_output",))
     try:
         assert model.graph_accessors == ("layers_output",)
+        from nnterp.standardized.checks import check_renaming
+
+        check_renaming(model)  # the load-time check reads only what such an engine serves
         assert read_in_trace(model, "layers_output").shape[-1] == model.hidden_size
         for name in ("attentions_output", "mlps_input", "layers_input", "attention_probabilities", "heads_output"):
             with pytest.raises(NotImplementedError, match=rf"{name} is not served on this graph-captured engine.*"

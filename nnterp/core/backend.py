@@ -46,9 +46,13 @@ class Backend:
         """The full logical parameter at ``path`` (``module`` runs at ``position`` of the forward pass)."""
         return self.local_parameter(module, param_name)
 
+    def serves(self, read: str) -> bool:
+        """Whether the engine serves ``read`` (an accessor's name, e.g. ``attentions_output``) at all (an engine
+        that replays CUDA graphs serves only its seams)."""
+        return True
+
     def check_served(self, read: str) -> None:
-        """Raise if the engine cannot serve ``read`` (an accessor's name, e.g. ``attentions_output``) at all
-        (an engine that replays CUDA graphs serves only its seams)."""
+        """Raise, naming the alternative, where the engine does not serve ``read``."""
 
     def owns(self, position: Any) -> bool:
         """Whether this process runs the forward pass at ``position`` (always, except on a pipeline stage)."""

@@ -43,6 +43,8 @@ def check_renaming(model: StandardModel, allow_multimodal: bool = False) -> None
     for role, (plural, field, flag) in SUBMODULES.items():
         if role in ignored:
             continue
+        if not (model._backend.serves(f"{plural}_input") and model._backend.serves(f"{plural}_output")):
+            continue  # an engine on CUDA graphs that does not serve them (cuda_graphs=(...))
         if getattr(model.names, role) is None:
             children = [name for name, _ in model._torch_module("layers")[0].named_children()]
             logger.warning(
@@ -63,16 +65,21 @@ def check_renaming(model: StandardModel, allow_multimodal: bool = False) -> None
 def _read_stream(model: StandardModel, every_layer: bool) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
     """Embeddings, layer inputs and outputs, the projection of the last one, and the logits, in forward order."""
     layers = range(model.num_layers) if every_layer else [0]
+    served = {name: model._backend.serves(name) for name in ("layers_input", "layers_output")}
+    if not served["layers_output"]:
+        layers = []
     try:
         with torch.no_grad(), model.trace(CHECK_PROMPT):
             size = nnsight.save(tuple(model.input_size))
             reads = nnsight.save({})
             reads["token_embeddings"] = model.token_embeddings
-            reads["layers_input[0]"] = model.layers_input[0]
+            if served["layers_input"]:
+                reads["layers_input[0]"] = model.layers_input[0]
             for index in layers:
                 last = model.layers_output[index]
                 reads[f"layers_output[{index}]"] = last
-            reads["project_on_vocab(layers_output)"] = model.project_on_vocab(last)
+            if layers:
+                reads["project_on_vocab(layers_output)"] = model.project_on_vocab(last)
             reads["logits"] = model.logits
     except nnsight.intervention.interleaver.OutOfOrderError as error:
         classes = sorted({type(layer).__name__ for layer in model._torch_module("layers")})
@@ -96,7 +103,10 @@ def _stream_shaped(model: StandardModel, name: str, value: torch.Tensor, expecte
         return True
     if name == "token_embeddings":
         width = getattr(getattr(model._torch_module("embed_tokens"), "weight", None), "shape", (None,))[-1]
-        stream_shape = tuple(model.as_batch(stream["layers_input[0]"]).shape)
+        reference = stream.get("layers_input[0]", stream.get("layers_output[0]"))  # what a graph engine serves
+        if reference is None:
+            return False
+        stream_shape = tuple(model.as_batch(reference).shape)
         return shape == (*expected[:-1], width) and stream_shape == expected
     return False
 

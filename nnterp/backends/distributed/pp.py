@@ -435,6 +435,9 @@ class PipelineStageBackend:
 
     # -- ownership ---------------------------------------------------------------
 
+    def serves(self, read: str) -> bool:
+        return self.inner.serves(read)
+
     def check_served(self, read: str) -> None:
         self.inner.check_served(read)
 

@@ -22,8 +22,11 @@ class VLLMBackend(Backend):
     def __init__(self, graph_accessors: Optional[tuple[str, ...]] = None) -> None:
         self.graph_accessors = graph_accessors  # what a graph-captured engine serves (None: eager, everything)
 
+    def serves(self, read: str) -> bool:
+        return self.graph_accessors is None or read in (*self.graph_accessors, *EXTRA_READS)
+
     def check_served(self, read: str) -> None:
-        if self.graph_accessors is not None and read not in (*self.graph_accessors, *EXTRA_READS):
+        if not self.serves(read):
             refuse_under_graphs(read, self.graph_accessors)
 
     def after_read(self, value: torch.Tensor, fresh: bool, where: str) -> torch.Tensor:

@@ -219,28 +219,28 @@ class ServedRequests:
     def _serve(self, site: Site, args: tuple, kwargs: dict, output: Any) -> Any:
         """Edits first (ablate, skip: replacements; then steering, added for all requests at once), then captures
         of the edited stream: what the next module receives."""
-        stream = site.tap.read(args, kwargs, output)
-        flat = stream.reshape(-1, stream.shape[-1])
-        edits: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, new stream rows)
-        captures, steers = [], []
+        captures, steers, others = [], [], []
         for request_id, kind, entry in site.operations:
             served = self.active.get(request_id)
             if served is None or served.span is None or served.error is not None:
                 continue
-            if kind == "capture":
-                captures.append((served, entry))
-            elif kind == "steer":
-                steers.append((served, entry))
-            else:
-                edit = self._guarded(served, site.tap, lambda: self._apply(served, site.tap, kind, entry, flat))
-                if edit is not None:
-                    edits.append(edit)
+            (captures if kind == "capture" else steers if kind == "steer" else others).append((served, kind, entry))
+        if steers and not captures and not others:
+            self._steer_in_place(site, steers, output)  # the common case: nothing reads the stream itself
+            return None
+        stream = site.tap.read(args, kwargs, output)
+        flat = stream.reshape(-1, stream.shape[-1])
+        edits: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, new stream rows)
+        for served, kind, entry in others:
+            edit = self._guarded(served, site.tap, lambda: self._apply(served, site.tap, kind, entry, flat))
+            if edit is not None:
+                edits.append(edit)
         steering = None
         if steers:
             try:
                 steering = self._steering(site, steers, flat)
             except Exception as error:
-                for served, _ in steers:
+                for served, _, _ in steers:
                     served.error = f"{type(error).__name__} at {site.tap.where}: {error}"
         if captures:
             edited = flat
@@ -250,11 +250,23 @@ class ServedRequests:
                     edited[rows] = values
                 if steering is not None:
                     edited.index_add_(0, *steering)
-            for served, entry in captures:
+            for served, _, entry in captures:
                 self._guarded(served, site.tap, lambda: self._capture(served, site.tap, entry, edited))
         if (not edits and steering is None) or site.tap.direction == "input":
             return None
         return _with_rows(site.tap, output, flat.shape, edits, steering)
+
+    def _steer_in_place(self, site: Site, steers: list, output: Any) -> None:
+        """Add the steering vectors into the module's output itself (the hidden half of a dual stream: the stream
+        is their sum), where a replayed graph reads it next, instead of building a replacement."""
+        try:
+            target = _stream_part(site.tap, output)
+            flat = target.view(-1, target.shape[-1])
+            rows, addends = self._steering(site, steers, flat)
+            flat.index_add_(0, rows, addends)
+        except Exception as error:
+            for served, _, _ in steers:
+                served.error = f"{type(error).__name__} at {site.tap.where}: {error}"
 
     def _steering(self, site: Site, steers: list, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, addends)`` of every steering request at ``site`` this step: the rows' indices and index
@@ -262,7 +274,7 @@ class ServedRequests:
         cached = site.steering
         if cached is None or cached[0] != self._step or cached[1].device != flat.device:
             rows, ids = [], []
-            for served, entry in steers:
+            for served, _, entry in steers:
                 start, count, _ = served.span
                 rows.append(np.arange(start, start + count))
                 vector = np.full(count, entry.table_row, dtype=np.int64)
@@ -319,6 +331,14 @@ class ServedRequests:
             served.means[key] = (total + rows.sum(0), count + rows.shape[0])
         total, count = served.means[key]
         return (total / count).to(current.dtype)[None]
+
+
+def _stream_part(tap: Tap, output: Any) -> torch.Tensor:
+    """The tensor of the module's output that carries the stream (the hidden half of vLLM's dual stream)."""
+    layout = tap.layout.output
+    if layout.kind == "tensor":
+        return output
+    return output[0 if layout.kind == "dual" else layout.index]
 
 
 def _with_rows(tap: Tap, output: Any, flat_shape: torch.Size, edits: list[tuple[torch.Tensor, torch.Tensor]],
