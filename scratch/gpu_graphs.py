@@ -111,8 +111,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path)
     parser.add_argument("--atol", type=float, default=1e-4)
-    parser.add_argument("--rtol", type=float, default=1e-5, help="extraction of several prompts: relative to the largest value "
-                        "(a decode batch padded to a graph's size may take other GEMM kernels than eager)")
+    parser.add_argument("--rtol", type=float, default=1e-3, help="extraction of several prompts: relative to the largest value "
+                        "(a decode batch padded to a graph's size takes other GEMM kernels than eager: 7.6e-5 measured; "
+                        "a wrong row is off by the values' own size)")
     args = parser.parse_args()
     from nnterp.testing.tiny import build_tiny_model
     from nnterp.validation.vllm import compare_reads

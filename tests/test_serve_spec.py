@@ -1,6 +1,7 @@
 """The served request format, checked without an engine: what parse_spec accepts and how it names what it
 refuses; the server's side never loads nnsight; nnterp serve's defaults for vLLM's server."""
 
+import json
 import math
 import subprocess
 import sys
@@ -66,8 +67,24 @@ def test_serve_defaults_and_what_the_user_overrides():
     assert "--no-enable-prefix-caching" in defaults and "nnterp.backends.vllm.server.NNterpMiddleware" in defaults
     given = serve_arguments("m", ["--host", "0.0.0.0", "--enable-prefix-caching"])
     assert given.count("--host") == 1 and "--no-enable-prefix-caching" not in given
-    with pytest.raises(SystemExit, match="--no-enforce-eager would serve CUDA graphs"):
+    with pytest.raises(SystemExit, match="--no-enforce-eager serves CUDA graphs, which need an NVIDIA GPU"):
         serve_arguments("m", ["--no-enforce-eager"])
+
+
+def test_serving_on_cuda_graphs_names_every_accessor_for_the_workers(monkeypatch):
+    """``--no-enforce-eager`` on a GPU machine: breakable graphs, the workers told (merged into the user's own
+    ``--additional-config``) to keep seams for every accessor, no ``--enforce-eager`` added, nnsight not loaded."""
+    code = ("import json, sys, nnterp.backends.vllm.engine as e, nnterp.backends.vllm.server as s; "
+            "e.no_accelerator = lambda: False; "
+            "args = s.serve_arguments('m', ['--no-enforce-eager', '--additional-config', '{\"a\": 1}']); "
+            "import os; print(json.dumps([args, os.environ['VLLM_USE_BREAKABLE_CUDAGRAPH'], 'nnsight' in sys.modules]))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    args, breakable, nnsight_loaded = json.loads(run.stdout.strip().splitlines()[-1])
+    from nnterp.backends.taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
+
+    assert json.loads(args[args.index("--additional-config") + 1]) == {"a": 1, GRAPH_ACCESSORS_KEY: list(ACCESSORS)}
+    assert args.count("--additional-config") == 1 and "--enforce-eager" not in args and "--no-enforce-eager" in args
+    assert breakable == "1" and not nnsight_loaded
 
 
 def test_serve_asks_for_the_instrumented_model_runner(monkeypatch):

@@ -19,9 +19,7 @@ import torch
 
 from ..taps.plan import graph_sites
 from ..taps.seams import Seams
-from ..taps.spec import ACCESSORS
-
-GRAPH_ACCESSORS_KEY = "nnterp_graph_accessors"  # additional_config[...]: the accessors served under graphs
+from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
 EXTRA_READS = ("token_embeddings", "input_ids")  # reads outside the layers that are served as well
 
 
@@ -104,8 +102,13 @@ class GraphRunner:
         from ...core.backend import is_local
 
         model = self.get_model()
-        sites = [site for site in tap_sites(config.get("nnsight_taps", ())) if is_local(model.get_submodule(site[0]))]
-        self._nnterp_seams = Seams(model, sites)
+        if config.get("nnsight_taps"):  # StandardizedVLLM derived them from its names (and rename config)
+            sites = tap_sites(config["nnsight_taps"])
+        else:  # a served engine (nnterp serve): the standard names of the model
+            from ...core.rename import resolve_names
+
+            sites = graph_sites(model, resolve_names(model), config[GRAPH_ACCESSORS_KEY])
+        self._nnterp_seams = Seams(model, [site for site in sites if is_local(model.get_submodule(site[0]))])
 
     def _update_states(self, scheduler_output) -> Any:
         result = super()._update_states(scheduler_output)

@@ -306,17 +306,15 @@ async def _maybe_await(value: Any) -> Any:
 
 def serve_arguments(model: str, arguments: list[str]) -> list[str]:
     """``vllm serve`` arguments for ``nnterp serve MODEL ARGUMENTS``: loopback unless ``--host`` is given, nnterp's
-    worker and middleware, eager execution (hooks do not run inside captured CUDA graphs: ``--no-enforce-eager`` is
-    refused) and no prefix caching
+    worker and middleware, eager execution (``--no-enforce-eager``: breakable CUDA graphs with every layer accessor
+    served at replay, see :func:`graph_arguments`) and no prefix caching
     (cached tokens skip the forward pass) unless the arguments say otherwise; on a machine without an accelerator,
     vLLM's CPU engine with a 1 GiB KV cache."""
     from .engine import no_accelerator, worker_class
 
     given = {argument.split("=", 1)[0] for argument in arguments if argument.startswith("--")}
     if "--no-enforce-eager" in given:
-        raise SystemExit("nnterp serve: --no-enforce-eager would serve CUDA graphs, which never run the hooks that "
-                         "apply a request's interventions: its captures would be stale and its steering lost. Serve "
-                         "eagerly (the default), or serve plain vLLM for graph speed without interventions.")
+        arguments = graph_arguments(arguments)
     extra = ["--middleware", f"{NNterpMiddleware.__module__}.{NNterpMiddleware.__name__}"]
     defaults = {"--host": ["--host", "127.0.0.1"], "--worker-cls": ["--worker-cls", worker_class()],
                 "--enforce-eager": ["--enforce-eager"], "--enable-prefix-caching": ["--no-enable-prefix-caching"]}
@@ -326,6 +324,32 @@ def serve_arguments(model: str, arguments: list[str]) -> list[str]:
         if flag not in given and f"--no-{flag.removeprefix('--')}" not in given:
             extra += value
     return ["serve", model, *arguments, *extra]
+
+
+def graph_arguments(arguments: list[str]) -> list[str]:
+    """``--no-enforce-eager``: vLLM's breakable CUDA graphs, every layer accessor served at replay by the worker's
+    seams (its ``--additional-config`` names them); refused without a GPU."""
+    from .engine import no_accelerator
+    from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
+
+    if no_accelerator():
+        raise SystemExit("nnterp serve: --no-enforce-eager serves CUDA graphs, which need an NVIDIA GPU; this machine "
+                         "has none. Serve eagerly (the default).")
+    os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"  # read by the engine's processes, which inherit it
+    config, rest, index = {}, [], 0
+    while index < len(arguments):
+        argument = arguments[index]
+        if argument == "--additional-config":
+            config.update(json.loads(arguments[index + 1]))
+            index += 2
+            continue
+        if argument.startswith("--additional-config="):
+            config.update(json.loads(argument.split("=", 1)[1]))
+        else:
+            rest.append(argument)
+        index += 1
+    config[GRAPH_ACCESSORS_KEY] = list(ACCESSORS)
+    return [*rest, "--additional-config", json.dumps(config)]
 
 
 def serve(model: str, arguments: list[str]) -> int:
