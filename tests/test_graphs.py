@@ -10,7 +10,7 @@ from nnterp.backends.taps import seams as seams_module
 from nnterp.backends.taps.capture import hook_module
 from nnterp.backends.taps.seams import NotServedUnderGraphs, Seams
 from nnterp.backends.taps.spec import ACCESSORS
-from nnterp.backends.vllm.graphs import check_graph_engine, graph_accessors, nnsight_taps, tap_sites
+from nnterp.backends.vllm.graphs import accessors_under_graphs, check_graph_engine, nnsight_taps, tap_sites
 
 ROWS, WIDTH = 8, 4
 
@@ -126,15 +126,15 @@ def test_taps_are_the_modules_the_accessors_read(tiny_path, family):
 
 
 def test_graph_switch_arguments():
-    assert graph_accessors(False, None) is None
-    assert graph_accessors(False, True) is None
-    assert graph_accessors(True, None) == ACCESSORS
-    assert graph_accessors(False, False) == ACCESSORS  # enforce_eager=False is cuda_graphs=True
-    assert graph_accessors(("layers_output", "mlps_input"), None) == ("layers_output", "mlps_input")
+    assert accessors_under_graphs(False, None) is None
+    assert accessors_under_graphs(False, True) is None
+    assert accessors_under_graphs(True, None) == ACCESSORS
+    assert accessors_under_graphs(False, False) == ACCESSORS  # enforce_eager=False is cuda_graphs=True
+    assert accessors_under_graphs(("layers_output", "mlps_input"), None) == ("layers_output", "mlps_input")
     with pytest.raises(ValueError, match=r"'layer_output'.* is not one of them"):
-        graph_accessors(["layer_output"], None)
+        accessors_under_graphs(["layer_output"], None)
     with pytest.raises(ValueError, match="enforce_eager=True contradicts cuda_graphs=True"):
-        graph_accessors(True, True)
+        accessors_under_graphs(True, True)
 
 
 def test_graph_engines_are_refused_without_a_gpu_and_under_pipeline_parallelism(monkeypatch):

@@ -26,7 +26,7 @@ from ..backends.vllm.engine import (
     wrapped_hf_model,
 )
 from ..backends.vllm.attention import RecomputedAttentionProbabilities
-from ..backends.vllm.graphs import graph_accessors, graph_engine_kwargs, nnsight_taps
+from ..backends.vllm.graphs import accessors_under_graphs, graph_engine_kwargs, nnsight_taps
 from ..core.inputs import check_prompts, token_id_prompt
 from ..core.padding import in_trace
 from ..core.rename import RenameConfig, layer_child, resolve_names, split_rename
@@ -96,7 +96,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         model = check_model_source(model, "StandardizedVLLM", loaded_ok=False)
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         object.__setattr__(self, "_use_tqdm", use_tqdm)  # read by _load_sync, inside super().__init__
-        accessors = graph_accessors(cuda_graphs, vllm_kwargs.pop("enforce_eager", None))
+        accessors = accessors_under_graphs(cuda_graphs, vllm_kwargs.pop("enforce_eager", None))
         vllm_kwargs = engine_kwargs(vllm_kwargs, trust_remote_code, unsafe_enable_prefix_caching)
         if accessors is not None:
             vllm_kwargs = graph_engine_kwargs(vllm_kwargs, accessors)

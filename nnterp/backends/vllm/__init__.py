@@ -11,4 +11,5 @@
 | ``collect`` | a trace's results brought home as a local trace has them |
 | ``embedding_scale`` | the factor vLLM applies to embeddings outside the embedding module |
 | ``extraction`` / ``extraction_worker`` | extraction: the client stepping the engine, the worker's hooks |
+| ``graphs`` | CUDA graphs: which reads are served at replay, the seams the worker installs for them, refusals |
 """

@@ -23,7 +23,7 @@ from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
 EXTRA_READS = ("token_embeddings", "input_ids")  # reads outside the layers that are served as well
 
 
-def graph_accessors(cuda_graphs: bool | Sequence[str], enforce_eager: Optional[bool]) -> Optional[tuple[str, ...]]:
+def accessors_under_graphs(cuda_graphs: bool | Sequence[str], enforce_eager: Optional[bool]) -> Optional[tuple[str, ...]]:
     """The layer accessors a graph-captured engine serves (None: an eager engine). ``enforce_eager=False`` is
     ``cuda_graphs=True``."""
     if enforce_eager is not None and cuda_graphs is not False and bool(enforce_eager):
