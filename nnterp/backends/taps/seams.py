@@ -76,15 +76,13 @@ class Seams:
         self.listeners: dict[Site, list[Callable]] = {}
         self.tokens: Optional[int] = None  # this step's token rows; set by the runner before each forward pass
         self.recorded = 0
-        self._handles = []
         for site in dict.fromkeys(sites):
             self.listeners[site] = []
             module = root.get_submodule(site[0])
             if site[1] == "input":
-                handle = module.register_forward_pre_hook(self._permanent(site), with_kwargs=True)
+                module.register_forward_pre_hook(self._permanent(site), with_kwargs=True)
             else:
-                handle = module.register_forward_hook(self._permanent(site), with_kwargs=True)
-            self._handles.append(handle)
+                module.register_forward_hook(self._permanent(site), with_kwargs=True)
         object.__setattr__(root, SEAMS_ATTRIBUTE, self)
 
     @property
@@ -101,11 +99,6 @@ class Seams:
             )
         listeners.append(hook)
         return Listener(listeners, hook)
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
     def _permanent(self, site: Site):
         def hook(module, args, kwargs, output=None):

@@ -20,6 +20,7 @@ import torch
 from ..taps.plan import graph_sites
 from ..taps.seams import Seams
 from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
+
 EXTRA_READS = ("token_embeddings", "input_ids")  # reads outside the layers that are served as well
 
 
