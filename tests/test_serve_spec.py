@@ -96,3 +96,25 @@ def test_serve_asks_for_the_instrumented_model_runner(monkeypatch):
     monkeypatch.setenv(V2_RUNNER, "1")
     with pytest.raises(SystemExit, match="V2 model runner, which carries no interventions"):
         require_v1_model_runner()
+
+
+def test_steering_vector_rows_are_shared_held_and_reused():
+    """The engine's table of distinct steering vectors: one row per distinct ``factor * vector``, held while a
+    request uses it, reused once released, row 0 zeros (what unsteered rows gather)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from nnterp.backends.vllm.served import SteeringVectors
+
+    vectors = SteeringVectors()
+    a, b, c = (SimpleNamespace(factor=f, vector=v) for f, v in ((2.0, [1.0, 2.0]), (1.0, [3.0, 4.0]), (1.0, [5.0, 6.0])))
+    row_a, row_b = vectors.acquire(a), vectors.acquire(b)
+    assert vectors.acquire(SimpleNamespace(factor=2.0, vector=[1.0, 2.0])) == row_a != row_b
+    like = torch.zeros(1, 2, dtype=torch.float64)
+    assert vectors.table(like).tolist() == [[0.0, 0.0], [2.0, 4.0], [3.0, 4.0]]
+    vectors.release(row_a)
+    assert vectors.acquire(c) != row_a  # row_a is still held by its second user
+    vectors.release(row_a)
+    row_d = vectors.acquire(SimpleNamespace(factor=-1.0, vector=[7.0, 8.0]))
+    assert row_d == row_a and vectors.table(like)[row_d].tolist() == [-7.0, -8.0]

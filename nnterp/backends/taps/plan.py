@@ -47,13 +47,11 @@ def graph_sites(root: torch.nn.Module, names: ModuleNames, accessors: Sequence[s
     """The sites a graph-captured engine keeps seams at so that ``accessors`` are served at every layer; a layer
     without the accessor's module (a hybrid stack's mixer) has none."""
     sites = []
-    for layer in range(len(root.get_submodule(names.layers))):
+    for layer, layer_module in enumerate(root.get_submodule(names.layers)):
         for accessor in accessors:
             role = ROLE_OF[accessor.partition("_")[0]]
-            layer_module = root.get_submodule(names.layers)[layer]
-            if role != "layer" and layer_child(layer_module, role, names) is None:
-                continue
-            sites.append(tap_site(root, names, accessor, layer))
+            if role == "layer" or layer_child(layer_module, role, names) is not None:
+                sites.append(tap_site(root, names, accessor, layer))
     return list(dict.fromkeys(sites))
 
 

@@ -51,12 +51,6 @@ class Served:
         start, count, _ = self.span
         return torch.arange(start, start + count)
 
-    @property
-    def positions(self) -> torch.Tensor:
-        """The token positions of this step's rows."""
-        _, count, first = self.span
-        return torch.arange(first, first + count)
-
     def selected(self, tokens: str) -> torch.Tensor:
         """Which of this step's rows ``tokens`` ("all", "prompt", "generated") picks, as a boolean mask."""
         return torch.from_numpy(self.selected_rows(tokens))
@@ -161,7 +155,7 @@ class ServedRequests:
         self.done[handle] = served
         for entry in served.spec.steer:
             if getattr(entry, "table_row", None) is not None:
-                self._vectors.release(entry)
+                self._vectors.release(entry.table_row)
                 entry.table_row = None
         for key, site in list(self._sites.items()):
             site.operations = [op for op in site.operations if op[0] != request_id]
@@ -232,16 +226,13 @@ class ServedRequests:
         flat = stream.reshape(-1, stream.shape[-1])
         edits: list[tuple[torch.Tensor, torch.Tensor]] = []  # (rows, new stream rows)
         for served, kind, entry in others:
-            edit = self._guarded(served, site.tap, lambda: self._apply(served, site.tap, kind, entry, flat))
+            edit = self._guarded([served], site.tap, lambda: self._apply(served, site.tap, kind, entry, flat))
             if edit is not None:
                 edits.append(edit)
         steering = None
         if steers:
-            try:
-                steering = self._steering(site, steers, flat)
-            except Exception as error:
-                for served, _, _ in steers:
-                    served.error = f"{type(error).__name__} at {site.tap.where}: {error}"
+            steering = self._guarded([served for served, _, _ in steers], site.tap,
+                                     lambda: self._steering(site, steers, flat))
         if captures:
             edited = flat
             if edits or steering is not None:
@@ -251,7 +242,7 @@ class ServedRequests:
                 if steering is not None:
                     edited.index_add_(0, *steering)
             for served, _, entry in captures:
-                self._guarded(served, site.tap, lambda: self._capture(served, site.tap, entry, edited))
+                self._guarded([served], site.tap, lambda: self._capture(served, site.tap, entry, edited))
         if (not edits and steering is None) or site.tap.direction == "input":
             return None
         return _with_rows(site.tap, output, flat.shape, edits, steering)
@@ -259,14 +250,12 @@ class ServedRequests:
     def _steer_in_place(self, site: Site, steers: list, output: Any) -> None:
         """Add the steering vectors into the module's output itself (the hidden half of a dual stream: the stream
         is their sum), where a replayed graph reads it next, instead of building a replacement."""
-        try:
+        def add() -> None:
             target = _stream_part(site.tap, output)
             flat = target.view(-1, target.shape[-1])
-            rows, addends = self._steering(site, steers, flat)
-            flat.index_add_(0, rows, addends)
-        except Exception as error:
-            for served, _, _ in steers:
-                served.error = f"{type(error).__name__} at {site.tap.where}: {error}"
+            flat.index_add_(0, *self._steering(site, steers, flat))
+
+        self._guarded([served for served, _, _ in steers], site.tap, add)
 
     def _steering(self, site: Site, steers: list, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(rows, addends)`` of every steering request at ``site`` this step: the rows' indices and index
@@ -289,12 +278,14 @@ class ServedRequests:
         return rows, self._vectors.table(flat)[ids]
 
     @staticmethod
-    def _guarded(served: Served, tap: Tap, action):
-        """``action()``; an error is kept on the request (the forward pass goes on without its interventions)."""
+    def _guarded(requests: list[Served], tap: Tap, action):
+        """``action()`` for ``requests``; an error is kept on each of them (the forward pass goes on without their
+        interventions)."""
         try:
             return action()
         except Exception as error:
-            served.error = f"{type(error).__name__} at {tap.where}: {error}"
+            for served in requests:
+                served.error = f"{type(error).__name__} at {tap.where}: {error}"
             return None
 
     def _capture(self, served: Served, tap: Tap, entry: Any, flat: torch.Tensor) -> None:
@@ -324,7 +315,7 @@ class ServedRequests:
     def _prompt_mean(served: Served, tap: Tap, current: torch.Tensor) -> torch.Tensor:
         """The mean of this stream over the request's prompt tokens (accumulated over the steps that run them)."""
         key = (tap.accessor, tap.layer)
-        prompt = served.positions < served.prompt_length
+        prompt = served.selected("prompt")
         if bool(prompt.any()):
             total, count = served.means.get(key, (torch.zeros_like(current[0], dtype=torch.float32), 0))
             rows = current[prompt.to(current.device)].float()
@@ -333,12 +324,18 @@ class ServedRequests:
         return (total / count).to(current.dtype)[None]
 
 
-def _stream_part(tap: Tap, output: Any) -> torch.Tensor:
-    """The tensor of the module's output that carries the stream (the hidden half of vLLM's dual stream)."""
+def _stream_index(tap: Tap) -> Optional[int]:
+    """Which item of the module's output carries the stream (the hidden half of vLLM's dual stream); None where
+    the output is the stream itself."""
     layout = tap.layout.output
     if layout.kind == "tensor":
-        return output
-    return output[0 if layout.kind == "dual" else layout.index]
+        return None
+    return 0 if layout.kind == "dual" else layout.index
+
+
+def _stream_part(tap: Tap, output: Any) -> torch.Tensor:
+    index = _stream_index(tap)
+    return output if index is None else output[index]
 
 
 def _with_rows(tap: Tap, output: Any, flat_shape: torch.Size, edits: list[tuple[torch.Tensor, torch.Tensor]],
@@ -346,14 +343,9 @@ def _with_rows(tap: Tap, output: Any, flat_shape: torch.Size, edits: list[tuple[
     """The module's output with the stream's given rows replaced, then ``steering``'s ``(rows, addends)`` added,
     in the module's own layout: a tensor, a tuple item, or the hidden half of vLLM's ``(hidden, residual)``
     (hidden := new stream - residual; an addend to the stream is one to the hidden half)."""
-    layout = tap.layout.output
-    if layout.kind == "tensor":
-        target, index = output, None
-    else:
-        index = 0 if layout.kind == "dual" else layout.index
-        target = output[index]
+    index, target = _stream_index(tap), _stream_part(tap, output)
     updated = target.reshape(flat_shape).clone()
-    residual = output[1].reshape(flat_shape) if layout.kind == "dual" else None
+    residual = output[1].reshape(flat_shape) if tap.layout.output.kind == "dual" else None
     for rows, values in edits:
         updated[rows] = values if residual is None else values - residual.index_select(0, rows)
     if steering is not None:
@@ -371,38 +363,41 @@ class SteeringVectors:
     while a request uses it and reused after."""
 
     def __init__(self) -> None:
-        self._rows: dict[tuple, int] = {}
-        self._users: dict[tuple, int] = {}
-        self._values: dict[int, list[float]] = {}
+        self._rows: dict[tuple, int] = {}  # (factor, vector) -> row
+        self._keys: list[Optional[tuple]] = [None]  # row -> (factor, vector); row 0 is the zeros
+        self._values: list[list[float]] = [[]]  # row -> factor * vector
+        self._users: dict[int, int] = {}  # row -> requests using it
         self._free: list[int] = []
         self._table: Optional[torch.Tensor] = None
 
-    @staticmethod
-    def _key(entry: Any) -> tuple:
-        return float(entry.factor), tuple(entry.vector)
-
     def acquire(self, entry: Any) -> int:
-        key = self._key(entry)
+        """The row of ``entry``'s vector, held until :meth:`release`."""
+        key = (float(entry.factor), tuple(entry.vector))
         row = self._rows.get(key)
         if row is None:
-            row = self._rows[key] = self._free.pop() if self._free else len(self._values) + 1
-            self._values[row] = [entry.factor * value for value in entry.vector]
+            values = [entry.factor * value for value in entry.vector]
+            if self._free:
+                row = self._free.pop()
+                self._keys[row], self._values[row] = key, values
+            else:
+                row = len(self._values)
+                self._keys.append(key)
+                self._values.append(values)
+            self._rows[key] = row
             self._table = None
-        self._users[key] = self._users.get(key, 0) + 1
+        self._users[row] = self._users.get(row, 0) + 1
         return row
 
-    def release(self, entry: Any) -> None:
-        key = self._key(entry)
-        self._users[key] -= 1
-        if not self._users[key]:
-            del self._users[key]
-            self._free.append(self._rows.pop(key))
+    def release(self, row: int) -> None:
+        self._users[row] -= 1
+        if not self._users[row]:
+            del self._users[row], self._rows[self._keys[row]]
+            self._free.append(row)
 
     def table(self, like: torch.Tensor) -> torch.Tensor:
         table = self._table
         if table is None or table.device != like.device or table.dtype != like.dtype:
-            width = like.shape[-1]
-            values = [[0.0] * width] + [self._values.get(row, [0.0] * width) for row in range(1, len(self._values) + 1)]
+            values = [[0.0] * like.shape[-1], *self._values[1:]]
             table = self._table = torch.tensor(values, dtype=torch.float32).to(device=like.device, dtype=like.dtype)
         return table
 
