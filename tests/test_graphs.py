@@ -144,3 +144,10 @@ def test_graph_engines_are_refused_without_a_gpu_and_under_pipeline_parallelism(
     with pytest.raises(ValueError, match="pipeline_parallel_size > 1: cross-stage reads"):
         check_graph_engine({"pipeline_parallel_size": 2}, ACCESSORS)
     check_graph_engine({"tensor_parallel_size": 2}, ACCESSORS)
+
+
+def test_a_replacement_of_another_shape_is_refused_at_replay(captured):
+    root, seams, recording = captured
+    hook_module(root, "layers.2", "output", lambda module, args, kwargs, output: output[:, :2])
+    with pytest.raises(ValueError, match=r"a replacement of shape \(5, 2\) for a stream of shape \(5, 4\)"):
+        replay(root, recording, seams, tokens=5)
