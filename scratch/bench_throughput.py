@@ -11,7 +11,8 @@ each measurement (the best of its runs) prints one JSON line (mode, prompts, tok
 as soon as it exists, and a table of
 ratios closes the run: vLLM modes against vanilla vLLM with the same engine settings (eager, same batch and
 scheduler limits, chunked prefill off, in-process engine core), HF modes against the plain forward with a hook.
-``x graphs`` is the ratio to vanilla vLLM with CUDA graphs (vLLM's default, measured in the same run; GPU only).
+``x graphs`` is the ratio to vanilla vLLM with CUDA graphs (vLLM's default, measured in the same run; GPU only),
+``x brk`` to vanilla vLLM on breakable graphs (``vllm-breakable``, the kind nnterp's graph engines record).
 ``tokens`` counts prompt tokens plus generated tokens. ``nnterp-vllm-*`` is StandardizedVLLM's eager engine,
 ``nnterp-graphs-*`` the same on CUDA graphs serving every accessor (``cuda_graphs=True``), ``nnterp-lean-*`` serving
 only ``layers_output`` (``cuda_graphs=("layers_output",)``); ``*-generate`` runs the engine with nothing extracted
@@ -39,6 +40,7 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # every vLLM mode 
 GROUPS = {  # modes that share one process (one model or engine)
     "vllm": ["vllm"],
     "vllm-graphs": ["vllm-graphs"],
+    "vllm-breakable": ["vllm-breakable"],
     "nnsight": ["nnsight-trace"],
     "nnterp-vllm": ["nnterp-vllm-generate", "nnterp-vllm-trace", "nnterp-vllm-extract", "nnterp-vllm-extract-all",
                     "nnterp-vllm-steer"],
@@ -48,7 +50,7 @@ GROUPS = {  # modes that share one process (one model or engine)
     "hf": ["hf-hooks", "hf-hooks-all", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
 }
 TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "nnterp-graphs-trace", "hf-nnterp-trace"}
-GRAPH_GROUPS = {"vllm-graphs", "nnterp-graphs", "nnterp-lean"}  # need a GPU
+GRAPH_GROUPS = {"vllm-graphs", "vllm-breakable", "nnterp-graphs", "nnterp-lean"}  # need a GPU
 ENGINE_PREFIXES = ("nnterp-vllm", "nnterp-graphs", "nnterp-lean")  # StandardizedVLLM modes: "<prefix>-generate" is the engine  # measured in the first scenario only
 BASELINE = {"vllm": "vllm", "hf": "hf-hooks", "hf-nnterp-extract-all": "hf-hooks-all"}  # extract-all: hooks on every layer
 WORDS = ("The capital of France is Paris . Germany Berlin Italy Rome Eiffel Tower Hello world this is a tiny model "
@@ -119,16 +121,21 @@ def sampling(max_new_tokens: int) -> dict:
     return {"max_tokens": max(1, max_new_tokens), "temperature": 0.0, "ignore_eos": True}
 
 
-def vllm_group(args, path: str, graphs: bool) -> dict[str, Callable]:
+def vllm_group(args, path: str, graphs: bool, breakable: bool = False) -> dict[str, Callable]:
+    """Vanilla vLLM: eager, its default CUDA graphs, or breakable graphs (PIECEWISE, what nnterp's graph engines
+    record: the attention runs eagerly between graph segments)."""
+    settings = vllm_settings(args)
+    if breakable:
+        os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"  # this group's own process
+        settings["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     from vllm import LLM, SamplingParams
 
-    settings = vllm_settings(args)
     llm = LLM(path, enforce_eager=not graphs, **settings)
 
     def run(prompts, max_new_tokens, layer):
         llm.generate(prompts, SamplingParams(**sampling(max_new_tokens)), use_tqdm=False)
 
-    return {"vllm-graphs" if graphs else "vllm": run}
+    return {("vllm-breakable" if breakable else "vllm-graphs") if graphs else "vllm": run}
 
 
 def nnsight_group(args, path: str) -> dict[str, Callable]:
@@ -159,6 +166,8 @@ def nnterp_vllm_group(args, path: str, prefix: str = "nnterp-vllm", cuda_graphs=
     from vllm import SamplingParams
 
     model = StandardizedVLLM(path, cuda_graphs=cuda_graphs, **vllm_settings(args))
+    if cuda_graphs:
+        print("INFO seams " + json.dumps(model.vllm_entrypoint.collective_rpc("nnterp_seams")), flush=True)
 
     def generate(prompts, max_new_tokens, layer):  # the same engine, nothing extracted: its own overhead
         model.vllm_entrypoint.generate(prompts, SamplingParams(**sampling(max_new_tokens)), use_tqdm=False)
@@ -260,6 +269,7 @@ def run_group(args) -> None:
     path = model_path(args.model, Path(args.cache))
     tokenizer = AutoTokenizer.from_pretrained(path)
     builders = {"vllm": lambda: vllm_group(args, path, graphs=False), "vllm-graphs": lambda: vllm_group(args, path, True),
+                "vllm-breakable": lambda: vllm_group(args, path, True, breakable=True),
                 "nnsight": lambda: nnsight_group(args, path), "nnterp-vllm": lambda: nnterp_vllm_group(args, path),
                 "nnterp-graphs": lambda: nnterp_vllm_group(args, path, "nnterp-graphs", cuda_graphs=True),
                 "nnterp-lean": lambda: nnterp_vllm_group(args, path, "nnterp-lean", cuda_graphs=("layers_output",)),
@@ -311,6 +321,9 @@ def drive(args, argv: list[str]) -> int:
         started = time.time()
         process = subprocess.run(command, capture_output=True, text=True, timeout=args.group_timeout)
         lines = [line[len("RESULT "):] for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+        for line in process.stdout.splitlines():
+            if line.startswith("INFO "):
+                print(f"# {group}: {line[len('INFO '):]}", flush=True)
         for line in lines:
             record = json.loads(line)
             records.append(record)
@@ -337,16 +350,18 @@ def table(records: list[dict]) -> str:
         return base[key] / record[key] if base else float("nan")
 
     lines = ["", f"{'mode':26} {'prompts':>7} {'new':>4} {'tokens':>8} {'tok/s':>10} {'x base':>7} {'x graphs':>8} "
-                 f"{'x engine':>8} {'cpu s':>7} {'x base cpu':>10}"]
+                 f"{'x brk':>6} {'x engine':>8} {'cpu s':>7} {'x base cpu':>10}"]
     for record in records:
         hf = record["mode"].startswith("hf")
         base = baseline(record, BASELINE.get(record["mode"], BASELINE["hf" if hf else "vllm"]))
         graphs = None if hf else baseline(record, "vllm-graphs")
+        breakable = None if hf else baseline(record, "vllm-breakable")
         prefix = next((prefix for prefix in ENGINE_PREFIXES if record["mode"].startswith(prefix + "-")), None)
         engine = baseline(record, f"{prefix}-generate") if prefix else None
         lines.append(f"{record['mode']:26} {record['prompts']:>7} {record['max_new_tokens']:>4} {record['tokens']:>8} "
                      f"{record['tokens_per_s']:>10.0f} {ratio(base, record, 'seconds'):>7.2f} "
-                     f"{ratio(graphs, record, 'seconds'):>8.2f} {ratio(engine, record, 'seconds'):>8.2f} "
+                     f"{ratio(graphs, record, 'seconds'):>8.2f} {ratio(breakable, record, 'seconds'):>6.2f} "
+                     f"{ratio(engine, record, 'seconds'):>8.2f} "
                      f"{record['cpu_seconds']:>7.2f} {ratio(base, record, 'cpu_seconds'):>10.2f}")
     if records:
         lines.append(f"device: {records[0]['device']}; model: {records[0]['model']}")

@@ -4,7 +4,9 @@
     python3 scratch/profile_graphs.py [--model random-1b] [--scenario 256:32] [--modes generate extract steer]
                                       [--cuda-graphs true] [--top 25]     (GPU machine)
 
-Prints wall seconds per mode and the functions with the most own time.
+Prints, per mode: the best unprofiled wall time of ``--repeats`` runs split into the engine's steps (count,
+seconds) and everything else (RPCs to the worker counted apart); then a cProfile of one run, the functions with the
+most own time.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["generate", "extract", "extract-all", "steer"])
     parser.add_argument("--cuda-graphs", default="true", help="true, false or comma-separated accessors")
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     import bench_throughput as bench
     from transformers import AutoTokenizer
@@ -40,9 +43,13 @@ def main() -> None:
     count, new = (int(part) for part in args.scenario.split(":"))
     prompts = bench.make_prompts(AutoTokenizer.from_pretrained(path), count, 100)
     layer = bench._num_layers(path) // 2
+    engine = _engine(modes)
     for name in args.modes:
         run = modes[f"m-{name}"]
         run(prompts, new, layer)  # warm
+        best = min((_split(engine, lambda: run(prompts, new, layer)) for _ in range(args.repeats)), key=lambda t: t[0])
+        print(f"=== {name}: {best[0]:.3f} s: {best[1]} engine steps {best[2]:.3f} s, {best[3]} RPCs {best[4]:.3f} s, "
+              f"rest {best[0] - best[2] - best[4]:.3f} s", flush=True)
         profile = cProfile.Profile()
         start = time.perf_counter()
         profile.enable()
@@ -52,6 +59,41 @@ def main() -> None:
         text = io.StringIO()
         pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
         print(f"=== {name}: {wall:.3f} s (profiled)\n" + "\n".join(text.getvalue().splitlines()[6:]), flush=True)
+
+
+def _engine(modes: dict):
+    """The LLMEngine behind the modes (their closures hold the StandardizedVLLM)."""
+    for cell in modes["m-generate"].__closure__:
+        model = cell.cell_contents
+        if hasattr(model, "vllm_entrypoint"):
+            return model.vllm_entrypoint.llm_engine
+    raise RuntimeError("no engine found")
+
+
+def _split(engine, run) -> tuple[float, int, float, int, float]:
+    """Wall seconds of ``run``, and how many engine steps and worker RPCs it made and their seconds."""
+    tally = {"step": [0, 0.0], "collective_rpc": [0, 0.0]}
+    originals = {name: getattr(engine, name) for name in tally}
+
+    def timed(name):
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return originals[name](*args, **kwargs)
+            finally:
+                tally[name][0] += 1
+                tally[name][1] += time.perf_counter() - start
+        return call
+
+    for name in tally:
+        setattr(engine, name, timed(name))
+    start = time.perf_counter()
+    try:
+        run()
+    finally:
+        for name in tally:
+            delattr(engine, name)
+    return (time.perf_counter() - start, *tally["step"], *tally["collective_rpc"])
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from nnterp.backends.taps.spec import ACCESSORS
 from nnterp.backends.vllm.graphs import accessors_under_graphs, check_graph_engine, nnsight_taps, tap_sites
 
 ROWS, WIDTH = 8, 4
+RECORDED: list[str] = []  # what was recorded into the open graph segment since the last break
 
 
 class StaticLayer(torch.nn.Module):
@@ -24,6 +25,7 @@ class StaticLayer(torch.nn.Module):
         self.out = torch.zeros(ROWS, WIDTH)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        RECORDED.append("add")
         return torch.add(hidden, self.shift, out=self.out)
 
 
@@ -38,24 +40,40 @@ class Stack(torch.nn.Module):
         return hidden
 
 
+def graph_segment() -> None:
+    """A recorded graph segment's replay (the test writes the layers' buffers itself)."""
+
+
 class Recording:
-    """vLLM's breakable capture as the seams use it: ``add_eager`` runs the callable once and keeps it."""
+    """vLLM's breakable capture as the seams use it: ``add_eager`` closes the open graph segment (empty or not),
+    runs the callable once, keeps both, and opens the next segment."""
 
     def __init__(self) -> None:
         self.segments = []
 
     def add_eager(self, fn):
+        self.segments.append(graph_segment)
         result = fn()
         self.segments.append(fn)
+        RECORDED.clear()
         return result
 
 
-@pytest.fixture
-def captured(monkeypatch):
+def eager_calls(recording: Recording) -> int:
+    return sum(segment is not graph_segment for segment in recording.segments)
+
+
+@pytest.fixture(params=["breaks apart", "breaks merged"])
+def captured(monkeypatch, request):
+    """Seams recorded into a stand-in graph; with "breaks merged" the recording can tell an empty segment (a GPU's
+    stream capture can; without one the breaks stay apart)."""
     root = Stack()
     seams = Seams(root, [("layers.0", "output"), ("layers.1", "input"), ("layers.2", "output")])
     recording = Recording()
     monkeypatch.setattr(seams_module, "recording", lambda: recording)
+    if request.param == "breaks merged":
+        monkeypatch.setattr(seams_module, "nothing_recorded_in_segment", lambda: not RECORDED)
+    RECORDED.clear()
     root(torch.zeros(ROWS, WIDTH))
     monkeypatch.setattr(seams_module, "recording", lambda: None)
     return root, seams, recording
@@ -74,7 +92,7 @@ def replay(root: Stack, recording: Recording, seams: Seams, tokens: int) -> list
 
 def test_a_replayed_step_serves_its_rows_and_edits_land_in_the_graphs_buffer(captured):
     root, seams, recording = captured
-    assert seams.recorded == 3 and len(recording.segments) == 3
+    assert seams.recorded == 3 and eager_calls(recording) == 3 - seams.merged
     seen = {}
     hook_module(root, "layers.0", "output", lambda module, args, kwargs, output: seen.__setitem__("out0", output.clone()))
     hook_module(root, "layers.1", "input", lambda module, args, kwargs: seen.__setitem__("in1", args[0].clone()))
@@ -100,6 +118,31 @@ def test_listeners_chain_like_torch_hooks_and_are_served_on_eager_steps_too(capt
     values = replay(root, recording, seams, tokens=ROWS)
     assert len(seen) == 1  # a removed listener is not served at replay
     torch.testing.assert_close(root.layers[2].out, values[2] * 2)
+
+
+def test_breaks_with_nothing_recorded_between_them_share_one_eager_segment(monkeypatch):
+    """Layer 0's output and layer 1's input follow one another: one eager segment, run in the order they were
+    asked for; another break (vLLM's eager attention, say) after recorded work stays apart, as does a break after
+    someone else's."""
+    monkeypatch.setattr(seams_module, "nothing_recorded_in_segment", lambda: not RECORDED)
+    root = Stack()
+    seams = Seams(root, [("layers.0", "output"), ("layers.1", "input"), ("layers.1", "output")])
+    recording = Recording()
+    order = []
+    root.layers[1].register_forward_pre_hook(lambda module, args: recording.add_eager(lambda: order.append("own")))
+    monkeypatch.setattr(seams_module, "recording", lambda: recording)
+    RECORDED.clear()
+    root(torch.zeros(ROWS, WIDTH))
+    monkeypatch.setattr(seams_module, "recording", lambda: None)
+    assert seams.recorded == 3 and seams.merged == 2  # layer 1's input seam and the other break joined layer 0's
+    assert eager_calls(recording) == 2
+    hook_module(root, "layers.0", "output", lambda *args: order.append("out0"))
+    hook_module(root, "layers.1", "input", lambda *args: order.append("in1"))
+    hook_module(root, "layers.1", "output", lambda *args: order.append("out1"))
+    order.clear()
+    for segment in recording.segments:
+        segment()
+    assert order == ["out0", "in1", "own", "out1"]
 
 
 def test_a_site_without_a_seam_is_refused_by_name(captured):
@@ -151,3 +194,24 @@ def test_a_replacement_of_another_shape_is_refused_at_replay(captured):
     hook_module(root, "layers.2", "output", lambda module, args, kwargs, output: output[:, :2])
     with pytest.raises(ValueError, match=r"a replacement of shape \(5, 2\) for a stream of shape \(5, 4\)"):
         replay(root, recording, seams, tokens=5)
+
+
+def test_graph_engines_record_breakable_graphs_only(monkeypatch):
+    """vLLM's default also records FULL graphs (decode steps in one piece), which no hook reaches: the engine
+    arguments ask for PIECEWISE, another mode is refused before the engine starts, and a worker whose engine
+    resolved FULL graphs anyway refuses to load."""
+    from vllm.config import CUDAGraphMode
+
+    from nnterp.backends.vllm.graphs import check_breakable_only, graph_engine_kwargs
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "0")
+    kwargs = graph_engine_kwargs({"compilation_config": {"max_cudagraph_capture_size": 64}}, ACCESSORS)
+    assert kwargs["compilation_config"] == {"max_cudagraph_capture_size": 64, "cudagraph_mode": "PIECEWISE"}
+    assert __import__("os").environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] == "1"
+    with pytest.raises(ValueError, match="cudagraph_mode 'FULL_AND_PIECEWISE'.*drop cudagraph_mode"):
+        graph_engine_kwargs({"compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE"}}, ACCESSORS)
+    check_breakable_only(CUDAGraphMode.PIECEWISE)
+    for mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
+        with pytest.raises(ValueError, match=f"cudagraph_mode {mode.name}: FULL CUDA graphs replay without"):
+            check_breakable_only(mode)

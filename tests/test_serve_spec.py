@@ -76,7 +76,8 @@ def test_serving_on_cuda_graphs_names_every_accessor_for_the_workers(monkeypatch
     ``--additional-config``) to keep seams for every accessor, no ``--enforce-eager`` added, nnsight not loaded."""
     code = ("import json, sys, nnterp.backends.vllm.engine as e, nnterp.backends.vllm.server as s; "
             "e.no_accelerator = lambda: False; "
-            "args = s.serve_arguments('m', ['--no-enforce-eager', '--additional-config', '{\"a\": 1}']); "
+            "args = s.serve_arguments('m', ['--no-enforce-eager', '--additional-config', '{\"a\": 1}', "
+            "'--compilation-config={\"level\": 0}']); "
             "import os; print(json.dumps([args, os.environ['VLLM_USE_BREAKABLE_CUDAGRAPH'], 'nnsight' in sys.modules]))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     args, breakable, nnsight_loaded = json.loads(run.stdout.strip().splitlines()[-1])
@@ -84,6 +85,8 @@ def test_serving_on_cuda_graphs_names_every_accessor_for_the_workers(monkeypatch
 
     assert json.loads(args[args.index("--additional-config") + 1]) == {"a": 1, GRAPH_ACCESSORS_KEY: list(ACCESSORS)}
     assert args.count("--additional-config") == 1 and "--enforce-eager" not in args and "--no-enforce-eager" in args
+    assert json.loads(args[args.index("--compilation-config") + 1]) == {"level": 0, "cudagraph_mode": "PIECEWISE"}
+    assert not any(argument.startswith("--compilation-config=") for argument in args)
     assert breakable == "1" and not nnsight_loaded
 
 

@@ -9,10 +9,16 @@ its graphs are captured. Listeners come and go (an extraction, a served request'
 hook hands each call to them, directly on an eager step, through the recorded callable on a replayed one. At
 replay the tensors are the graph's static buffers, padded past this step's tokens: the listeners see them cut to
 the step's rows (``tokens``), and a replacement they return is copied into the buffer (the graph reads from there).
+
+Every break ends a graph segment, and each segment costs a graph launch at every replay. Breaks that follow one
+another with nothing recorded between them (a layer's output and the next layer's input, nnsight's tap and the
+seam at one site) are merged into one eager segment (:class:`MergedBreaks`).
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -69,6 +75,73 @@ def copy_into(live: Any, edited: Any) -> None:
             copy_into(live_item, edited.get(key))
 
 
+@functools.lru_cache(maxsize=None)
+def _stream_capture_info() -> Optional[Callable]:
+    """The driver's ``cuStreamGetCaptureInfo`` (v2 signature), or None where it cannot be loaded."""
+    try:
+        function = ctypes.CDLL("libcuda.so.1").cuStreamGetCaptureInfo_v2
+    except (OSError, AttributeError):
+        return None
+    function.restype = ctypes.c_int
+    function.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_size_t)]
+    return function
+
+
+def nothing_recorded_in_segment() -> bool:
+    """Whether the graph segment being recorded on the current stream is still empty: an active stream capture
+    whose next node would depend on nothing. False whenever that cannot be told (the breaks then stay apart)."""
+    function = _stream_capture_info()
+    if function is None:
+        return False
+    status, dependencies, count = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_size_t()
+    result = function(ctypes.c_void_p(torch.cuda.current_stream().cuda_stream), ctypes.byref(status), None, None,
+                      ctypes.byref(dependencies), ctypes.byref(count))
+    return result == 0 and status.value == 1 and count.value == 0  # CU_STREAM_CAPTURE_STATUS_ACTIVE
+
+
+class EagerSegment:
+    """The calls of merged breaks, replayed in order as one eager segment."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, call: Callable) -> None:
+        self.calls = [call]
+
+    def __call__(self) -> Any:
+        result = None
+        for call in self.calls:
+            result = call()
+        return result
+
+
+class MergedBreaks:
+    """Stands in for a recording's ``add_eager`` (set on the recording, so every break goes through it: nnsight's
+    taps, vLLM's own eager ops, the seams): a break asked for while the segment opened by the previous one is still
+    empty joins that break's eager segment instead of closing an empty graph and opening another."""
+
+    def __init__(self, recording: Any, nothing_recorded: Callable[[], bool], on_merge: Callable[[], None]) -> None:
+        self._recording, self._add_eager, self._nothing_recorded = recording, recording.add_eager, nothing_recorded
+        self._on_merge = on_merge
+        self._last: Optional[EagerSegment] = None
+
+    def __call__(self, call: Callable) -> Any:
+        last, segments = self._last, self._recording.segments
+        if last is not None and segments and segments[-1] is last and self._nothing_recorded():
+            result = call()  # run now, as add_eager does while recording
+            last.calls.append(call)
+            self._on_merge()
+            return result
+        self._last = EagerSegment(call)
+        return self._add_eager(self._last)
+
+
+def merge_breaks(recording: Any, on_merge: Callable[[], None], nothing_recorded: Callable[[], bool]) -> None:
+    """Route ``recording``'s breaks through :class:`MergedBreaks` (once per recording)."""
+    if not isinstance(recording.__dict__.get("add_eager"), MergedBreaks):
+        recording.add_eager = MergedBreaks(recording, nothing_recorded, on_merge)
+
+
 class Seams:
     """Permanent hooks at ``sites`` of ``root``, serving listeners on eager and replayed steps alike."""
 
@@ -76,6 +149,8 @@ class Seams:
         self.listeners: dict[Site, list[Callable]] = {}
         self.tokens: Optional[int] = None  # this step's token rows; set by the runner before each forward pass
         self.recorded = 0
+        self.merged = 0  # breaks that joined the one before them
+        root.register_forward_pre_hook(self._begin_forward, prepend=True)
         for site in dict.fromkeys(sites):
             self.listeners[site] = []
             module = root.get_submodule(site[0])
@@ -99,6 +174,15 @@ class Seams:
             )
         listeners.append(hook)
         return Listener(listeners, hook)
+
+    def _begin_forward(self, module, args) -> None:
+        """Before anything else of a recorded forward pass: its breaks are merged where they can be."""
+        capture = recording()
+        if capture is not None:
+            merge_breaks(capture, self._count_merge, nothing_recorded_in_segment)
+
+    def _count_merge(self) -> None:
+        self.merged += 1
 
     def _permanent(self, site: Site):
         def hook(module, args, kwargs, output=None):

@@ -30,6 +30,20 @@ from typing import Any
 ACCESSORS = ("layers_input", "layers_output", "attentions_input", "attentions_output", "mlps_input", "mlps_output")
 SPEC_KEY = "nnterp"  # the request field, and SamplingParams.extra_args[SPEC_KEY] = RequestSpec.to_json()
 GRAPH_ACCESSORS_KEY = "nnterp_graph_accessors"  # engine additional_config: the accessors served under CUDA graphs
+
+
+def piecewise_graphs(compilation: dict | None) -> dict:
+    """vLLM's compilation settings with every CUDA graph breakable (``cudagraph_mode`` PIECEWISE): vLLM's default
+    also records FULL graphs (decode steps in one piece), whose replay reaches no seam, so a hook would silently
+    miss every decode step. Another mode asked for is refused."""
+    compilation = dict(compilation or {})
+    mode = str(compilation.get("cudagraph_mode", "PIECEWISE")).rpartition(".")[2].upper()
+    if mode != "PIECEWISE":
+        raise ValueError(
+            f"cudagraph_mode {compilation['cudagraph_mode']!r}: nnterp's CUDA graphs are breakable (PIECEWISE) "
+            "graphs, the only ones whose replay reaches the hooks that read and steer; drop cudagraph_mode.")
+    compilation["cudagraph_mode"] = "PIECEWISE"
+    return compilation
 TOKENS = ("all", "prompt", "generated")
 WRITABLE = ("layers_output", "attentions_output", "mlps_output")
 MODES = ("zero", "mean")

@@ -19,7 +19,7 @@ import torch
 
 from ..taps.plan import graph_sites
 from ..taps.seams import Seams
-from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
+from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY, piecewise_graphs
 
 EXTRA_READS = ("token_embeddings", "input_ids")  # reads outside the layers that are served as well
 
@@ -57,11 +57,22 @@ def check_graph_engine(vllm_kwargs: dict, accessors: tuple[str, ...]) -> None:
 
 def graph_engine_kwargs(vllm_kwargs: dict, accessors: tuple[str, ...]) -> dict:
     """The engine arguments of a graph-captured engine: vLLM's breakable graphs (read by the worker processes,
-    which inherit the environment) and the accessors its workers keep seams for."""
+    which inherit the environment) for every batch, and the accessors its workers keep seams for."""
     check_graph_engine(vllm_kwargs, accessors)
     os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"
+    compilation = vllm_kwargs.get("compilation_config")
+    if compilation is None or isinstance(compilation, dict):  # other forms are checked by the worker at load
+        vllm_kwargs = {**vllm_kwargs, "compilation_config": piecewise_graphs(compilation)}
     return {**vllm_kwargs, "additional_config": {**(vllm_kwargs.get("additional_config") or {}),
                                                  GRAPH_ACCESSORS_KEY: list(accessors)}}
+
+
+def check_breakable_only(cudagraph_mode: Any) -> None:
+    """Refuse, at load, an engine that would record FULL graphs: their replay reaches no seam."""
+    if cudagraph_mode is not None and getattr(cudagraph_mode, "has_full_cudagraphs", lambda: False)():
+        raise ValueError(
+            f"cudagraph_mode {cudagraph_mode.name}: FULL CUDA graphs replay without reaching any hook, so reads "
+            "and steering would miss those steps. Serve graphs with cudagraph_mode PIECEWISE (nnterp's default).")
 
 
 def nnsight_taps(root: torch.nn.Module, names: Any, accessors: Sequence[str]) -> tuple[str, ...]:
@@ -102,6 +113,7 @@ class GraphRunner:
             return
         from ...core.backend import is_local
 
+        check_breakable_only(self.compilation_config.cudagraph_mode)
         model = self.get_model()
         if config.get("nnsight_taps"):  # StandardizedVLLM derived them from its names (and rename config)
             sites = tap_sites(config["nnsight_taps"])
@@ -122,7 +134,8 @@ class GraphRunner:
         seams = self._nnterp_seams
         if seams is None:
             return None
-        return {"sites": len(seams.sites), "recorded": seams.recorded,
+        return {"sites": len(seams.sites), "recorded": seams.recorded, "merged": seams.merged,
+                "cudagraph_mode": str(self.compilation_config.cudagraph_mode),
                 "listeners": sum(len(listeners) for listeners in seams.listeners.values())}
 
 
