@@ -6,7 +6,7 @@
 
 Prints, per mode: the best unprofiled wall time of ``--repeats`` runs split into the engine's steps (count,
 seconds) and everything else (RPCs to the worker counted apart); then a cProfile of one run, the functions with the
-most own time.
+most own time and nnterp's functions with the most inclusive time.
 """
 
 from __future__ import annotations
@@ -57,7 +57,9 @@ def main() -> None:
         profile.disable()
         wall = time.perf_counter() - start
         text = io.StringIO()
-        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
+        stats = pstats.Stats(profile, stream=text)
+        stats.sort_stats("tottime").print_stats(args.top)
+        stats.sort_stats("cumulative").print_stats("nnterp", args.top)  # nnterp's own functions, inclusive time
         print(f"=== {name}: {wall:.3f} s (profiled)\n" + "\n".join(text.getvalue().splitlines()[6:]), flush=True)
 
 
