@@ -215,3 +215,27 @@ def test_graph_engines_record_breakable_graphs_only(monkeypatch):
     for mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
         with pytest.raises(ValueError, match=f"cudagraph_mode {mode.name}: FULL CUDA graphs replay without"):
             check_breakable_only(mode)
+
+
+def test_nnsight_tracks_only_the_requests_that_carry_something_for_it(monkeypatch):
+    """Extraction, served and plain requests get no nnsight worker: nnsight's per-step bookkeeping leaves them out,
+    unless a block is registered to run on every request (then every request gets its copy, as in nnsight)."""
+    from types import SimpleNamespace
+
+    from nnsight.modeling.vllm.model_runners.GPUModelRunner import Requests
+
+    from nnterp.backends.vllm.worker import TracedRequests
+
+    passed = []
+    monkeypatch.setattr(Requests, "add", lambda self, new, objects: passed.append([data.req_id for data in new]))
+
+    def request(request_id, extra_args):
+        return SimpleNamespace(req_id=request_id, sampling_params=SimpleNamespace(extra_args=extra_args))
+
+    batch = [request("plain", None), request("extract", {"nnterp_extraction": ["x", 0]}), request("served", {"nnterp": "{}"}),
+             request("trace", {"nnsight_mediator": b""}), request("edits", {"nnsight_edits": ["name"]})]
+    requests = TracedRequests()
+    requests.add(batch, {})
+    requests.templates["registered"] = object()
+    requests.add(batch, {})
+    assert passed == [["trace", "edits"], ["plain", "extract", "served", "trace", "edits"]]

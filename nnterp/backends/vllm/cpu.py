@@ -19,11 +19,11 @@ from .graphs import GraphRunner, GraphWorker
 from .meta import patched_attribute
 from .recovery import RecoveringRunner
 from .served import ServingRunner, ServingWorker
-from .worker import PipelineRunner, SharedModelRunner, SharedModelWorker, StageWorker
+from .worker import PipelineRunner, SharedModelRunner, SharedModelWorker, StageWorker, TracedRequestsRunner
 
 
 class NNsightCPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, GraphRunner, PipelineRunner,
-                            NNsightGPUModelRunner, CPUModelRunner):
+                            TracedRequestsRunner, NNsightGPUModelRunner, CPUModelRunner):
     """vLLM's CPU model runner with nnsight's request interleaving and nnterp's pipeline stages, extraction and
     shared model copy."""
 

@@ -96,7 +96,31 @@ class StageModules(dict):
         return self.setdefault(key, PPMissingLayer())
 
 
-class StageRequests(Requests):
+class TracedRequests(Requests):
+    """nnsight's per-request bookkeeping, kept for the requests that carry something for nnsight: a request with no
+    ``nnsight_*`` argument, arriving while no block is registered to run on every request (extraction, served and
+    plain requests), would get no worker anyway, so it is not tracked. nnsight's work each step (scoping, saves,
+    collection) then follows the traced requests instead of the whole batch."""
+
+    def add(self, new_requests: list, persistent_objects: dict) -> None:
+        if not self.templates:
+            new_requests = [data for data in new_requests if _carries_nnsight(data)]
+        super().add(new_requests, persistent_objects)
+
+
+def _carries_nnsight(data: Any) -> bool:
+    return any(key.startswith("nnsight_") for key in getattr(data.sampling_params, "extra_args", None) or {})
+
+
+class TracedRequestsRunner:
+    """Model-runner behaviour, mixed in before nnsight's runner: :class:`TracedRequests` as its request tracker."""
+
+    def load_model(self, *args, **kwargs) -> None:
+        super().load_model(*args, **kwargs)
+        self.nnsight_requests.__class__ = TracedRequests
+
+
+class StageRequests(TracedRequests):
     """Unpickles each new request's body knowing which request it is (its stage channel is keyed by it)."""
 
     def add(self, new_requests: list, persistent_objects: dict) -> None:
@@ -227,7 +251,7 @@ class SharedModelRunner:
 
 
 class NNterpGPUModelRunner(RecoveringRunner, ServingRunner, ExtractionRunner, SharedModelRunner, GraphRunner, PipelineRunner,
-                           NNsightGPUModelRunner):
+                           TracedRequestsRunner, NNsightGPUModelRunner):
     """nnsight's GPU model runner with pipeline stages, extraction, a shared model copy for traces and seams for
     CUDA graphs."""
 
