@@ -138,7 +138,9 @@ class WorkerExtractions:
                 for index, offset, count, position in share.prompts:
                     if index in extraction.finished:
                         continue  # a step run ahead for a request that had already finished: discarded
-                    prompt = extraction.prompts.setdefault(index, PromptRows())
+                    prompt = extraction.prompts.get(index)
+                    if prompt is None:
+                        prompt = extraction.prompts[index] = PromptRows()
                     prompt.add(buffer, offset, count, position, f"prompt {index}")
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
                 extraction.error = f"{type(error).__name__}: {error}"
