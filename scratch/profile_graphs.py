@@ -32,6 +32,8 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", default="true", help="true, false or comma-separated accessors")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--torch-profiler", action="store_true",
+                        help="also PyTorch's profiler: the CUDA runtime calls (synchronizations, host allocations) by time")
     args = parser.parse_args()
     import bench_throughput as bench
     from transformers import AutoTokenizer
@@ -61,6 +63,19 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(args.top)
         stats.sort_stats("cumulative").print_stats("nnterp", args.top)  # nnterp's own functions, inclusive time
         print(f"=== {name}: {wall:.3f} s (profiled)\n" + "\n".join(text.getvalue().splitlines()[6:]), flush=True)
+        if args.torch_profiler:
+            print(f"=== {name}: CUDA runtime calls\n" + _runtime_calls(lambda: run(prompts, new, layer), args.top), flush=True)
+
+
+def _runtime_calls(run, top: int) -> str:
+    """PyTorch's profiler over ``run``: the operators and CUDA runtime calls with the most own CPU time."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as profiler:
+        run()
+        torch.cuda.synchronize()
+    return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
 
 
 def _engine(modes: dict):
