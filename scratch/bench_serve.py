@@ -12,6 +12,9 @@ to vLLM's server with its default CUDA graphs, ``vllm graphs``):
 - ``plain``: no interventions (nnterp's server against vLLM's);
 - ``capture 1 layer``: the middle layer's ``layers_output`` over the prompt tokens, returned with the response;
 - ``steer every step``: a vector added to the middle layer's output at every token.
+
+``nnterp graphs`` is ``nnterp serve --no-enforce-eager`` (GPU): breakable CUDA graphs with every accessor served.
+``--kinds`` picks the servers (the first one run is the baseline when ``vllm`` is left out).
 """
 
 from __future__ import annotations
@@ -61,8 +64,9 @@ def model_path(name: str, workdir: Path) -> str:
 
 def start(kind: str, path: str, engine: list[str]) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    if kind == "nnterp":
-        command = [sys.executable, "-m", "nnterp", "serve", path, "--port", str(port), *engine]
+    if kind.startswith("nnterp"):  # "nnterp graphs": breakable CUDA graphs, every accessor served at replay
+        graphs = ["--no-enforce-eager"] if kind == "nnterp graphs" else []
+        command = [sys.executable, "-m", "nnterp", "serve", path, "--port", str(port), *graphs, *engine]
     else:
         from nnterp.backends.vllm.engine import no_accelerator
 
@@ -134,6 +138,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--engine", default="", help="extra engine arguments for both servers, e.g. '--dtype bfloat16'")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--kinds", nargs="+", default=None,
+                        help="servers to run (default: vllm, nnterp; on a GPU also 'vllm graphs', 'nnterp graphs')")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         path = model_path(args.model, Path(workdir))
@@ -152,19 +158,19 @@ def main() -> None:
         rates: dict[tuple[str, str], float] = {}
         from nnterp.backends.vllm.engine import no_accelerator
 
-        kinds = ("vllm", "nnterp") if no_accelerator() else ("vllm graphs", "vllm", "nnterp")
+        kinds = args.kinds or (("vllm", "nnterp") if no_accelerator() else ("vllm graphs", "nnterp graphs", "vllm", "nnterp"))
         for kind in kinds:
             process, url = start(kind, path, engine)
             try:
                 for name, spec in workloads.items():
-                    if kind != "nnterp" and spec is not None:
+                    if not kind.startswith("nnterp") and spec is not None:
                         continue
                     rates[kind, name] = max(run_workload(url, path, spec, prompts, args.max_tokens)
                                             for _ in range(args.repeats))
                     print(f"{kind} / {name}: {rates[kind, name]:.0f} tokens/s", flush=True)
             finally:
                 stop(process)
-    baseline = rates["vllm", "plain"]
+    baseline = rates.get(("vllm", "plain")) or rates[next(iter(rates))[0], "plain"]
     graphs = rates.get(("vllm graphs", "plain"))
     print(f"{'server':12} {'workload':18} {'tokens/s':>10} {'vs vLLM':>8} {'vs graphs':>10}")
     for (kind, name), rate in rates.items():
