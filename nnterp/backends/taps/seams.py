@@ -128,9 +128,11 @@ class MergedBreaks:
     def __call__(self, call: Callable) -> Any:
         last, segments = self._last, self._recording.segments
         if last is not None and segments and segments[-1] is last and self._nothing_recorded():
-            result = call()  # run now, as add_eager does while recording
-            last.calls.append(call)
-            self._on_merge()
+            result = self._add_eager(call)  # closes the empty segment, runs the call outside the capture
+            if len(segments) >= 3 and segments[-1] is call and segments[-3] is last:
+                del segments[-2:]  # the empty graph and the call, which joins the previous eager segment
+                last.calls.append(call)
+                self._on_merge()
             return result
         self._last = EagerSegment(call)
         return self._add_eager(self._last)
