@@ -124,12 +124,14 @@ class MergedBreaks:
         self._recording, self._add_eager, self._nothing_recorded = recording, recording.add_eager, nothing_recorded
         self._on_merge = on_merge
         self._last: Optional[EagerSegment] = None
+        self._empty_graphs: list = []  # kept: destroying a graph while the next segment records invalidates it
 
     def __call__(self, call: Callable) -> Any:
         last, segments = self._last, self._recording.segments
         if last is not None and segments and segments[-1] is last and self._nothing_recorded():
             result = self._add_eager(call)  # closes the empty segment, runs the call outside the capture
             if len(segments) >= 3 and segments[-1] is call and segments[-3] is last:
+                self._empty_graphs.append(segments[-2])
                 del segments[-2:]  # the empty graph and the call, which joins the previous eager segment
                 last.calls.append(call)
                 self._on_merge()
