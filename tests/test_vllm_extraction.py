@@ -189,3 +189,29 @@ def test_a_graph_captured_engine_refuses_what_it_does_not_serve(model):
         model._backend = original
     assert model.graph_accessors is None
     assert read_in_trace(model, "attentions_output").shape[-1] == model.hidden_size
+
+
+def test_requests_sending_the_same_steering_text_are_each_steered_until_their_own_end(model):
+    """Offline requests with one spec text share its parse and its vector's row: one request finishing (fewer
+    tokens) must not take the vector from the others. Each request's tokens equal the same request run alone,
+    and differ from the unsteered ones."""
+    from vllm import SamplingParams
+
+    from nnterp.backends.taps.spec import RequestSpec, Steer
+
+    vector = (torch.randn(model.hidden_size, generator=torch.Generator().manual_seed(3)) * 8).tolist()
+    text = RequestSpec(steer=[Steer([1], vector, 1.0, "all")]).to_json()
+    lengths = [2, 9, 9]
+    prompts = PROMPTS[:3]
+
+    def generate(indices, steered=True):
+        params = [SamplingParams(max_tokens=lengths[i], temperature=0.0, ignore_eos=True,
+                                 extra_args={"nnterp": text} if steered else None) for i in indices]
+        outputs = model.vllm_entrypoint.generate([prompts[i] for i in indices], params, use_tqdm=False)
+        return [list(output.outputs[0].token_ids) for output in outputs]
+
+    together = generate(range(3))
+    alone = [generate([i])[0] for i in range(3)]
+    plain = generate(range(3), steered=False)
+    assert together == alone
+    assert all(steered != unsteered for steered, unsteered in zip(together[1:], plain[1:]))

@@ -15,6 +15,7 @@ under pipeline parallelism each stage handles the layers it holds.
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -32,6 +33,13 @@ from .step_rows import request_extra, scheduled_rows
 KEEP_SECONDS = 600  # captures nobody took are dropped after this long
 
 
+@functools.lru_cache(maxsize=256)
+def parsed_spec(text: str) -> RequestSpec:
+    """A request's spec, parsed once for every request that sends the same text (a shared steering vector of
+    thousands of numbers costs more to parse than the request's step)."""
+    return RequestSpec.from_json(text)
+
+
 @dataclass
 class Served:
     """One served request on this worker."""
@@ -44,6 +52,8 @@ class Served:
     span: Optional[tuple[int, int, int]] = None  # this step's (first row in the flat batch, rows, first position)
     error: Optional[str] = None
     finished_at: Optional[float] = None
+    vector_rows: dict[int, int] = field(default_factory=dict)  # steering entry's position in spec.steer -> table row
+    sites: list[tuple[str, str]] = field(default_factory=list)  # the sites this request has operations at
 
     @property
     def rows(self) -> torch.Tensor:
@@ -70,7 +80,7 @@ class Site:
     """What requests do at one tapped module: ``(request, operation)`` pairs, the operation a spec entry."""
 
     tap: Tap
-    operations: list[tuple[str, Any, str]] = field(default_factory=list)  # (request id, kind, entry)
+    operations: dict[str, list[tuple[str, Any]]] = field(default_factory=dict)  # request id -> [(kind, entry)]
     steering: Optional[tuple[int, torch.Tensor]] = None  # (step, [rows; vector ids]) of this site's steering
 
 
@@ -89,6 +99,7 @@ class ServedRequests:
         self.handles: dict[str, str] = {}  # engine request id -> handle
         self._hooks: dict[tuple[str, str], Any] = {}
         self._sites: dict[tuple[str, str], Site] = {}
+        self._taps: dict[tuple[str, int], Tap] = {}  # (accessor, layer) -> tap
         self._step = 0  # engine steps planned so far: what a site's batched steering was gathered for
         self._vectors = SteeringVectors()
 
@@ -113,36 +124,44 @@ class ServedRequests:
                 served.span = (start, count, first)
 
     def _add(self, request_id: str, text: str, prompt_length: int) -> None:
-        spec = RequestSpec.from_json(text)
+        spec = parsed_spec(text)  # shared by requests sending the same text: read, never changed
         served = Served(spec, prompt_length)
         self.active[request_id] = served
         self.handles[request_id] = spec.handle
         try:
-            for entry in spec.steer:
-                entry.table_row = self._vectors.acquire(entry)
+            for position, entry in enumerate(spec.steer):
+                served.vector_rows[position] = self._vectors.acquire(entry)
                 for layer in entry.layers:
-                    self._site("layers_output", layer, request_id, "steer", entry)
+                    self._site("layers_output", layer, served, request_id, "steer", (entry, served.vector_rows[position]))
             for entry in spec.ablate:
                 for layer in entry.layers:
-                    self._site(entry.accessor, layer, request_id, "ablate", entry)
+                    self._site(entry.accessor, layer, served, request_id, "ablate", entry)
             for first, last in spec.skip_layers:
-                self._site("layers_input", first, request_id, "skip_from", first)
+                self._site("layers_input", first, served, request_id, "skip_from", first)
                 for layer in range(first, last + 1):
-                    self._site("layers_output", layer, request_id, "skip_to", first)
+                    self._site("layers_output", layer, served, request_id, "skip_to", first)
             for entry in spec.capture:
                 for layer in entry.layers:
-                    self._site(entry.accessor, layer, request_id, "capture", entry)
+                    self._site(entry.accessor, layer, served, request_id, "capture", entry)
         except Exception as error:  # a model this spec does not fit: reported with the request's captures
             served.error = f"{type(error).__name__}: {error}"
 
-    def _site(self, accessor: str, layer: int, request_id: str, kind: str, entry: Any) -> None:
-        layers = self.model.get_submodule(self.names.layers)
-        if not is_local(layers[layer]):
-            return  # another pipeline stage serves this layer
-        tap = module_tap(self.model, self.names, self.layout, accessor, layer)
+    def _site(self, accessor: str, layer: int, served: Served, request_id: str, kind: str, entry: Any) -> None:
+        tap = self._taps.get((accessor, layer))
+        if tap is None:
+            layers = self.model.get_submodule(self.names.layers)
+            if not is_local(layers[layer]):
+                return  # another pipeline stage serves this layer
+            tap = self._taps[accessor, layer] = module_tap(self.model, self.names, self.layout, accessor, layer)
         key = (tap.path, tap.direction)
-        site = self._sites.setdefault(key, Site(tap))
-        site.operations.append((request_id, kind, entry))
+        site = self._sites.get(key)
+        if site is None:
+            site = self._sites[key] = Site(tap)
+        operations = site.operations.get(request_id)
+        if operations is None:
+            operations = site.operations[request_id] = []
+            served.sites.append(key)
+        operations.append((kind, entry))
         if key not in self._hooks:
             self._hooks[key] = hook_module(self.model, tap.path, tap.direction, self._hook(key))
 
@@ -153,12 +172,14 @@ class ServedRequests:
             return
         served.finished_at = time.monotonic()
         self.done[handle] = served
-        for entry in served.spec.steer:
-            if getattr(entry, "table_row", None) is not None:
-                self._vectors.release(entry.table_row)
-                entry.table_row = None
-        for key, site in list(self._sites.items()):
-            site.operations = [op for op in site.operations if op[0] != request_id]
+        for row in served.vector_rows.values():
+            self._vectors.release(row)
+        served.vector_rows.clear()
+        for key in served.sites:
+            site = self._sites.get(key)
+            if site is None:
+                continue
+            site.operations.pop(request_id, None)
             if not site.operations:
                 del self._sites[key]
                 self._hooks.pop(key).remove()
@@ -214,11 +235,12 @@ class ServedRequests:
         """Edits first (ablate, skip: replacements; then steering, added for all requests at once), then captures
         of the edited stream: what the next module receives."""
         captures, steers, others = [], [], []
-        for request_id, kind, entry in site.operations:
+        for request_id, operations in site.operations.items():
             served = self.active.get(request_id)
             if served is None or served.span is None or served.error is not None:
                 continue
-            (captures if kind == "capture" else steers if kind == "steer" else others).append((served, kind, entry))
+            for kind, entry in operations:
+                (captures if kind == "capture" else steers if kind == "steer" else others).append((served, kind, entry))
         if steers and not captures and not others:
             self._steer_in_place(site, steers, output)  # the common case: nothing reads the stream itself
             return None
@@ -263,10 +285,10 @@ class ServedRequests:
         cached = site.steering
         if cached is None or cached[0] != self._step or cached[1].device != flat.device:
             rows, ids = [], []
-            for served, _, entry in steers:
+            for served, _, (entry, vector_row) in steers:
                 start, count, _ = served.span
                 rows.append(np.arange(start, start + count))
-                vector = np.full(count, entry.table_row, dtype=np.int64)
+                vector = np.full(count, vector_row, dtype=np.int64)
                 if entry.tokens != "all":
                     vector[~served.selected_rows(entry.tokens)] = 0  # row 0 of the table: no steering
                 ids.append(vector)
