@@ -30,6 +30,10 @@ from typing import Any
 ACCESSORS = ("layers_input", "layers_output", "attentions_input", "attentions_output", "mlps_input", "mlps_output")
 SPEC_KEY = "nnterp"  # the request field, and SamplingParams.extra_args[SPEC_KEY] = RequestSpec.to_json()
 GRAPH_ACCESSORS_KEY = "nnterp_graph_accessors"  # engine additional_config: the accessors served under CUDA graphs
+TOKENS = ("all", "prompt", "generated")
+WRITABLE = ("layers_output", "attentions_output", "mlps_output")
+MODES = ("zero", "mean")
+FIELDS = ("steer", "capture", "ablate", "skip_layers")
 
 
 def piecewise_graphs(compilation: dict | None) -> dict:
@@ -44,10 +48,6 @@ def piecewise_graphs(compilation: dict | None) -> dict:
             "graphs, the only ones whose replay reaches the hooks that read and steer; drop cudagraph_mode.")
     compilation["cudagraph_mode"] = "PIECEWISE"
     return compilation
-TOKENS = ("all", "prompt", "generated")
-WRITABLE = ("layers_output", "attentions_output", "mlps_output")
-MODES = ("zero", "mean")
-FIELDS = ("steer", "capture", "ablate", "skip_layers")
 
 
 class SpecError(ValueError):
