@@ -52,7 +52,7 @@ class Served:
     span: Optional[tuple[int, int, int]] = None  # this step's (first row in the flat batch, rows, first position)
     error: Optional[str] = None
     finished_at: Optional[float] = None
-    vector_rows: dict[int, int] = field(default_factory=dict)  # steering entry's position in spec.steer -> table row
+    vector_rows: list[int] = field(default_factory=list)  # the steering vectors' rows held in the table
     sites: list[tuple[str, str]] = field(default_factory=list)  # the sites this request has operations at
 
     @property
@@ -129,10 +129,11 @@ class ServedRequests:
         self.active[request_id] = served
         self.handles[request_id] = spec.handle
         try:
-            for position, entry in enumerate(spec.steer):
-                served.vector_rows[position] = self._vectors.acquire(entry)
+            for entry in spec.steer:
+                row = self._vectors.acquire(entry)
+                served.vector_rows.append(row)
                 for layer in entry.layers:
-                    self._site("layers_output", layer, served, request_id, "steer", (entry, served.vector_rows[position]))
+                    self._site("layers_output", layer, served, request_id, "steer", (entry, row))
             for entry in spec.ablate:
                 for layer in entry.layers:
                     self._site(entry.accessor, layer, served, request_id, "ablate", entry)
@@ -172,7 +173,7 @@ class ServedRequests:
             return
         served.finished_at = time.monotonic()
         self.done[handle] = served
-        for row in served.vector_rows.values():
+        for row in served.vector_rows:
             self._vectors.release(row)
         served.vector_rows.clear()
         for key in served.sites:
