@@ -121,3 +121,15 @@ def test_steering_vector_rows_are_shared_held_and_reused():
     vectors.release(row_a)
     row_d = vectors.acquire(SimpleNamespace(factor=-1.0, vector=[7.0, 8.0]))
     assert row_d == row_a and vectors.table(like)[row_d].tolist() == [-7.0, -8.0]
+
+
+def test_serving_on_cuda_graphs_refuses_a_full_graph_mode(monkeypatch):
+    """A ``--compilation-config`` asking for FULL graphs (whose replay no hook reaches) is refused by name."""
+    import nnterp.backends.vllm.engine as engine
+    from nnterp.backends.vllm.server import serve_arguments
+
+    monkeypatch.setattr(engine, "no_accelerator", lambda: False)
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "0")
+    with pytest.raises(SystemExit, match=r"--no-enforce-eager: cudagraph_mode 'FULL_DECODE_ONLY': nnterp's CUDA "
+                                         r"graphs are breakable \(PIECEWISE\)"):
+        serve_arguments("m", ["--no-enforce-eager", "-cc", '{"cudagraph_mode": "FULL_DECODE_ONLY"}'])
