@@ -123,12 +123,12 @@ class MergedBreaks:
     def __init__(self, recording: Any, nothing_recorded: Callable[[], bool], on_merge: Callable[[], None]) -> None:
         self._recording, self._add_eager, self._nothing_recorded = recording, recording.add_eager, nothing_recorded
         self._on_merge = on_merge
-        self._last: Optional[EagerSegment] = None
         self._empty_graphs: list = []  # kept: destroying a graph while the next segment records invalidates it
 
     def __call__(self, call: Callable) -> Any:
-        last, segments = self._last, self._recording.segments
-        if last is not None and segments and segments[-1] is last and self._nothing_recorded():
+        segments = self._recording.segments
+        last = segments[-1] if segments else None  # the previous break, when nothing was recorded since
+        if isinstance(last, EagerSegment) and self._nothing_recorded():
             result = self._add_eager(call)  # closes the empty segment, runs the call outside the capture
             if len(segments) >= 3 and segments[-1] is call and segments[-3] is last:
                 self._empty_graphs.append(segments[-2])
@@ -136,8 +136,7 @@ class MergedBreaks:
                 last.calls.append(call)
                 self._on_merge()
             return result
-        self._last = EagerSegment(call)
-        return self._add_eager(self._last)
+        return self._add_eager(EagerSegment(call))
 
 
 def merge_breaks(recording: Any, on_merge: Callable[[], None], nothing_recorded: Callable[[], bool]) -> None:
