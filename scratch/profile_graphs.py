@@ -6,7 +6,8 @@
 
 Prints, per mode: the best unprofiled wall time of ``--repeats`` runs split into the engine's steps (count,
 seconds) and everything else (RPCs to the worker counted apart); then a cProfile of one run, the functions with the
-most own time and nnterp's functions with the most inclusive time.
+most own time and nnterp's functions with the most inclusive time. ``--segments`` times, over one more run, each
+segment of the replayed graphs on the host (graph launches, eager breaks by what they call).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def main() -> None:
     parser.add_argument("--cuda-graphs", default="true", help="true, false or comma-separated accessors")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--segments", action="store_true",
+                        help="host time of the replayed graphs' segments: graph launches and eager breaks by kind")
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also PyTorch's profiler: the CUDA runtime calls (synchronizations, host allocations) by time")
     args = parser.parse_args()
@@ -63,6 +66,8 @@ def main() -> None:
         stats.sort_stats("tottime").print_stats(args.top)
         stats.sort_stats("cumulative").print_stats("nnterp", args.top)  # nnterp's own functions, inclusive time
         print(f"=== {name}: {wall:.3f} s (profiled)\n" + "\n".join(text.getvalue().splitlines()[6:]), flush=True)
+        if args.segments:
+            print(f"=== {name}: replayed segments\n" + _segment_times(lambda: run(prompts, new, layer)), flush=True)
         if args.torch_profiler:
             print(f"=== {name}: CUDA runtime calls\n" + _runtime_calls(lambda: run(prompts, new, layer), args.top), flush=True)
 
@@ -76,6 +81,56 @@ def _runtime_calls(run, top: int) -> str:
         run()
         torch.cuda.synchronize()
     return profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60)
+
+
+def _segment_times(run) -> str:
+    """Host seconds spent in each kind of segment of the breakable graphs replayed during ``run``."""
+    from collections import Counter, defaultdict
+
+    from vllm.compilation.breakable_cudagraph import BreakableCUDAGraphWrapper
+
+    tally: dict[str, list] = defaultdict(lambda: [0, 0.0])
+    replays: Counter = Counter()
+    saved = []
+
+    def kind(segment) -> str:
+        if getattr(segment, "__name__", "") == "replay":
+            return "graph launch"
+        calls = getattr(segment, "calls", [segment])
+        return "eager: " + " + ".join(getattr(call, "__qualname__", type(call).__name__).split(".<locals>")[0]
+                                      for call in calls)
+
+    def timed(segment, label):
+        def call():
+            start = time.perf_counter()
+            try:
+                return segment()
+            finally:
+                tally[label][0] += 1
+                tally[label][1] += time.perf_counter() - start
+        return call
+
+    for wrapper in list(BreakableCUDAGraphWrapper._all_instances):
+        for descriptor, entry in wrapper.entries.items():
+            capture = entry.capture
+            if capture is None:
+                continue
+            saved.append((capture, capture.segments))
+            capture.segments = [timed(segment, kind(segment)) for segment in capture.segments]
+            original = capture.replay
+            capture.replay = (lambda c=capture, d=descriptor, o=original: (replays.update([d]), o())[1])
+    try:
+        run()
+    finally:
+        for capture, segments in saved:
+            capture.segments = segments
+            capture.__dict__.pop("replay", None)
+    total = sum(replays.values())
+    lines = [f"{total} replays of {len(replays)} batch sizes"]
+    for label, (count, seconds) in sorted(tally.items(), key=lambda item: -item[1][1]):
+        lines.append(f"{seconds:8.4f} s {count:8d} calls {1e6 * seconds / max(count, 1):7.1f} us/call "
+                     f"{count / max(total, 1):6.1f}/replay  {label[:110]}")
+    return "\n".join(lines)
 
 
 def _engine(modes: dict):
