@@ -6,8 +6,10 @@
 (``--vllm`` needs a vLLM engine in the environment, e.g. vLLM's CPU build.)
 Each HF case runs a random trace program through StandardizedTransformer and compares every read with
 forward hooks on the raw model (the same batch, and each prompt alone), and every fourth also generates its
-prompts as a batch against each prompt's own greedy decode; vLLM cases compare StandardizedVLLM with each
-prompt run alone on HF, every fourth right after a trace during which one of vLLM's modules failed. Prints a summary and the first mismatches (each with
+prompts as a batch against each prompt's own greedy decode, and every fourth (another) extracts them
+(``model.extract``, random accessors, layers and generated tokens) against each prompt's tokens alone; vLLM cases
+compare StandardizedVLLM with each prompt run alone on HF, every fourth right after a trace during which one of
+vLLM's modules failed, and every fourth (another) extracts too. Prints a summary and the first mismatches (each with
 the case, which reproduces with ``make_case(seed, architecture, surface)``); exits 1 if any.
 """
 
@@ -24,8 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import torch  # noqa: E402
 from differential import (  # noqa: E402
-    HF_ARCHITECTURES, alone_references, check_hf_case, check_hf_generation, check_vllm_case, failing_trace, make_case,
-    summarize, surface_of,
+    HF_ARCHITECTURES, alone_references, check_extraction_case, check_hf_case, check_hf_generation, check_vllm_case,
+    failing_trace, make_case, summarize, surface_of,
 )
 
 
@@ -66,6 +68,9 @@ def main() -> int:
                 found, worst = check_hf_case(model(architecture, case.dtype), case)
                 if number % 4 == 0:  # batched greedy generation of the same prompts against each prompt alone
                     found += check_hf_generation(model(architecture, torch.float32), case)[0]
+                if number % 4 == 2:  # model.extract of the same prompts against each prompt's tokens alone
+                    hf = model(architecture, torch.float32)
+                    found += check_extraction_case(hf, hf, surfaces[architecture], case)[0]
             except Exception as error:  # reported with the case, the run goes on
                 errors.append(f"{architecture} case {args.seed + number}: {type(error).__name__}: {str(error)[:300]}")
                 continue
@@ -97,6 +102,8 @@ def fuzz_vllm(architecture: str, path: str, hf_model, args) -> bool:
                 if "forward pass raised" not in str(error):
                     raise
         found, worst = check_vllm_case(vllm_model, case, expected)
+        if number % 4 == 2:  # extraction of the case's prompts against each prompt's tokens alone on HF
+            found += check_extraction_case(vllm_model, hf_model, surface, case, engine_sampling=True)[0]
         results.append((case, found, worst))
     print(f"vLLM {architecture}: {summarize(results)}\n({time.time() - start:.0f} s)", flush=True)
     del vllm_model

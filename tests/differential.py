@@ -612,3 +612,60 @@ def check_cache_case(model, surface: Surface, case: Case) -> tuple[list[Mismatch
            for index, op in enumerate(reads)}
     masks = {("ours", 0): cache.attention_mask, ("reference", 0): cache.attention_mask}
     return compare_alone(case, got, alone_references(model, case), masks, rtol=1e-4)
+
+
+# -- extraction ----------------------------------------------------------------------------------------------
+
+def check_extraction_case(model, reference_model, surface: Surface, case: Case, *,
+                          engine_sampling: bool = False) -> tuple[list[Mismatch], float]:
+    """``model.extract`` of the case's prompts (a random few accessors and layers, 0-3 generated tokens, small
+    batches or windows so prompts finish in different steps) against ``reference_model`` (HF) run on each
+    prompt's token ids alone with forward hooks; every generated token but the last must be the reference's
+    greedy choice on those tokens (unless the top two logits tie), and a generation shorter than asked must end
+    with the end-of-sequence token (which must not appear before). ``engine_sampling``: vLLM's ``ignore_eos`` may be drawn as well."""
+    rng = random.Random(f"nnterp-extract-{case.seed}")
+    num_layers = surface.num_layers
+    present = [name for name in LAYER_ACCESSORS if all((name, layer) in surface.sequence for layer in range(num_layers))]
+    accessors = tuple(rng.sample(present, rng.randint(1, min(3, len(present)))))
+    layers = sorted(rng.sample(range(num_layers), rng.randint(1, num_layers)))
+    max_new_tokens = rng.choice((0, 1, 3))
+    options = {"batch_size": rng.randint(1, 3)}  # HF: prompts per forward pass; vLLM: prompts queued ahead
+    if engine_sampling and max_new_tokens and rng.random() < 0.5:
+        options["ignore_eos"] = True
+    results = list(model.extract(case.prompts, accessors=accessors, layers=layers, max_new_tokens=max_new_tokens,
+                                 progress=False, **options))
+    eos = set(torch.as_tensor(reference_model._module.generation_config.eos_token_id or []).reshape(-1).tolist())
+    label = f"extract {list(accessors)} layers {layers} new={max_new_tokens} {options}"
+    mismatches, worst = [], 0.0
+    for index, result in enumerate(results):
+        if result.index != index:
+            mismatches.append(Mismatch(case, "prompt order", f"{label}: result {index} is prompt {result.index}", index, float("inf"), 0.0))
+            continue
+        hooks = Hooks(reference_model, reference_model.hidden_size, None, 1)
+        program = [{"kind": "read", "target": accessor, "layer": layer} for accessor in accessors for layer in layers]
+        hooks.add(slice(0, 1), 0, program)
+        with torch.no_grad(), hooks:
+            logits = reference_model._module(input_ids=torch.tensor([result.token_ids]), use_cache=False).logits[0]
+        for position, op in enumerate(program):
+            ours = result[op["target"]][layers.index(op["layer"])].float()
+            theirs = hooks.results[(0, position)][0].float()
+            diff = (ours - theirs).abs().max().item() if ours.shape == theirs.shape else float("inf")
+            scale = max(theirs.abs().max().item(), 1e-6)
+            worst = max(worst, diff / scale)
+            if not diff / scale <= 1e-4:
+                mismatches.append(Mismatch(case, "alone", f"{label}: {_describe_op(op)}", index, diff, scale))
+        prompt_length = len(result.token_ids) - max(len(result.generated) - 1, 0)
+        for step, token in enumerate(result.generated):
+            top = logits[prompt_length - 1 + step].topk(2).values
+            if token != int(logits[prompt_length - 1 + step].argmax()) and float(top[0] - top[1]) > 1e-4:
+                mismatches.append(Mismatch(case, "greedy", f"{label}: generated token {step}", index, float("inf"), 0.0))
+        if not options.get("ignore_eos") and any(token in eos for token in result.generated[:-1]):
+            mismatches.append(Mismatch(case, "generation", f"{label}: generated past the end of sequence", index, float("inf"), 0.0))
+        if not options.get("ignore_eos") and len(result.generated) < max_new_tokens and (
+                not result.generated or result.generated[-1] not in eos):
+            mismatches.append(Mismatch(case, "generation", f"{label}: {len(result.generated)} tokens, no end of sequence", index, float("inf"), 0.0))
+        if options.get("ignore_eos") and len(result.generated) != max_new_tokens:
+            mismatches.append(Mismatch(case, "generation", f"{label}: {len(result.generated)} tokens with ignore_eos", index, float("inf"), 0.0))
+    if len(results) != len(case.prompts):
+        mismatches.append(Mismatch(case, "prompts", f"{label}: {len(results)} results", -1, float("inf"), 0.0))
+    return mismatches, worst

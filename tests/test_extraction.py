@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from nnterp import StandardizedTransformer
 from nnterp.extraction import ACCESSORS, save_activations
-from nnterp.backends.taps.rows import PromptRows
+from nnterp.backends.taps.rows import PromptRows, RowCopier
 from nnterp.backends.taps.transfer import HostTransfer
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six. The cat sat on the mat.", "A"]
@@ -135,13 +135,48 @@ def test_shards_hold_every_prompt(llama, tmp_path):
 
 def test_prompt_rows_replace_recomputed_tokens_and_refuse_gaps():
     """An engine that preempts a request recomputes it from an earlier position; a prefix cache skips tokens."""
-    transfer = HostTransfer()
+    transfer, copier = HostTransfer(), RowCopier(threads=2)
     first, second = torch.arange(24.0).reshape(1, 6, 4), -torch.arange(20.0).reshape(1, 5, 4)
-    rows = PromptRows()
-    rows.add(transfer.start(first), 0, 4, 0, "prompt 0")
-    rows.add(transfer.start(first), 4, 2, 4, "prompt 0")
-    rows.add(transfer.start(second), 0, 5, 3, "prompt 0")  # recomputed from token 3
-    assert torch.equal(rows.assemble(), torch.cat([first[:, :3], second], dim=1))
-    with pytest.raises(RuntimeError, match="tokens 8..9 were never run"):
-        rows.add(transfer.start(second), 0, 1, 10, "prompt 0")
+    for expected in (None, 8):  # the length unknown (the tensor grows), or reserved at once
+        rows = PromptRows(expected)
+        copier.copy(transfer.start(first.clone()), [rows.add(0, 4, 0, "prompt 0")])
+        copier.copy(transfer.start(first.clone()), [rows.add(4, 2, 4, "prompt 0")])
+        copier.copy(transfer.start(second.clone()), [rows.add(0, 5, 3, "prompt 0")])  # recomputed from token 3
+        result = copier.finish(rows).result(timeout=30)
+        assert torch.equal(result, torch.cat([first[:, :3], second], dim=1))
+        with pytest.raises(RuntimeError, match="tokens 8..9 were never run"):
+            rows.add(0, 1, 10, "prompt 0")
+    copier.close()
+
+
+def test_row_copier_keeps_each_prompts_order_across_threads_and_trims_to_the_rows_run():
+    """Many prompts over several copier threads, one row each per step (a decode): each prompt's tensor holds its
+    own rows in token order; a prompt that stopped early is cut to its rows (a tensor of its own, contiguous);
+    rows past the expected count (a step an engine ran ahead) are dropped."""
+    transfer, copier = HostTransfer(), RowCopier(threads=3)
+    prompts = [PromptRows(expected=6) for _ in range(7)]
+    stops = [6, 6, 3, 6, 1, 6, 6]  # rows each prompt runs
+    steps = [torch.randn(2, len(prompts), 5) for _ in range(7)]  # 7 steps: one more than expected
+    for step, values in enumerate(steps):
+        items = [prompt.add(row, 1, step, f"prompt {row}") for row, prompt in enumerate(prompts) if step < stops[row] or stops[row] == 6]
+        copier.copy(transfer.start(values), items)
+    for row, prompt in enumerate(prompts):
+        result = copier.finish(prompt).result(timeout=30)
+        expected = torch.stack([steps[step][:, row] for step in range(min(stops[row], 6))], dim=1)
+        assert result.is_contiguous() and torch.equal(result, expected)
+    copier.close()
+
+
+def test_row_copier_reports_a_failed_copy_where_the_rows_are_asked_for():
+    copier = RowCopier(threads=1)
+
+    class Broken:
+        def host(self):
+            raise OSError("the transfer failed")
+
+    prompt = PromptRows(expected=2)
+    copier.copy(Broken(), [prompt.add(0, 2, 0, "prompt 0")])
+    with pytest.raises(OSError, match="the transfer failed"):
+        copier.finish(prompt).result(timeout=30)
+    copier.close()
 

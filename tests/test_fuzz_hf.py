@@ -7,7 +7,10 @@ import dataclasses
 
 import pytest
 import torch
-from differential import HF_ARCHITECTURES, check_cache_case, check_hf_case, check_hf_generation, make_case, summarize, surface_of
+from differential import (
+    HF_ARCHITECTURES, check_cache_case, check_extraction_case, check_hf_case, check_hf_generation, make_case, summarize,
+    surface_of,
+)
 
 from nnterp import StandardizedTransformer
 
@@ -193,4 +196,14 @@ def test_fuzz_run_with_cache_matches_each_prompt_alone(load, architecture):
     for seed in range(SEED * 1000 + 80, SEED * 1000 + 83):
         found, worst = check_cache_case(model, surface, make_case(seed, architecture, surface))
         results.append((make_case(seed, architecture, surface), found, {"alone": worst}))
+    assert not any(found for _, found, _ in results), summarize(results)
+
+
+@pytest.mark.parametrize("architecture", HF_ARCHITECTURES)
+def test_fuzz_extraction_matches_each_prompt_alone(load, architecture):
+    """model.extract (random accessors, layers, batch sizes, generated tokens) against hooks on the raw model
+    run on each prompt's tokens alone, and its generated tokens against the raw model's greedy choice."""
+    model, surface = load(architecture, torch.float32)
+    cases = [make_case(seed, architecture, surface) for seed in range(SEED * 1000 + 80, SEED * 1000 + 83)]
+    results = [(case, *check_extraction_case(model, model, surface, case)) for case in cases]
     assert not any(found for _, found, _ in results), summarize(results)

@@ -1,6 +1,7 @@
 """StandardizedVLLM on the CPU engine against the HF model of the same weights: several invokes collected in one
 shared list, writes through every accessor, worker errors with their own type, and a fixed-seed sample of
-the differential fuzzer (one prompt per invoke, each compared with that prompt run alone on HF)."""
+the differential fuzzer (one prompt per invoke, each compared with that prompt run alone on HF; extraction
+likewise)."""
 
 import nnsight
 import pytest
@@ -9,7 +10,9 @@ import torch
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.vllm
 
-from differential import alone_references, check_vllm_case, failing_trace, make_case, summarize, surface_of  # noqa: E402
+from differential import (  # noqa: E402
+    alone_references, check_extraction_case, check_vllm_case, failing_trace, make_case, summarize, surface_of,
+)
 from nnsight.intervention.interleaver import OutOfOrderError  # noqa: E402
 
 from engines import hf_and_vllm  # noqa: E402
@@ -112,6 +115,18 @@ def test_fuzz_sample_matches_hf_alone(pair):
         case = make_case(seed, architecture, surface, one_prompt_per_invoke=True, dtypes=(torch.float32,))
         found, worst = check_vllm_case(vllm_model, case, alone_references(hf_model, case))
         results.append((case, found, worst))
+    assert not any(found for _, found, _ in results), summarize(results)
+
+
+def test_fuzz_extraction_sample_matches_hf_alone(pair):
+    """StandardizedVLLM.extract (random accessors, layers, windows, generated tokens with and without ignore_eos)
+    against hooks on the HF model run on each prompt's tokens alone, and its tokens against HF's greedy choice."""
+    architecture, hf_model, vllm_model = pair
+    surface = surface_of(hf_model)
+    results = []
+    for seed in range(340, 346):
+        case = make_case(seed, architecture, surface, dtypes=(torch.float32,))
+        results.append((case, *check_extraction_case(vllm_model, hf_model, surface, case, engine_sampling=True)))
     assert not any(found for _, found, _ in results), summarize(results)
 
 

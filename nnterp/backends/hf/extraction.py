@@ -15,7 +15,7 @@ import torch
 from ...core.tokens import token_id_list, until_eos
 from ..taps.capture import Capture
 from ..taps.plan import ExtractionPlan
-from ..taps.rows import Activations, Pending, PromptRows, activations
+from ..taps.rows import Activations, PromptRows, RowCopier, activations
 from ..taps.transfer import HostTransfer
 
 
@@ -43,6 +43,7 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
     device = next(torch_model.parameters()).device
     capture = Capture(torch_model, plan.taps, after_fill=_stop)
     transfer = HostTransfer()
+    copier = RowCopier()
     pad = _pad_id(model.tokenizer)
     pending: list[tuple[int, list[int], list[int], Any]] = []
     try:
@@ -63,16 +64,19 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
                 pass
             buffer = transfer.start(capture.disarm())
             finished, pending = pending, []
-            offset = 0
+            offset, items = 0, []
             for index, tokens, new in zip(indices, token_ids, generated):
-                prompt_rows = PromptRows()
-                prompt_rows.add(buffer, offset, len(tokens), 0, f"prompt {index}")
-                pending.append((index, tokens, new, Pending(prompt_rows)))
+                prompt_rows = PromptRows(len(tokens))
+                items.append(prompt_rows.add(offset, len(tokens), 0, f"prompt {index}"))
+                pending.append((index, tokens, new, prompt_rows))
                 offset += len(tokens)
+            copier.copy(buffer, items)
+            pending = [(index, tokens, new, copier.finish(rows)) for index, tokens, new, rows in pending]
             yield from _finish(plan, finished)  # the previous batch, while this one computes
         yield from _finish(plan, pending)
     finally:
         capture.remove()
+        copier.close()
 
 
 def _stop() -> None:

@@ -4,9 +4,9 @@ A trace ships an intervention per request (pickled, unpickled and run as its own
 ships nothing per request but two numbers in the request's ``extra_args`` (which extraction, which prompt):
 the plan (taps and their layouts) is installed once per extraction as hooks on the real modules. Each step,
 the hooks copy the tapped streams' rows of the extraction's requests into one buffer, which is sent to host
-memory while the next step computes. The client names the prompts it saw finish: their rows are assembled
-into one tensor each once the next step's forward pass is queued (while the device computes it), and handed
-over at the client's next call.
+memory while the next step computes; copier threads then write each prompt's rows into a tensor of its own,
+as long as the prompt is expected to run, while the engine goes on. The client names the prompts it saw finish:
+their tensors are handed over at its next call.
 
 Under pipeline parallelism each stage captures the taps of the layers it holds; under tensor parallelism
 (where every rank holds the whole stream) the first rank of each stage does.
@@ -14,6 +14,7 @@ Under pipeline parallelism each stage captures the taps of the layers it holds; 
 
 from __future__ import annotations
 
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -22,7 +23,7 @@ import torch
 from ...core.backend import is_local
 from ..taps.capture import Capture
 from ..taps.plan import ExtractionPlan
-from ..taps.rows import Pending, PromptRows
+from ..taps.rows import PromptRows, RowCopier
 from ..taps.transfer import HostTransfer, InFlight
 from .step_rows import request_extra, scheduled_rows
 
@@ -34,7 +35,8 @@ class StepShare:
     """An extraction's part of one engine step: which rows of the flat batch are its requests'."""
 
     ranges: list[tuple[int, int]] = field(default_factory=list)  # (start, end) in the flat batch
-    prompts: list[tuple[int, int, int, int]] = field(default_factory=list)  # (index, buffer start, count, position)
+    prompts: list[tuple[int, int, int, int, Optional[int]]] = field(default_factory=list)
+    # (index, buffer start, count, position, rows the prompt is expected to run)
     count: int = 0
 
 
@@ -46,7 +48,7 @@ class Extraction:
     slots: list[int]  # positions in plan.taps of the taps captured here
     capture: Capture
     prompts: dict[int, PromptRows] = field(default_factory=dict)
-    ready: dict[int, Pending] = field(default_factory=dict)  # finished prompts' rows, by prompt index
+    ready: dict[int, Future] = field(default_factory=dict)  # finished prompts' rows, by prompt index
     finished: set[int] = field(default_factory=set)  # prompts whose rows are complete
     error: Optional[str] = None
     share: Optional[StepShare] = None
@@ -57,9 +59,11 @@ class WorkerExtractions:
 
     def __init__(self, device: torch.device) -> None:
         self.running: dict[str, Extraction] = {}
-        self.requests: dict[str, tuple[str, int]] = {}  # engine request id -> (extraction id, prompt index)
+        # engine request id -> (extraction id, prompt index, rows expected)
+        self.requests: dict[str, tuple[str, int, Optional[int]]] = {}
         self.device = device
         self.transfer = HostTransfer()
+        self.copier = RowCopier()
 
     def begin(self, extraction_id: str, plan: ExtractionPlan, model: torch.nn.Module, reports: bool) -> None:
         slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
@@ -76,7 +80,7 @@ class WorkerExtractions:
         for index in (*prepare, *take):
             extraction.finished.add(index)
             if index in extraction.prompts:
-                extraction.ready[index] = Pending(extraction.prompts.pop(index))
+                extraction.ready[index] = self.copier.finish(extraction.prompts.pop(index))
         rows = {}
         try:
             for index in take:
@@ -90,7 +94,7 @@ class WorkerExtractions:
         extraction = self.running.pop(extraction_id, None)
         if extraction is not None:
             extraction.capture.remove()
-        for request_id in [rid for rid, (owner, _) in self.requests.items() if owner == extraction_id]:
+        for request_id in [rid for rid, (owner, *_) in self.requests.items() if owner == extraction_id]:
             del self.requests[request_id]
 
     def plan_step(self, scheduler_output, batch_order: list[str], request_states: dict) -> None:
@@ -101,7 +105,7 @@ class WorkerExtractions:
         for data in scheduler_output.scheduled_new_reqs:
             key = request_extra(data, REQUEST_KEY)
             if key is not None and key[0] in self.running:
-                self.requests[data.req_id] = (key[0], int(key[1]))
+                self.requests[data.req_id] = (key[0], int(key[1]), _expected_rows(data))
         for extraction in self.running.values():
             extraction.share = None
         if not self.requests:
@@ -111,7 +115,7 @@ class WorkerExtractions:
             extraction = self.running[key[0]] if key is not None else None
             if extraction is not None and extraction.error is None:
                 share = extraction.share = extraction.share or StepShare()
-                share.prompts.append((key[1], share.count, count, position))
+                share.prompts.append((key[1], share.count, count, position, key[2]))
                 if share.ranges and share.ranges[-1][1] == start:
                     share.ranges[-1] = (share.ranges[-1][0], start + count)
                 else:
@@ -135,20 +139,16 @@ class WorkerExtractions:
                 continue
             try:
                 buffer: InFlight = self.transfer.start(extraction.capture.disarm())
-                for index, offset, count, position in share.prompts:
+                items = []
+                for index, offset, count, position, expected in share.prompts:
                     if index in extraction.finished:
                         continue  # a step run ahead for a request that had already finished: discarded
                     prompt = extraction.prompts.get(index)
                     if prompt is None:
-                        prompt = extraction.prompts[index] = PromptRows()
-                    prompt.add(buffer, offset, count, position, f"prompt {index}")
+                        prompt = extraction.prompts[index] = PromptRows(expected)
+                    items.append(prompt.add(offset, count, position, f"prompt {index}"))
+                self.copier.copy(buffer, items)
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
-                extraction.error = f"{type(error).__name__}: {error}"
-        for extraction in self.running.values():  # the finished prompts' rows, while the device computes
-            try:
-                for pending in extraction.ready.values():
-                    pending.result()
-            except Exception as error:
                 extraction.error = f"{type(error).__name__}: {error}"
 
 
@@ -189,6 +189,15 @@ class ExtractionRunner:
         if self.nnterp_extractions.running:
             self.nnterp_extractions.collect_step()
         return output
+
+
+def _expected_rows(data: Any) -> Optional[int]:
+    """How many token rows a new request runs: its prompt, then every generated token but the last (None when
+    unknown)."""
+    prompt, max_tokens = data.prompt_token_ids, getattr(data.sampling_params, "max_tokens", None)
+    if prompt is None or max_tokens is None:
+        return None
+    return len(prompt) + max(max_tokens, 1) - 1
 
 
 def _held(model: torch.nn.Module, path: str) -> bool:
