@@ -46,10 +46,11 @@ GROUPS = {  # modes that share one process (one model or engine)
                     "nnterp-vllm-steer"],
     "nnterp-graphs": ["nnterp-graphs-generate", "nnterp-graphs-trace", "nnterp-graphs-extract", "nnterp-graphs-extract-all",
                       "nnterp-graphs-steer"],
-    "nnterp-lean": ["nnterp-lean-generate", "nnterp-lean-extract", "nnterp-lean-steer"],
+    "nnterp-lean": ["nnterp-lean-generate", "nnterp-lean-trace", "nnterp-lean-extract", "nnterp-lean-extract-all",
+                    "nnterp-lean-steer"],
     "hf": ["hf-hooks", "hf-hooks-all", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
 }
-TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "nnterp-graphs-trace", "hf-nnterp-trace"}
+TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "nnterp-graphs-trace", "nnterp-lean-trace", "hf-nnterp-trace"}
 GRAPH_GROUPS = {"vllm-graphs", "vllm-breakable", "nnterp-graphs", "nnterp-lean"}  # need a GPU
 ENGINE_PREFIXES = ("nnterp-vllm", "nnterp-graphs", "nnterp-lean")  # StandardizedVLLM modes: "<prefix>-generate" is the engine  # measured in the first scenario only
 BASELINE = {"vllm": "vllm", "hf": "hf-hooks", "hf-nnterp-extract-all": "hf-hooks-all"}  # extract-all: hooks on every layer
