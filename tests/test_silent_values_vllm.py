@@ -130,6 +130,20 @@ def test_fuzz_extraction_sample_matches_hf_alone(pair):
     assert not any(found for _, found, _ in results), summarize(results)
 
 
+def test_engine_steps_outside_a_trace_leave_later_traces_outermost(pair):
+    """The in-process engine runs its steps on this thread; after an extraction and a plain generate, an HF trace
+    is still an outermost one: only saved values leave its body, and saving outside a trace is refused."""
+    _, hf_model, vllm_model = pair
+    list(vllm_model.extract(PROMPTS[:2], layers=[0], max_new_tokens=2, progress=False))
+    vllm_model.vllm_entrypoint.generate(PROMPTS[0], use_tqdm=False)
+    with torch.no_grad(), hf_model.trace(PROMPTS[0]):
+        unsaved = hf_model.layers_output[0] * 1
+        saved = hf_model.layers_output[0].save()
+    assert "unsaved" not in locals() and saved.shape[-1] == hf_model.hidden_size
+    with pytest.raises(Exception, match="save"):
+        torch.zeros(1).save()
+
+
 def test_fuzz_cases_after_engine_side_failures_match_hf_alone(pair):
     """Cases run right after a trace during which one of vLLM's modules failed: the failure reaches that trace,
     and the engine's next values are still the HF reference's."""

@@ -1,9 +1,9 @@
 """Extraction on a vLLM engine: requests that carry no intervention, served by the worker's hooks.
 
 The engine is stepped here (rather than through ``LLM.generate``) so results stream out as prompts finish,
-in prompt order, and so at most ``window`` prompts are queued ahead of the consumer. When a prompt finishes
-the worker is told to assemble its rows (in the background), and they are taken one step later, so the
-copies overlap that step's forward pass.
+in prompt order, and so at most ``window`` prompts are queued ahead of the consumer. The worker's copier
+threads write each prompt's rows as its steps run; when a prompt finishes the worker is told, and its rows are
+taken one step later (by then written).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
                     outputs[index] = output
                     finished_now.append(index)
             idle = not engine.has_unfinished_requests()
-            # Take what finished a step ago (assembled while this step ran), or everything once the engine
+            # Take what finished a step ago (written while this step ran), or everything once the engine
             # has nothing left to run.
             take = finished_last_step + (finished_now if idle else [])
             prepare = [] if idle else finished_now

@@ -170,7 +170,7 @@ class ExtractionRunner:
         self.nnterp_extractions.begin(extraction_id, ExtractionPlan.from_json(plan_json), self.get_model(), reports)
 
     def nnterp_take_extracted(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
-        """Starts assembling the rows of the prompts in ``prepare`` (finished), and returns those of the prompts
+        """Marks the prompts in ``prepare`` finished (their last rows are being written), and returns those of the prompts
         in ``take`` as ``[taps held here, tokens, width]`` by prompt index (with which taps they are), dropped
         from this worker; None where this worker captures nothing."""
         return self.nnterp_extractions.take(extraction_id, take, prepare)
