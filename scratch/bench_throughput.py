@@ -123,12 +123,11 @@ def sampling(max_new_tokens: int) -> dict:
 
 
 def vllm_group(args, path: str, graphs: bool, breakable: bool = False) -> dict[str, Callable]:
-    """Vanilla vLLM: eager, its default CUDA graphs, or breakable graphs (PIECEWISE, what nnterp's graph engines
-    record: the attention runs eagerly between graph segments)."""
+    """Vanilla vLLM: eager, its default CUDA graphs, or breakable graphs in its default graph mode (what nnterp's
+    graph engines record, without their breaks)."""
     settings = vllm_settings(args)
     if breakable:
         os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"  # this group's own process
-        settings["compilation_config"] = {"cudagraph_mode": "PIECEWISE"}
     from vllm import LLM, SamplingParams
 
     llm = LLM(path, enforce_eager=not graphs, **settings)

@@ -196,25 +196,48 @@ def test_a_replacement_of_another_shape_is_refused_at_replay(captured):
         replay(root, recording, seams, tokens=5)
 
 
-def test_graph_engines_record_breakable_graphs_only(monkeypatch):
-    """vLLM's default also records FULL graphs (decode steps in one piece), which no hook reaches: the engine
-    arguments ask for PIECEWISE, another mode is refused before the engine starts, and a worker whose engine
-    resolved FULL graphs anyway refuses to load."""
+def test_graph_engines_record_every_graph_breakable(monkeypatch):
+    """A graph engine keeps vLLM's graph mode; at load, a plain wrapper recording FULL graphs (whose replay reaches no
+    hook) is replaced by a breakable one recording the same mode, or refused where vLLM's breakable wrapper cannot
+    be told a mode; a model wrapped only by the breakable wrapper is left as it is."""
+    from types import SimpleNamespace
+
+    import vllm.compilation.breakable_cudagraph as breakable
+    from vllm.compilation.cuda_graph import CUDAGraphWrapper
     from vllm.config import CUDAGraphMode
 
-    from nnterp.backends.vllm.graphs import check_breakable_only, graph_engine_kwargs
+    from nnterp.backends.vllm.graphs import graph_engine_kwargs, make_full_graphs_breakable
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "0")
     kwargs = graph_engine_kwargs({"compilation_config": {"max_cudagraph_capture_size": 64}}, ACCESSORS)
-    assert kwargs["compilation_config"] == {"max_cudagraph_capture_size": 64, "cudagraph_mode": "PIECEWISE"}
+    assert kwargs["compilation_config"] == {"max_cudagraph_capture_size": 64}
     assert __import__("os").environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] == "1"
-    with pytest.raises(ValueError, match="cudagraph_mode 'FULL_AND_PIECEWISE'.*drop cudagraph_mode"):
-        graph_engine_kwargs({"compilation_config": {"cudagraph_mode": "FULL_AND_PIECEWISE"}}, ACCESSORS)
-    check_breakable_only(CUDAGraphMode.PIECEWISE)
-    for mode in (CUDAGraphMode.FULL, CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
-        with pytest.raises(ValueError, match=f"cudagraph_mode {mode.name}: FULL CUDA graphs replay without"):
-            check_breakable_only(mode)
+
+    class Breakable:  # vLLM's breakable wrapper, recording one mode
+        def __init__(self, runnable, vllm_config, runtime_mode=None):
+            self.runnable, self.vllm_config, self.runtime_mode = runnable, vllm_config, runtime_mode
+
+    class EveryMode:  # a breakable wrapper that records every mode alike (no mode to tell it)
+        def __init__(self, runnable, vllm_config):
+            raise AssertionError("not to be built")
+
+    inner, config = torch.nn.Linear(2, 2), object()
+    plain = CUDAGraphWrapper.__new__(CUDAGraphWrapper)
+    plain.runnable, plain.runtime_mode = inner, CUDAGraphMode.FULL
+    runner = SimpleNamespace(model=plain, vllm_config=config,
+                             compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE))
+    monkeypatch.setattr(breakable, "BreakableCUDAGraphWrapper", Breakable)
+    make_full_graphs_breakable(runner)
+    assert isinstance(runner.model, Breakable) and runner.model.runnable is inner
+    assert runner.model.runtime_mode == CUDAGraphMode.FULL and runner.model.vllm_config is config
+    already = runner.model
+    make_full_graphs_breakable(runner)
+    assert runner.model is already
+    runner.model = plain
+    monkeypatch.setattr(breakable, "BreakableCUDAGraphWrapper", EveryMode)
+    with pytest.raises(ValueError, match="records FULL CUDA graphs whose replay reaches no hook.*'PIECEWISE'"):
+        make_full_graphs_breakable(runner)
 
 
 def test_nnsight_tracks_only_the_requests_that_carry_something_for_it(monkeypatch):

@@ -36,20 +36,6 @@ MODES = ("zero", "mean")
 FIELDS = ("steer", "capture", "ablate", "skip_layers")
 
 
-def piecewise_graphs(compilation: dict | None) -> dict:
-    """vLLM's compilation settings with every CUDA graph breakable (``cudagraph_mode`` PIECEWISE): vLLM's default
-    also records FULL graphs (decode steps in one piece), whose replay reaches no seam, so a hook would silently
-    miss every decode step. Another mode asked for is refused."""
-    compilation = dict(compilation or {})
-    mode = str(compilation.get("cudagraph_mode", "PIECEWISE")).rpartition(".")[2].upper()
-    if mode != "PIECEWISE":
-        raise ValueError(
-            f"cudagraph_mode {compilation['cudagraph_mode']!r}: nnterp's CUDA graphs are breakable (PIECEWISE) "
-            "graphs, the only ones whose replay reaches the hooks that read and steer; drop cudagraph_mode.")
-    compilation["cudagraph_mode"] = "PIECEWISE"
-    return compilation
-
-
 class SpecError(ValueError):
     """A served request's ``nnterp`` object is invalid; ``param`` names the field."""
 

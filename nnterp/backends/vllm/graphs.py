@@ -12,6 +12,7 @@ through :class:`~nnterp.backends.taps.seams.Seams`, installed when the worker lo
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any, Optional, Sequence
 
@@ -19,7 +20,7 @@ import torch
 
 from ..taps.plan import graph_sites
 from ..taps.seams import Seams
-from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY, piecewise_graphs
+from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
 
 EXTRA_READS = ("token_embeddings", "input_ids")  # reads outside the layers that are served as well
 
@@ -57,22 +58,32 @@ def check_graph_engine(vllm_kwargs: dict, accessors: tuple[str, ...]) -> None:
 
 def graph_engine_kwargs(vllm_kwargs: dict, accessors: tuple[str, ...]) -> dict:
     """The engine arguments of a graph-captured engine: vLLM's breakable graphs (read by the worker processes,
-    which inherit the environment) for every batch, and the accessors its workers keep seams for."""
+    which inherit the environment), and the accessors its workers keep seams for."""
     check_graph_engine(vllm_kwargs, accessors)
     os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"
-    compilation = vllm_kwargs.get("compilation_config")
-    if compilation is None or isinstance(compilation, dict):  # other forms are checked by the worker at load
-        vllm_kwargs = {**vllm_kwargs, "compilation_config": piecewise_graphs(compilation)}
     return {**vllm_kwargs, "additional_config": {**(vllm_kwargs.get("additional_config") or {}),
                                                  GRAPH_ACCESSORS_KEY: list(accessors)}}
 
 
-def check_breakable_only(cudagraph_mode: Any) -> None:
-    """Refuse, at load, an engine that would record FULL graphs: their replay reaches no seam."""
-    if cudagraph_mode is not None and getattr(cudagraph_mode, "has_full_cudagraphs", lambda: False)():
+def make_full_graphs_breakable(runner: Any) -> None:
+    """Record FULL graphs (a whole decode step, attention inside) breakable too, so the seams break them.
+
+    Some vLLM versions record every graph mode through the breakable wrapper; others wrap the model once more in a
+    plain wrapper for FULL graphs, whose replay reaches no hook (every read and steering would silently miss those
+    steps): that wrapper is replaced by a breakable one recording the same mode, or, where vLLM's breakable wrapper
+    records every mode alike, refused."""
+    from vllm.compilation.breakable_cudagraph import BreakableCUDAGraphWrapper
+    from vllm.compilation.cuda_graph import CUDAGraphWrapper
+
+    wrapper = runner.model
+    if not isinstance(wrapper, CUDAGraphWrapper):
+        return
+    if "runtime_mode" not in inspect.signature(BreakableCUDAGraphWrapper.__init__).parameters:
         raise ValueError(
-            f"cudagraph_mode {cudagraph_mode.name}: FULL CUDA graphs replay without reaching any hook, so reads "
-            "and steering would miss those steps. Serve graphs with cudagraph_mode PIECEWISE (nnterp's default).")
+            f"cudagraph_mode {runner.compilation_config.cudagraph_mode}: this vLLM records {wrapper.runtime_mode.name} "
+            "CUDA graphs whose replay reaches no hook, so reads and steering would miss those steps. Pass "
+            "compilation_config={'cudagraph_mode': 'PIECEWISE'}.")
+    runner.model = BreakableCUDAGraphWrapper(wrapper.runnable, runner.vllm_config, runtime_mode=wrapper.runtime_mode)
 
 
 def nnsight_taps(root: torch.nn.Module, names: Any, accessors: Sequence[str]) -> tuple[str, ...]:
@@ -113,7 +124,7 @@ class GraphRunner:
             return
         from ...core.backend import is_local
 
-        check_breakable_only(self.compilation_config.cudagraph_mode)
+        make_full_graphs_breakable(self)
         model = self.get_model()
         if config.get("nnsight_taps"):  # StandardizedVLLM derived them from its names (and rename config)
             sites = tap_sites(config["nnsight_taps"])

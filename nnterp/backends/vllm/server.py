@@ -327,23 +327,18 @@ def serve_arguments(model: str, arguments: list[str]) -> list[str]:
 
 
 def graph_arguments(arguments: list[str]) -> list[str]:
-    """``--no-enforce-eager``: vLLM's breakable CUDA graphs for every batch (PIECEWISE), every layer accessor served
-    at replay by the worker's seams (its ``--additional-config`` names them); refused without a GPU."""
+    """``--no-enforce-eager``: vLLM's breakable CUDA graphs (in vLLM's graph mode), every layer accessor served at
+    replay by the worker's seams (its ``--additional-config`` names them); refused without a GPU."""
     from .engine import no_accelerator
-    from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY, piecewise_graphs
+    from ..taps.spec import ACCESSORS, GRAPH_ACCESSORS_KEY
 
     if no_accelerator():
         raise SystemExit("nnterp serve: --no-enforce-eager serves CUDA graphs, which need an NVIDIA GPU; this machine "
                          "has none. Serve eagerly (the default).")
     os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"  # read by the engine's processes, which inherit it
     config, arguments = _json_argument(arguments, ("--additional-config",))
-    compilation, arguments = _json_argument(arguments, ("--compilation-config", "-cc"))
-    try:
-        compilation = piecewise_graphs(compilation)
-    except ValueError as error:
-        raise SystemExit(f"nnterp serve --no-enforce-eager: {error}") from None
     config[GRAPH_ACCESSORS_KEY] = list(ACCESSORS)
-    return [*arguments, "--additional-config", json.dumps(config), "--compilation-config", json.dumps(compilation)]
+    return [*arguments, "--additional-config", json.dumps(config)]
 
 
 def _json_argument(arguments: list[str], flags: tuple[str, ...]) -> tuple[dict, list[str]]:
