@@ -164,7 +164,7 @@ def _split(engine, run) -> tuple[float, int, float, int, float]:
         run()
     finally:
         for name in tally:
-            delattr(engine, name)
+            setattr(engine, name, originals[name])
     return (time.perf_counter() - start, *tally["step"], *tally["collective_rpc"])
 
 

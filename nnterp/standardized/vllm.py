@@ -14,6 +14,7 @@ from ..backends.vllm.backend import VLLMBackend
 from ..backends.vllm.collect import collect_like_local
 from ..backends.vllm.embedding_scale import embedding_scale
 from ..backends.vllm.engine import (
+    close_trace_scope_after_steps,
     cpu_meta_build,
     engine_kwargs,
     expert_group_after_a_dense_engine,
@@ -137,6 +138,7 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
         llm = super()._load_sync(repo_id, **kwargs)
         # nnsight calls llm.generate without use_tqdm, and vLLM's default draws two bars per trace.
         llm.generate = functools.partial(llm.generate, use_tqdm=self._use_tqdm)
+        close_trace_scope_after_steps(llm.llm_engine)
         return llm
 
     def __setstate__(self, state: dict) -> None:

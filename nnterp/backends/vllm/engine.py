@@ -134,6 +134,29 @@ def worker_class() -> str:
     return "nnterp.backends.vllm.worker.NNterpGPUWorker"
 
 
+def close_trace_scope_after_steps(engine: Any) -> None:
+    """Each step of the in-process ``engine`` leaves the calling thread's trace scope as the step found it.
+
+    nnsight's model runner opens a trace scope on the thread that runs a step and leaves it open (its requests'
+    bodies may span steps). An in-process engine runs its steps on the caller's thread: after a step run outside a
+    trace (extraction, ``generate``, served requests) every later trace on that thread, of any model, ran as a
+    nested one (its body's unsaved names pushed into the caller's frame, ``.save()`` accepted outside a trace).
+    Inside a trace the scope is already open and stays as it is."""
+    step = engine.step
+
+    def step_in_own_scope(*args: Any, **kwargs: Any) -> Any:
+        from nnsight.tracing.tracer import _local
+
+        outside_a_trace = not getattr(_local, "depth", 0)
+        try:
+            return step(*args, **kwargs)
+        finally:
+            if outside_a_trace:
+                _local.depth = 0  # the saved ids stay: nnsight clears them once no request is in flight
+
+    engine.step = step_in_own_scope
+
+
 def shut_down(entrypoint: Any) -> None:
     """Stop an engine and release its memory (vLLM keeps it alive until it is shut down). An async engine
     closes its sockets on the event loop it served; when that loop is not running (the engine is closed from

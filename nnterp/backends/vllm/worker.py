@@ -113,27 +113,11 @@ def _carries_nnsight(data: Any) -> bool:
 
 
 class TracedRequestsRunner:
-    """Model-runner behaviour, mixed in before nnsight's runner: :class:`TracedRequests` as its request tracker, and
-    the forward thread's trace scope left as a step found it.
-
-    nnsight's runner opens a trace scope on the thread that runs each step and leaves it open. On an in-process
-    engine that thread is the user's: after a step run outside a trace (extraction, generate, served requests) every
-    later trace on that thread, of any model, ran as a nested one (its body's unsaved names pushed into the
-    caller's frame, ``.save()`` accepted outside a trace)."""
+    """Model-runner behaviour, mixed in before nnsight's runner: :class:`TracedRequests` as its request tracker."""
 
     def load_model(self, *args, **kwargs) -> None:
         super().load_model(*args, **kwargs)
         self.nnsight_requests.__class__ = TracedRequests
-
-    def execute_model(self, *args, **kwargs) -> Any:
-        from nnsight.tracing.tracer import _local
-
-        outside_a_trace = not getattr(_local, "depth", 0)
-        try:
-            return super().execute_model(*args, **kwargs)
-        finally:
-            if outside_a_trace:
-                _local.depth = 0  # the saved ids stay: requests still in flight read them at later steps
 
 
 class StageRequests(TracedRequests):
