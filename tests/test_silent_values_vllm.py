@@ -144,6 +144,21 @@ def test_engine_steps_outside_a_trace_leave_later_traces_outermost(pair):
         torch.zeros(1).save()
 
 
+def test_a_trace_holding_another_models_accessor_is_refused_by_name(pair):
+    """A variable bound to the HF model's accessor, reassigned inside a vLLM trace: the request cannot carry the HF
+    model, and the error says which kind of object and what to do; the engine serves the next trace."""
+    _, hf_model, vllm_model = pair
+    accessor = hf_model.layers_output
+    with pytest.raises(RuntimeError, match=r"UnknownPersistentIdError.*another model such as a StandardizedTransformer, "
+                                           r"or its accessor.*Use another variable name"):
+        with vllm_model.trace(PROMPTS[0]):
+            accessor = vllm_model.layers_output
+            accessor[0].save()
+    with vllm_model.trace(PROMPTS[0]):
+        value = vllm_model.layers_output[0].save()
+    assert torch.allclose(value, hf_alone(hf_model, PROMPTS[0], "layers_output", 0), atol=1e-5)
+
+
 def test_fuzz_cases_after_engine_side_failures_match_hf_alone(pair):
     """Cases run right after a trace during which one of vLLM's modules failed: the failure reaches that trace,
     and the engine's next values are still the HF reference's."""

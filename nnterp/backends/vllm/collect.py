@@ -105,6 +105,12 @@ def worker_error(error: dict) -> BaseException:
                  "variables set before the invokes: a variable assigned in one invoke is not defined in another. "
                  "Compute it in the invoke that uses it, or save it and use it in a later trace (on "
                  "StandardizedTransformer the invokes share one forward pass and can share variables).")
+    if type_name == "UnknownPersistentIdError":
+        text += (f": the trace refers to an object that lives outside the engine (nnsight sends it as a reference, "
+                 f"{text!r}, which only the process holding it resolves), e.g. another model such as a "
+                 "StandardizedTransformer, or its accessor, left in a variable the trace body reads or assigns. "
+                 "Use another variable name inside the vLLM trace, or read what you need from that object "
+                 "before the trace.")
     if error.get("traceback"):
         text += "\n\nIntervention traceback:\n" + error["traceback"].rstrip()
     original = _known_exceptions().get(type_name)
