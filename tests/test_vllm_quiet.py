@@ -2,6 +2,7 @@
 
 import logging
 import os
+import types
 
 import pytest
 
@@ -37,6 +38,7 @@ def test_a_user_set_vllm_logging_level_is_kept(monkeypatch, vllm_logger):
 class _RecordingLLM:
     def __init__(self):
         self.calls = []
+        self.llm_engine = types.SimpleNamespace(step=lambda: [])  # its steps get wrapped at load
 
     def generate(self, prompts, sampling_params=None, lora_request=None, use_tqdm=True):
         self.calls.append(use_tqdm)
