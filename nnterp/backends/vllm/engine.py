@@ -142,11 +142,11 @@ def close_trace_scope_after_steps(engine: Any) -> None:
     trace (extraction, ``generate``, served requests) every later trace on that thread, of any model, ran as a
     nested one (its body's unsaved names pushed into the caller's frame, ``.save()`` accepted outside a trace).
     Inside a trace the scope is already open and stays as it is."""
+    from nnsight.tracing.tracer import _local
+
     step = engine.step
 
     def step_in_own_scope(*args: Any, **kwargs: Any) -> Any:
-        from nnsight.tracing.tracer import _local
-
         outside_a_trace = not getattr(_local, "depth", 0)
         try:
             return step(*args, **kwargs)
