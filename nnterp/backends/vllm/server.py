@@ -336,22 +336,22 @@ def graph_arguments(arguments: list[str]) -> list[str]:
         raise SystemExit("nnterp serve: --no-enforce-eager serves CUDA graphs, which need an NVIDIA GPU; this machine "
                          "has none. Serve eagerly (the default).")
     os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"  # read by the engine's processes, which inherit it
-    config, arguments = _json_argument(arguments, ("--additional-config",))
+    config, arguments = _json_argument(arguments, "--additional-config")
     config[GRAPH_ACCESSORS_KEY] = list(ACCESSORS)
     return [*arguments, "--additional-config", json.dumps(config)]
 
 
-def _json_argument(arguments: list[str], flags: tuple[str, ...]) -> tuple[dict, list[str]]:
-    """The JSON objects given to ``flags`` (``--flag JSON`` or ``--flag=JSON``), merged, and the other arguments."""
+def _json_argument(arguments: list[str], flag: str) -> tuple[dict, list[str]]:
+    """The JSON objects given to ``flag`` (``--flag JSON`` or ``--flag=JSON``), merged, and the other arguments."""
     value, rest, index = {}, [], 0
     while index < len(arguments):
         argument = arguments[index]
-        flag, equals, inline = argument.partition("=")
-        if argument in flags:
+        given, equals, inline = argument.partition("=")
+        if argument == flag:
             value.update(json.loads(arguments[index + 1]))
             index += 2
             continue
-        if equals and flag in flags:
+        if equals and given == flag:
             value.update(json.loads(inline))
         else:
             rest.append(argument)
