@@ -178,5 +178,9 @@ def test_row_copier_reports_a_failed_copy_where_the_rows_are_asked_for():
     copier.copy(Broken(), [prompt.add(0, 2, 0, "prompt 0")])
     with pytest.raises(OSError, match="the transfer failed"):
         copier.finish(prompt).result(timeout=30)
+    unwritten = PromptRows(expected=2)
+    unwritten.add(0, 2, 0, "prompt 1")  # rows announced, never handed to the copier
+    with pytest.raises(RuntimeError, match="0 of 2 rows were written: the capture lost track of this prompt"):
+        copier.finish(unwritten).result(timeout=30)
     copier.close()
 
