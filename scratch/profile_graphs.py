@@ -3,11 +3,13 @@
 
     python3 scratch/profile_graphs.py [--model random-1b] [--scenario 256:32] [--modes generate extract steer]
                                       [--cuda-graphs true] [--top 25]     (GPU machine)
+    python3 scratch/profile_graphs.py --vanilla [--scenario 256:32]            (vanilla vLLM, its default graphs)
 
 Prints, per mode: the best unprofiled wall time of ``--repeats`` runs split into the engine's steps (count,
 seconds) and everything else (RPCs to the worker counted apart); then a cProfile of one run, the functions with the
 most own time and nnterp's functions with the most inclusive time. ``--segments`` times, over one more run, each
-segment of the replayed graphs on the host (graph launches, eager breaks by what they call).
+segment of the replayed graphs on the host (graph launches, eager breaks by what they call). ``--vanilla`` profiles
+vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read the others against.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ def main() -> None:
                         help="host time of the replayed graphs' segments: graph launches and eager breaks by kind")
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also PyTorch's profiler: the CUDA runtime calls (synchronizations, host allocations) by time")
+    parser.add_argument("--vanilla", action="store_true", help="vanilla vLLM with its default CUDA graphs")
     args = parser.parse_args()
     import bench_throughput as bench
     from transformers import AutoTokenizer
@@ -44,7 +47,11 @@ def main() -> None:
     settings = argparse.Namespace(max_model_len=1024, max_num_seqs=256, max_batched_tokens=32768, dtype="bfloat16")
     path = bench.model_path(args.model, Path(os.environ.get("NNTERP_BENCH_CACHE", "/tmp/nnterp-bench")))
     graphs = {"true": True, "false": False}.get(args.cuda_graphs.lower(), tuple(args.cuda_graphs.split(",")))
-    modes = bench.nnterp_vllm_group(settings, path, "m", cuda_graphs=graphs)
+    if args.vanilla:
+        modes = {"m-generate": bench.vllm_group(settings, path, graphs=True)["vllm-graphs"]}
+        args.modes = ["generate"]
+    else:
+        modes = bench.nnterp_vllm_group(settings, path, "m", cuda_graphs=graphs)
     count, new = (int(part) for part in args.scenario.split(":"))
     prompts = bench.make_prompts(AutoTokenizer.from_pretrained(path), count, 100)
     layer = bench._num_layers(path) // 2
@@ -65,11 +72,15 @@ def main() -> None:
         stats = pstats.Stats(profile, stream=text)
         stats.sort_stats("tottime").print_stats(args.top)
         stats.sort_stats("cumulative").print_stats("nnterp", args.top)  # nnterp's own functions, inclusive time
+        stats.sort_stats("cumulative").print_stats(STEP_PARTS, args.top)  # the parts of an engine step, vanilla's too
         print(f"=== {name}: {wall:.3f} s (profiled)\n" + "\n".join(text.getvalue().splitlines()[6:]), flush=True)
         if args.segments:
             print(f"=== {name}: replayed segments\n" + _segment_times(lambda: run(prompts, new, layer)), flush=True)
         if args.torch_profiler:
             print(f"=== {name}: CUDA runtime calls\n" + _runtime_calls(lambda: run(prompts, new, layer), args.top), flush=True)
+
+
+STEP_PARTS = "gpu_model_runner|GPUModelRunner|scheduler.py|output_processor|engine/core.py|llm_engine|detokenizer"
 
 
 def _runtime_calls(run, top: int) -> str:
@@ -134,11 +145,13 @@ def _segment_times(run) -> str:
 
 
 def _engine(modes: dict):
-    """The LLMEngine behind the modes (their closures hold the StandardizedVLLM)."""
+    """The LLMEngine behind the modes (their closures hold the StandardizedVLLM, or vanilla vLLM's LLM)."""
     for cell in modes["m-generate"].__closure__:
         model = cell.cell_contents
         if hasattr(model, "vllm_entrypoint"):
             return model.vllm_entrypoint.llm_engine
+        if hasattr(model, "llm_engine"):
+            return model.llm_engine
     raise RuntimeError("no engine found")
 
 
