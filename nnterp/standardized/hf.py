@@ -13,6 +13,7 @@ from ..core.attention import AttentionProbabilities, eager_for_probabilities
 from ..core.inputs import check_prompts
 from ..core.layout import confirm_final_norm
 from ..backends.hf.batcher import AttentionMaskBatcher, left_padding_shifts_positions
+from ..backends.hf.text_batch import batch_text_prompts
 from ..core.rename import DEFAULT_CONFIG_KEYS, RenameConfig, resolve_names, split_rename, text_config
 from ..core.backend import Backend
 from .base import StandardizedMixin, first_config_int, infer_layout, logger, refuse_remote
@@ -140,6 +141,14 @@ class StandardizedTransformer(TransformersModel, StandardizedMixin):
         """Rows an invoke contributes (nnsight's count), after checking that its input is a prompt."""
         check_prompts(inputs, self.tokenizer)
         return super()._batch_size(*inputs, **kwargs)
+
+    def _batch(self, invokes: list, fn: Any) -> tuple:
+        """nnsight's batching of a trace's invokes, with plain text prompts tokenized in one call."""
+        if getattr(fn, "__name__", None) != "pipe":
+            encoding = batch_text_prompts(self, invokes)
+            if encoding is not None:
+                return (), encoding
+        return super()._batch(invokes, fn)
 
     @property
     def logits(self) -> torch.Tensor:
