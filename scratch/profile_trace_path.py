@@ -92,13 +92,15 @@ def main() -> None:
                     model.layers_output[layer].cpu().save()
 
     def trace_carrying_the_model():
-        share = StandardizedVLLM._share_with_workers
-        StandardizedVLLM._share_with_workers = lambda self: None
+        from nnterp.standardized import vllm as standardized
+
+        share = standardized.share_with_workers
+        standardized.share_with_workers = lambda model: None
         shared = model.__dict__.pop("_persistent_id", None)
         try:
             trace()
         finally:
-            StandardizedVLLM._share_with_workers = share
+            standardized.share_with_workers = share
             if shared is not None:
                 model.__dict__["_persistent_id"] = shared
 

@@ -239,7 +239,7 @@ class SharedModelRunner:
 
     Unpickling a request's ``StandardizedVLLM`` (one envoy per module, ~185 for a 16-layer Llama) was most of a
     trace request's fixed cost; the client now ships the model once per engine and tags it so its requests
-    pickle a persistent id that resolves here (see ``StandardizedVLLM._share_with_workers``)."""
+    pickle a persistent id that resolves here (see ``engine.share_with_workers``)."""
 
     def nnterp_share_model(self, key: str, payload: bytes, replaces: Optional[str] = None) -> None:
         from nnsight.intervention.serialization import loads
