@@ -184,3 +184,14 @@ def test_row_copier_reports_a_failed_copy_where_the_rows_are_asked_for():
         copier.finish(unwritten).result(timeout=30)
     copier.close()
 
+
+
+def test_row_copier_threads_follow_the_cpus_this_process_may_use(monkeypatch):
+    """A container limited to 2 of a machine's 64 cores gets one copier thread, not the 4 the machine would."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert RowCopier().threads == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert RowCopier().threads == 4
