@@ -12,7 +12,9 @@ as soon as it exists, and a table of
 ratios closes the run: vLLM modes against vanilla vLLM with the same engine settings (eager, same batch and
 scheduler limits, chunked prefill off, in-process engine core), HF modes against the plain forward with a hook.
 ``x graphs`` is the ratio to vanilla vLLM with CUDA graphs (vLLM's default, measured in the same run; GPU only),
-``x brk`` to vanilla vLLM on breakable graphs (``vllm-breakable``, the kind nnterp's graph engines record).
+``x brk`` to vanilla vLLM on breakable graphs (``vllm-breakable``, the kind nnterp's graph engines record), ``x v1``
+to vanilla vLLM with its default graphs on its V1 model runner (``vllm-graphs-v1``: the runner nnsight's and
+nnterp's workers extend, where vLLM's default on a GPU is its V2 runner).
 ``tokens`` counts prompt tokens plus generated tokens. ``nnterp-vllm-*`` is StandardizedVLLM's eager engine,
 ``nnterp-graphs-*`` the same on CUDA graphs serving every accessor (``cuda_graphs=True``), ``nnterp-lean-*`` serving
 only ``layers_output`` (``cuda_graphs=("layers_output",)``); ``*-generate`` runs the engine with nothing extracted
@@ -41,6 +43,7 @@ GROUPS = {  # modes that share one process (one model or engine)
     "vllm": ["vllm"],
     "vllm-graphs": ["vllm-graphs"],
     "vllm-breakable": ["vllm-breakable"],
+    "vllm-graphs-v1": ["vllm-graphs-v1"],
     "nnsight": ["nnsight-trace"],
     "nnterp-vllm": ["nnterp-vllm-generate", "nnterp-vllm-trace", "nnterp-vllm-extract", "nnterp-vllm-extract-all",
                     "nnterp-vllm-steer"],
@@ -51,7 +54,7 @@ GROUPS = {  # modes that share one process (one model or engine)
     "hf": ["hf-hooks", "hf-hooks-all", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
 }
 TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "nnterp-graphs-trace", "nnterp-lean-trace", "hf-nnterp-trace"}
-GRAPH_GROUPS = {"vllm-graphs", "vllm-breakable", "nnterp-graphs", "nnterp-lean"}  # need a GPU
+GRAPH_GROUPS = {"vllm-graphs", "vllm-breakable", "vllm-graphs-v1", "nnterp-graphs", "nnterp-lean"}  # need a GPU
 ENGINE_PREFIXES = ("nnterp-vllm", "nnterp-graphs", "nnterp-lean")  # StandardizedVLLM modes: "<prefix>-generate" is the engine  # measured in the first scenario only
 BASELINE = {"vllm": "vllm", "hf": "hf-hooks", "hf-nnterp-extract-all": "hf-hooks-all"}  # extract-all: hooks on every layer
 WORDS = ("The capital of France is Paris . Germany Berlin Italy Rome Eiffel Tower Hello world this is a tiny model "
@@ -122,12 +125,14 @@ def sampling(max_new_tokens: int) -> dict:
     return {"max_tokens": max(1, max_new_tokens), "temperature": 0.0, "ignore_eos": True}
 
 
-def vllm_group(args, path: str, graphs: bool, breakable: bool = False) -> dict[str, Callable]:
+def vllm_group(args, path: str, graphs: bool, breakable: bool = False, runner_v1: bool = False) -> dict[str, Callable]:
     """Vanilla vLLM: eager, its default CUDA graphs, or breakable graphs in its default graph mode (what nnterp's
-    graph engines record, without their breaks)."""
+    graph engines record, without their breaks); ``runner_v1``: on vLLM's V1 model runner."""
     settings = vllm_settings(args)
     if breakable:
         os.environ["VLLM_USE_BREAKABLE_CUDAGRAPH"] = "1"  # this group's own process
+    if runner_v1:
+        os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
     from vllm import LLM, SamplingParams
 
     llm = LLM(path, enforce_eager=not graphs, **settings)
@@ -135,7 +140,8 @@ def vllm_group(args, path: str, graphs: bool, breakable: bool = False) -> dict[s
     def run(prompts, max_new_tokens, layer):
         llm.generate(prompts, SamplingParams(**sampling(max_new_tokens)), use_tqdm=False)
 
-    return {("vllm-breakable" if breakable else "vllm-graphs") if graphs else "vllm": run}
+    name = "vllm-breakable" if breakable else "vllm-graphs-v1" if runner_v1 else "vllm-graphs"
+    return {name if graphs else "vllm": run}
 
 
 def nnsight_group(args, path: str) -> dict[str, Callable]:
@@ -270,6 +276,7 @@ def run_group(args) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     builders = {"vllm": lambda: vllm_group(args, path, graphs=False), "vllm-graphs": lambda: vllm_group(args, path, True),
                 "vllm-breakable": lambda: vllm_group(args, path, True, breakable=True),
+                "vllm-graphs-v1": lambda: vllm_group(args, path, True, runner_v1=True),
                 "nnsight": lambda: nnsight_group(args, path), "nnterp-vllm": lambda: nnterp_vllm_group(args, path),
                 "nnterp-graphs": lambda: nnterp_vllm_group(args, path, "nnterp-graphs", cuda_graphs=True),
                 "nnterp-lean": lambda: nnterp_vllm_group(args, path, "nnterp-lean", cuda_graphs=("layers_output",)),
@@ -350,17 +357,19 @@ def table(records: list[dict]) -> str:
         return base[key] / record[key] if base else float("nan")
 
     lines = ["", f"{'mode':26} {'prompts':>7} {'new':>4} {'tokens':>8} {'tok/s':>10} {'x base':>7} {'x graphs':>8} "
-                 f"{'x brk':>6} {'x engine':>8} {'cpu s':>7} {'x base cpu':>10}"]
+                 f"{'x brk':>6} {'x v1':>6} {'x engine':>8} {'cpu s':>7} {'x base cpu':>10}"]
     for record in records:
         hf = record["mode"].startswith("hf")
         base = baseline(record, BASELINE.get(record["mode"], BASELINE["hf" if hf else "vllm"]))
         graphs = None if hf else baseline(record, "vllm-graphs")
         breakable = None if hf else baseline(record, "vllm-breakable")
+        runner_v1 = None if hf else baseline(record, "vllm-graphs-v1")
         prefix = next((prefix for prefix in ENGINE_PREFIXES if record["mode"].startswith(prefix + "-")), None)
         engine = baseline(record, f"{prefix}-generate") if prefix else None
         lines.append(f"{record['mode']:26} {record['prompts']:>7} {record['max_new_tokens']:>4} {record['tokens']:>8} "
                      f"{record['tokens_per_s']:>10.0f} {ratio(base, record, 'seconds'):>7.2f} "
                      f"{ratio(graphs, record, 'seconds'):>8.2f} {ratio(breakable, record, 'seconds'):>6.2f} "
+                     f"{ratio(runner_v1, record, 'seconds'):>6.2f} "
                      f"{ratio(engine, record, 'seconds'):>8.2f} "
                      f"{record['cpu_seconds']:>7.2f} {ratio(base, record, 'cpu_seconds'):>10.2f}")
     if records:
