@@ -159,16 +159,31 @@ def _engine(modes: dict):
 
 def _step_parts(engine, run) -> str:
     """Wall seconds of the parts of the engine's steps during ``run`` (scheduler, model runner, output processing),
-    timed at their entry points on this process's objects (cProfile loses calls run from greenlets)."""
+    timed at their entry points (cProfile's counts of these were unreliable: it missed the runner's calls in
+    vanilla vLLM's process altogether)."""
     core = engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
     parts = {"scheduler.schedule": (core.scheduler, "schedule"),
              "scheduler.update_from_output": (core.scheduler, "update_from_output"),
              "output_processor.process_outputs": (engine.output_processor, "process_outputs"),
-             "runner.execute_model": (runner, "execute_model"), "runner._update_states": (runner, "_update_states"),
-             "runner._prepare_inputs": (runner, "_prepare_inputs"), "runner._model_forward": (runner, "_model_forward"),
-             "runner.sample_tokens": (runner, "sample_tokens"), "runner._sample": (runner, "_sample"),
-             "runner._bookkeeping_sync": (runner, "_bookkeeping_sync")}
+             **{f"runner.{name}": (runner, name) for name in (
+                 "execute_model", "_update_states", "_prepare_inputs", "_model_forward", "sample_tokens", "_sample",
+                 "_bookkeeping_sync")}}
+    tally = _timed_calls(parts, run)
+    return "\n".join(f"{seconds:8.4f} s {count:6d} calls {1e3 * seconds / max(count, 1):7.3f} ms/call  {name}"
+                     for name, (count, seconds) in tally.items())
+
+
+def _split(engine, run) -> tuple[float, int, float, int, float]:
+    """Wall seconds of ``run``, and how many engine steps and worker RPCs it made and their seconds."""
+    start = time.perf_counter()
+    tally = _timed_calls({"step": (engine, "step"), "collective_rpc": (engine, "collective_rpc")}, run)
+    return (time.perf_counter() - start, *tally["step"], *tally["collective_rpc"])
+
+
+def _timed_calls(parts: dict[str, tuple[object, str]], run) -> dict[str, list]:
+    """``[calls, wall seconds]`` of each ``owner.attribute`` in ``parts`` during ``run`` (those the owner lacks stay
+    at zero); every attribute is put back as it was, an instance's own (a wrapper the engine installed) included."""
     tally = {name: [0, 0.0] for name in parts}
 
     def timed(name, original):
@@ -184,7 +199,7 @@ def _step_parts(engine, run) -> str:
     patched = []
     for name, (owner, attribute) in parts.items():
         if hasattr(owner, attribute):
-            patched.append((owner, attribute, attribute in owner.__dict__, getattr(owner, attribute)))
+            patched.append((owner, attribute, attribute in vars(owner), getattr(owner, attribute)))
             setattr(owner, attribute, timed(name, getattr(owner, attribute)))
     try:
         run()
@@ -194,34 +209,7 @@ def _step_parts(engine, run) -> str:
                 setattr(owner, attribute, original)
             else:
                 delattr(owner, attribute)
-    return "\n".join(f"{seconds:8.4f} s {count:6d} calls {1e3 * seconds / max(count, 1):7.3f} ms/call  {name}"
-                     for name, (count, seconds) in tally.items())
-
-
-def _split(engine, run) -> tuple[float, int, float, int, float]:
-    """Wall seconds of ``run``, and how many engine steps and worker RPCs it made and their seconds."""
-    tally = {"step": [0, 0.0], "collective_rpc": [0, 0.0]}
-    originals = {name: getattr(engine, name) for name in tally}
-
-    def timed(name):
-        def call(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                return originals[name](*args, **kwargs)
-            finally:
-                tally[name][0] += 1
-                tally[name][1] += time.perf_counter() - start
-        return call
-
-    for name in tally:
-        setattr(engine, name, timed(name))
-    start = time.perf_counter()
-    try:
-        run()
-    finally:
-        for name in tally:
-            setattr(engine, name, originals[name])
-    return (time.perf_counter() - start, *tally["step"], *tally["collective_rpc"])
+    return tally
 
 
 if __name__ == "__main__":
