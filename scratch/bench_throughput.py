@@ -316,9 +316,9 @@ def host_speed() -> float:
     best = float("inf")
     for _ in range(5):
         start = time.perf_counter()
-        table: dict[int, list[int]] = {}
+        buckets: dict[int, list[int]] = {}
         for index in range(100_000):
-            table.setdefault(index % 997, []).append(index)
+            buckets.setdefault(index % 997, []).append(index)
         best = min(best, time.perf_counter() - start)
     return round(best * 1e3, 2)
 
