@@ -6,10 +6,12 @@
     python3 scratch/profile_graphs.py --vanilla [--scenario 256:32]            (vanilla vLLM, its default graphs)
 
 Prints, per mode: the best unprofiled wall time of ``--repeats`` runs split into the engine's steps (count,
-seconds) and everything else (RPCs to the worker counted apart); then a cProfile of one run, the functions with the
-most own time and nnterp's functions with the most inclusive time. ``--segments`` times, over one more run, each
-segment of the replayed graphs on the host (graph launches, eager breaks by what they call). ``--vanilla`` profiles
-vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read the others against.
+seconds) and everything else (RPCs to the worker counted apart); the wall time of the parts of those steps (scheduler,
+model runner, output processing), timed at their entry points over one more run; then a cProfile of one run, the
+functions with the most own time and nnterp's functions with the most inclusive time. ``--segments`` times, over
+one more run, each segment of the replayed graphs on the host (graph launches, eager breaks by what they call).
+``--vanilla`` profiles vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read
+the others against.
 """
 
 from __future__ import annotations
@@ -74,15 +76,11 @@ def main() -> None:
         stats = pstats.Stats(profile, stream=text)
         stats.sort_stats("tottime").print_stats(args.top)
         stats.sort_stats("cumulative").print_stats("nnterp", args.top)  # nnterp's own functions, inclusive time
-        stats.sort_stats("cumulative").print_stats(STEP_PARTS, args.top)  # the parts of an engine step, vanilla's too
         print(f"=== {name}: {wall:.3f} s (profiled)\n" + "\n".join(text.getvalue().splitlines()[6:]), flush=True)
         if args.segments:
             print(f"=== {name}: replayed segments\n" + _segment_times(lambda: run(prompts, new, layer)), flush=True)
         if args.torch_profiler:
             print(f"=== {name}: CUDA runtime calls\n" + _runtime_calls(lambda: run(prompts, new, layer), args.top), flush=True)
-
-
-STEP_PARTS = "gpu_model_runner|GPUModelRunner|scheduler.py|output_processor|engine/core.py|llm_engine|detokenizer"
 
 
 def _runtime_calls(run, top: int) -> str:
