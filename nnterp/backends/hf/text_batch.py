@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 import numpy as np
 import torch
+from nnsight.modeling import processing
 
 
 def text_prompts(invokes: list) -> Optional[list[str]]:
@@ -37,7 +38,6 @@ def text_prompts(invokes: list) -> Optional[list[str]]:
 def plain_text_preprocessing(model: Any) -> bool:
     """Whether the pipeline of ``model`` turns a text into exactly ``tokenizer(text)`` (no prefix, no tokenizer
     arguments)."""
-    from nnsight.modeling import processing
     from transformers import TextGenerationPipeline
 
     pipeline = getattr(model, "pipeline", None)
@@ -53,8 +53,6 @@ def batch_text_prompts(model: Any, invokes: list) -> Optional[dict]:
     texts = text_prompts(invokes)
     if texts is None or not plain_text_preprocessing(model):
         return None
-    from nnsight.modeling import processing
-
     encoded = model.tokenizer(texts)
     encoding = _padded(model, dict(encoded), len(texts))
     if encoding is None:  # a field nnsight pads otherwise, or no pad token: its collation decides (or refuses)
@@ -68,15 +66,13 @@ def batch_text_prompts(model: Any, invokes: list) -> Optional[dict]:
 def _padded(model: Any, encoded: dict[str, list], count: int) -> Optional[dict[str, torch.Tensor]]:
     """``encoded``'s rows as ``[count, width]`` tensors padded as nnsight's ``collate`` pads them; None where a
     field has no pad value."""
-    from nnsight.modeling.processing import ROW_FIELDS
-
     widths = {len(values) for rows in encoded.values() for values in rows}
     width = max(widths)
     left = getattr(model.tokenizer, "padding_side", None) == "left"
     tensors = {}
     for key, rows in encoded.items():
-        fill = model.tokenizer.pad_token_id if key == "input_ids" else ROW_FIELDS.get(key)
-        if key not in ROW_FIELDS or (fill is None and len(widths) > 1):
+        fill = model.tokenizer.pad_token_id if key == "input_ids" else processing.ROW_FIELDS.get(key)
+        if key not in processing.ROW_FIELDS or (fill is None and len(widths) > 1):
             return None
         array = np.full((count, width), fill if fill is not None else 0, dtype=np.int64)
         for index, values in enumerate(rows):
