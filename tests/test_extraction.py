@@ -185,7 +185,6 @@ def test_row_copier_reports_a_failed_copy_where_the_rows_are_asked_for():
     copier.close()
 
 
-
 def test_row_copier_threads_follow_the_cpus_this_process_may_use(monkeypatch):
     """A container limited to 2 of a machine's 64 cores gets one copier thread, not the 4 the machine would."""
     import os
