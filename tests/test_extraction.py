@@ -1,6 +1,8 @@
 """model.extract on HF models: against HF's own hidden states and raw-module hooks of each prompt run alone
 (padding, absolute positions, in-place parent updates), against the trace path, and its errors."""
 
+import threading
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -8,7 +10,7 @@ from safetensors.torch import load_file
 from nnterp import StandardizedTransformer
 from nnterp.extraction import ACCESSORS, save_activations
 from nnterp.backends.taps.rows import PromptRows, RowCopier
-from nnterp.backends.taps.transfer import HostTransfer
+from nnterp.backends.taps.transfer import HostTransfer, InFlight
 
 PROMPTS = ["The capital of France is", "Hello", "One two three four five six. The cat sat on the mat.", "A"]
 
@@ -170,19 +172,85 @@ def test_row_copier_keeps_each_prompts_order_across_threads_and_trims_to_the_row
 def test_row_copier_reports_a_failed_copy_where_the_rows_are_asked_for():
     copier = RowCopier(threads=1)
 
-    class Broken:
-        def host(self):
-            raise OSError("the transfer failed")
+    class Broken(InFlight):
+        def __init__(self, fails_in: str):
+            super().__init__(torch.zeros(1, 2, 3))
+            self.fails_in = fails_in
 
-    prompt = PromptRows(expected=2)
-    copier.copy(Broken(), [prompt.add(0, 2, 0, "prompt 0")])
-    with pytest.raises(OSError, match="the transfer failed"):
-        copier.finish(prompt).result(timeout=30)
+        def done(self):
+            return False
+
+        def wait(self):
+            if self.fails_in == "wait":
+                raise OSError("the transfer failed")
+
+        def host(self):
+            if self.fails_in == "host":
+                raise OSError("the host block is gone")
+            return super().host()
+
+    for fails_in, message in (("wait", "the transfer failed"), ("host", "the host block is gone")):
+        prompt = PromptRows(expected=2)
+        copier.copy(Broken(fails_in), [prompt.add(0, 2, 0, "prompt 0")])
+        with pytest.raises(OSError, match=message):
+            copier.finish(prompt).result(timeout=30)
     unwritten = PromptRows(expected=2)
     unwritten.add(0, 2, 0, "prompt 1")  # rows announced, never handed to the copier
     with pytest.raises(RuntimeError, match="0 of 2 rows were written: the capture lost track of this prompt"):
         copier.finish(unwritten).result(timeout=30)
     copier.close()
+
+
+class SlowTransfer(InFlight):
+    """A host buffer whose transfer is reported done only once ``arrived`` is set, as a GPU copy still running;
+    it records which threads asked about it and when it was released."""
+
+    def __init__(self, values: torch.Tensor):
+        super().__init__(values)
+        self.arrived, self.waited, self.released, self.cuda_threads = False, False, False, set()
+
+    def done(self):
+        self.cuda_threads.add(threading.get_ident())
+        return self.arrived
+
+    def wait(self):
+        self.cuda_threads.add(threading.get_ident())
+        self.waited = self.arrived = True
+
+    def release(self):
+        self.cuda_threads.add(threading.get_ident())
+        self.released = True
+
+
+def test_row_copier_hands_over_only_arrived_transfers_in_order_from_the_driving_thread():
+    """Copier threads never ask about a transfer (a CUDA call): the driving thread hands a buffer over once it
+    has arrived, in the order the buffers were given, waits only for the buffers holding the rows asked for, and
+    releases a buffer once its rows are copied."""
+    copier = RowCopier(threads=2)
+    first, second = PromptRows(expected=2), PromptRows(expected=1)
+    steps = [SlowTransfer(torch.randn(1, 2, 3)), SlowTransfer(torch.randn(1, 2, 3))]
+    copier.copy(steps[0], [first.add(0, 1, 0, "prompt 0"), second.add(1, 1, 0, "prompt 1")])
+    steps[1].arrived = True  # arrived before the first: still handed over after it
+    copier.copy(steps[1], [first.add(0, 1, 1, "prompt 0")])
+    assert not first._filled and not second._filled  # nothing reached the copier threads yet
+    second_rows = copier.finish(second).result(timeout=30)
+    assert torch.equal(second_rows, steps[0].host()[:, 1:2]) and steps[0].waited
+    rows = copier.finish(first).result(timeout=30)
+    assert torch.equal(rows, torch.cat([steps[0].host()[:, :1], steps[1].host()[:, :1]], dim=1))
+    assert not steps[1].waited  # it had arrived: handed over without waiting
+    copier.hand_over()
+    assert steps[0].released and steps[1].released
+    assert {thread for step in steps for thread in step.cuda_threads} == {threading.get_ident()}
+    copier.close()
+
+
+def test_host_transfer_reuses_the_smallest_free_block_that_fits():
+    transfer = HostTransfer()
+    small, large = torch.empty(64, dtype=torch.uint8), torch.empty(128, dtype=torch.uint8)
+    transfer.give_back(large)
+    transfer.give_back(small)
+    assert transfer.block(50) is small
+    assert transfer.block(100) is large
 
 
 def test_row_copier_threads_follow_the_cpus_this_process_may_use(monkeypatch):

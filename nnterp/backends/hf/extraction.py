@@ -71,9 +71,8 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
                 pending.append((index, tokens, new, prompt_rows))
                 offset += len(tokens)
             copier.copy(buffer, items)
-            pending = [(index, tokens, new, copier.finish(rows)) for index, tokens, new, rows in pending]
-            yield from _finish(plan, finished)  # the previous batch, while this one computes
-        yield from _finish(plan, pending)
+            yield from _finish(plan, copier, finished)  # the previous batch, while this one computes
+        yield from _finish(plan, copier, pending)
     finally:
         capture.remove()
         copier.close()
@@ -83,8 +82,9 @@ def _stop() -> None:
     raise _AllCaptured()
 
 
-def _finish(plan: ExtractionPlan, pending: list) -> Iterator[Activations]:
-    for index, tokens, new, rows in pending:
+def _finish(plan: ExtractionPlan, copier: RowCopier, pending: list) -> Iterator[Activations]:
+    ready = [copier.finish(rows) for _, _, _, rows in pending]
+    for (index, tokens, new, _), rows in zip(pending, ready):
         yield activations(plan, index, rows.result(), tokens, new)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Optional
@@ -36,12 +37,13 @@ class PromptRows:
     when known (its tensor is made that long at once; rows past it belong to a step an engine ran ahead and
     discards, and are dropped)."""
 
-    __slots__ = ("expected", "length", "lane", "_rows", "_bytes", "_filled", "_error")
+    __slots__ = ("expected", "length", "lane", "last_buffer", "_rows", "_bytes", "_filled", "_error")
 
     def __init__(self, expected: Optional[int] = None) -> None:
         self.expected = expected
         self.length = 0  # rows added so far (set by the thread that adds them)
         self.lane: Optional[int] = None  # the copier thread that writes this prompt
+        self.last_buffer = -1  # the number of the last buffer holding rows of this prompt (see RowCopier.copy)
         self._rows: Optional[torch.Tensor] = None
         self._bytes: Optional[np.ndarray] = None  # _rows' bytes, [taps, capacity, width * item size]
         self._filled = 0  # rows written so far (on the copier's thread)
@@ -104,30 +106,61 @@ class RowCopier:
     their order). Copies are numpy's, which release the interpreter while they run: a torch copy on the CPU wakes
     a thread per core, which then spin and slow the thread that drives the model (on an H100, copies of one layer
     made on that thread cost 0.75x of the engine's throughput), and copying every layer's rows where the prompt
-    finishes stalled the engine (0.44 s of a 1.26 s run for 256 prompts x 32 tokens on an H200)."""
+    finishes stalled the engine (0.44 s of a 1.26 s run for 256 prompts x 32 tokens on an H200).
+
+    The copier threads never call CUDA: the driving thread hands a buffer over once its transfer is done (checked
+    at each :meth:`copy`, waited for where a prompt's rows are asked for) and releases it once its copies ran."""
 
     def __init__(self, threads: Optional[int] = None) -> None:
         self.threads = threads or max(1, min(4, usable_cpus() // 4))
         self._lanes: list[ThreadPoolExecutor] = []
         self._next_lane = 0
+        self._numbered = 0  # buffers given to copy so far
+        self._waiting: deque = deque()  # (number, buffer, items): transfers not yet seen done, in order
+        self._copying: deque = deque()  # (buffer, futures): handed over, to release once the futures are done
 
     def copy(self, buffer: InFlight, items: list[tuple[PromptRows, int, int, int]]) -> None:
         """Copy each item's rows ``(prompt, start, count, position)`` (from :meth:`PromptRows.add`) out of
         ``buffer`` once it is in host memory."""
-        by_lane: dict[int, list] = {}
-        for item in items:
-            prompt = item[0]
+        number, self._numbered = self._numbered, self._numbered + 1
+        for prompt, *_ in items:
+            prompt.last_buffer = number
             if prompt.lane is None:
                 prompt.lane, self._next_lane = self._next_lane, (self._next_lane + 1) % self.threads
-            by_lane.setdefault(prompt.lane, []).append(item)
-        for lane, lane_items in by_lane.items():
-            self._lane(lane).submit(_write_rows, buffer, lane_items)
+        self._waiting.append((number, buffer, items))
+        self.hand_over()
 
     def finish(self, prompt: PromptRows) -> Future:
-        """The prompt's rows ``[taps, tokens, width]`` once every copy asked for so far has run (a future)."""
+        """The prompt's rows ``[taps, tokens, width]`` once every copy asked for so far has run (a future; waits
+        here for the transfers holding the prompt's rows)."""
+        self.hand_over(until=prompt.last_buffer)
         if prompt.lane is None:
             prompt.lane = 0
         return self._lane(prompt.lane).submit(prompt._result)
+
+    def hand_over(self, until: int = -1) -> None:
+        """Gives the copier threads every buffer whose transfer is done, in order, waiting for those numbered up
+        to ``until``; releases the buffers whose copies all ran."""
+        while self._copying and all(future.done() for future in self._copying[0][1]):
+            self._copying.popleft()[0].release()
+        while self._waiting:
+            number, buffer, items = self._waiting[0]
+            try:
+                if not buffer.done():
+                    if number > until:
+                        return
+                    buffer.wait()
+            except Exception as error:  # a failed transfer: raised where the prompts' rows are asked for
+                for prompt, *_ in items:
+                    prompt._error = prompt._error or error
+                self._waiting.popleft()
+                continue
+            self._waiting.popleft()
+            by_lane: dict[int, list] = {}
+            for item in items:
+                by_lane.setdefault(item[0].lane, []).append(item)
+            futures = [self._lane(lane).submit(_write_rows, buffer, lane_items) for lane, lane_items in by_lane.items()]
+            self._copying.append((buffer, futures))
 
     def _lane(self, lane: int) -> ThreadPoolExecutor:
         while len(self._lanes) <= lane:
@@ -138,11 +171,13 @@ class RowCopier:
         for lane in self._lanes:
             lane.shutdown(wait=False, cancel_futures=True)
         self._lanes = []
+        self._waiting.clear()
+        self._copying.clear()
 
 
 def _write_rows(buffer: InFlight, items: list[tuple[PromptRows, int, int, int]]) -> None:
     try:
-        host, host_bytes = buffer.host(), buffer.host_bytes()  # waits for the transfer
+        host, host_bytes = buffer.host(), buffer.host_bytes()
     except Exception as error:
         for prompt, *_ in items:
             prompt._error = prompt._error or error
