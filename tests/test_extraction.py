@@ -139,7 +139,7 @@ def test_prompt_rows_replace_recomputed_tokens_and_refuse_gaps():
     """An engine that preempts a request recomputes it from an earlier position; a prefix cache skips tokens."""
     transfer, copier = HostTransfer(), RowCopier(threads=2)
     first, second = torch.arange(24.0).reshape(1, 6, 4), -torch.arange(20.0).reshape(1, 5, 4)
-    for expected in (None, 8):  # the length unknown (the tensor grows), or reserved at once
+    for expected in (12, 8):  # more rows expected than run (a tensor of its own), or exactly as many (a view)
         rows = PromptRows(expected)
         copier.copy(transfer.start(first.clone()), [rows.add(0, 4, 0, "prompt 0")])
         copier.copy(transfer.start(first.clone()), [rows.add(4, 2, 4, "prompt 0")])
@@ -196,9 +196,71 @@ def test_row_copier_reports_a_failed_copy_where_the_rows_are_asked_for():
             copier.finish(prompt).result(timeout=30)
     unwritten = PromptRows(expected=2)
     unwritten.add(0, 2, 0, "prompt 1")  # rows announced, never handed to the copier
-    with pytest.raises(RuntimeError, match="0 of 2 rows were written: the capture lost track of this prompt"):
+    with pytest.raises(RuntimeError, match="0 of 2 rows were copied: the capture lost track of this prompt"):
         copier.finish(unwritten).result(timeout=30)
     copier.close()
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_row_copier_matches_a_row_by_row_reference_over_shuffled_mixed_steps(monkeypatch, seed):
+    """Steps as an engine runs them: prompts arrive over time, prefill chunks (several rows) and decode rows (one)
+    in one buffer, in a batch order that changes from step to step, blocks of a few prompts each (so a step
+    spans blocks and lanes), a prompt recomputed from an earlier position, prompts that stop early. Each prompt's
+    tensor equals its rows written one at a time into a tensor of its own."""
+    import random
+
+    import nnterp.backends.taps.rows as rows_module
+
+    monkeypatch.setattr(rows_module, "BLOCK_PROMPTS", 3)
+    rng = random.Random(seed)
+    transfer, copier = HostTransfer(), RowCopier(threads=3)
+    taps, width = 2, 5
+    lengths = [rng.randint(2, 9) for _ in range(11)]  # rows each prompt runs
+    expected = [length + rng.choice([0, 0, 3]) for length in lengths]  # some stop before their expected count
+    prompts = [PromptRows(count) for count in expected]
+    reference = [torch.zeros(taps, count, width) for count in expected]
+    done = [0] * len(prompts)
+    recomputed = False
+    for step in range(40):
+        running = [index for index in range(min(len(prompts), 2 + 2 * step)) if done[index] < lengths[index]]
+        if not running:
+            break
+        rng.shuffle(running)
+        plan = []
+        for index in running:
+            position = done[index]
+            if not recomputed and position > 3 and rng.random() < 0.3:
+                position, recomputed = 1, True  # preempted and recomputed from token 1
+            count = 1 if position else min(lengths[index], rng.randint(1, 4))  # a prefill chunk, then decode
+            plan.append((index, position, min(count, lengths[index] - position)))
+        values = torch.randn(taps, sum(count for *_, count in plan), width)
+        items, offset = [], 0
+        for index, position, count in plan:
+            items.append(prompts[index].add(offset, count, position, f"prompt {index}"))
+            reference[index][:, position:position + count] = values[:, offset:offset + count]
+            done[index] = position + count
+            offset += count
+        copier.copy(transfer.start(values), items)
+    assert done == lengths and recomputed
+    for index, prompt in enumerate(prompts):
+        result = copier.finish(prompt).result(timeout=30)
+        assert result.is_contiguous() and torch.equal(result, reference[index][:, :lengths[index]]), index
+    copier.close()
+
+
+def test_compact_copies_a_view_of_a_shared_block_only():
+    """What leaves the engine's process is pickled with its whole storage: a prompt's view must not carry its
+    block."""
+    import pickle
+
+    from nnterp.backends.taps.rows import compact
+
+    block = torch.randn(1000, 8)
+    view = block[10:20]
+    assert len(pickle.dumps(compact(view))) < len(pickle.dumps(view)) / 10
+    assert torch.equal(compact(view), view)
+    alone = torch.randn(10, 8)
+    assert compact(alone) is alone
 
 
 class SlowTransfer(InFlight):
@@ -232,7 +294,7 @@ def test_row_copier_hands_over_only_arrived_transfers_in_order_from_the_driving_
     copier.copy(steps[0], [first.add(0, 1, 0, "prompt 0"), second.add(1, 1, 0, "prompt 1")])
     steps[1].arrived = True  # arrived before the first: still handed over after it
     copier.copy(steps[1], [first.add(0, 1, 1, "prompt 0")])
-    assert not first._filled and not second._filled  # nothing reached the copier threads yet
+    assert not copier._copying  # nothing reached the copier threads yet
     second_rows = copier.finish(second).result(timeout=30)
     assert torch.equal(second_rows, steps[0].host()[:, 1:2]) and steps[0].waited
     rows = copier.finish(first).result(timeout=30)

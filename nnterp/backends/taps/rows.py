@@ -31,22 +31,45 @@ class Activations:
         return self.values[accessor]
 
 
+BLOCK_BYTES = 256 << 20  # host memory shared by the prompts of one RowBlock (more where one prompt needs more)
+BLOCK_PROMPTS = 64  # prompts per block at most: what one kept prompt holds on to, and the copier threads' share
+
+
+class RowBlock:
+    """Host memory for the rows of up to :data:`BLOCK_PROMPTS` prompts, each a contiguous ``[taps, expected,
+    width]`` region of it, so that a step's single rows (a decode step's) of all its prompts are written by one
+    scatter. A prompt's tensor is a view of its region: the block lives while one of them does."""
+
+    __slots__ = ("tensor", "bytes", "used", "prompts", "lane")
+
+    def __init__(self, rows: int, row_bytes: int, lane: int) -> None:
+        with torch.inference_mode(False):
+            self.tensor = torch.empty((rows, row_bytes), dtype=torch.uint8)
+        self.bytes = self.tensor.numpy()
+        self.used = 0  # rows given to prompts
+        self.prompts = 0
+        self.lane = lane  # the copier thread that writes this block
+
+    def fits(self, rows: int, row_bytes: int) -> bool:
+        return self.prompts < BLOCK_PROMPTS and self.used + rows <= self.bytes.shape[0] and self.bytes.shape[1] == row_bytes
+
+
 class PromptRows:
-    """One prompt's rows, written into a tensor of its own (``[taps, tokens, width]``) as the captured buffers
-    holding them reach host memory, by a :class:`RowCopier` thread. ``expected``: how many rows the prompt runs,
-    when known (its tensor is made that long at once; rows past it belong to a step an engine ran ahead and
-    discards, and are dropped)."""
+    """One prompt's rows ``[taps, expected, width]``, written in a region of a :class:`RowBlock` as the captured
+    buffers holding them reach host memory, by a :class:`RowCopier` thread. ``expected``: how many rows the
+    prompt runs at most; rows past it belong to a step an engine ran ahead and discards, and are dropped."""
 
-    __slots__ = ("expected", "length", "lane", "last_buffer", "_rows", "_bytes", "_filled", "_error")
+    __slots__ = ("expected", "length", "handed", "last_buffer", "block", "first", "shape", "dtype", "_error")
 
-    def __init__(self, expected: Optional[int] = None) -> None:
+    def __init__(self, expected: int) -> None:
         self.expected = expected
-        self.length = 0  # rows added so far (set by the thread that adds them)
-        self.lane: Optional[int] = None  # the copier thread that writes this prompt
+        self.length = 0  # rows added so far (on the thread that adds them)
+        self.handed = 0  # rows handed to the copier so far (on the same thread)
         self.last_buffer = -1  # the number of the last buffer holding rows of this prompt (see RowCopier.copy)
-        self._rows: Optional[torch.Tensor] = None
-        self._bytes: Optional[np.ndarray] = None  # _rows' bytes, [taps, capacity, width * item size]
-        self._filled = 0  # rows written so far (on the copier's thread)
+        self.block: Optional[RowBlock] = None  # placed at the prompt's first copy, once the row size is known
+        self.first = 0  # the region's first row in the block
+        self.shape: tuple[int, int, int] = (0, 0, 0)  # taps, expected, width
+        self.dtype: Optional[torch.dtype] = None
         self._error: Optional[BaseException] = None
 
     def add(self, start: int, count: int, position: int, where: str) -> tuple["PromptRows", int, int, int]:
@@ -61,35 +84,24 @@ class PromptRows:
         self.length = position + count
         return self, start, count, position
 
-    def _write(self, host: torch.Tensor, host_bytes: np.ndarray, start: int, count: int, position: int) -> None:
-        """Copy ``count`` rows from ``start`` of a buffer in host memory (on the copier's thread)."""
-        if self.expected is not None:
-            count = min(count, self.expected - position)
-            if count <= 0:
-                return
-        end = position + count
-        if self._rows is None or end > self._rows.shape[1]:
-            self._reserve(host, end)
-        self._bytes[:, position:end] = host_bytes[:, start:start + count]
-        self._filled = max(self._filled, end)
-
-    def _reserve(self, host: torch.Tensor, end: int) -> None:
-        capacity = self.expected if self.expected is not None else max(end, 2 * self._filled)
-        with torch.inference_mode(False):
-            rows = torch.empty((host.shape[0], capacity, host.shape[2]), dtype=host.dtype)
-        if self._rows is not None:
-            rows[:, :self._filled] = self._rows[:, :self._filled]
-        self._rows, self._bytes = rows, rows.view(torch.uint8).numpy()
+    def region(self) -> np.ndarray:
+        """The bytes of the prompt's rows, ``[taps, expected, width * item size]``."""
+        taps, expected, _ = self.shape
+        return self.block.bytes[self.first:self.first + taps * expected].reshape(taps, expected, -1)
 
     def _result(self) -> torch.Tensor:
-        """The prompt's rows (on the copier's thread, after its writes): the tensor itself when it is as long as
-        the rows added, else a copy of the rows that exist."""
+        """The prompt's rows (on the copier's thread, after its writes): a view of its region when the prompt ran
+        every row expected, else a tensor of its own holding the rows it ran."""
         if self._error is not None:
             raise self._error
-        length = min(self.length, self.expected) if self.expected is not None else self.length
-        if self._rows is None or self._filled < length:
-            raise RuntimeError(f"{self._filled} of {length} rows were written: the capture lost track of this prompt.")
-        return self._rows if self._rows.shape[1] == length else self._rows[:, :length].clone()
+        length = min(self.length, self.expected)
+        if self.block is None or self.handed < length:
+            raise RuntimeError(f"{self.handed} of {length} rows were copied: the capture lost track of this prompt.")
+        taps, expected, width = self.shape
+        if length == expected:
+            return self.block.tensor[self.first:self.first + taps * expected].view(self.dtype).view(self.shape)
+        with torch.inference_mode(False):
+            return torch.from_numpy(np.ascontiguousarray(self.region()[:, :length])).view(self.dtype)
 
 
 def usable_cpus() -> int:
@@ -101,12 +113,13 @@ def usable_cpus() -> int:
 
 
 class RowCopier:
-    """Threads that copy prompts' rows out of captured buffers into the prompts' own tensors while the thread that
-    drives the model goes on (one call per buffer; each prompt always on the same thread, so its writes keep
-    their order). Copies are numpy's, which release the interpreter while they run: a torch copy on the CPU wakes
-    a thread per core, which then spin and slow the thread that drives the model (on an H100, copies of one layer
-    made on that thread cost 0.75x of the engine's throughput), and copying every layer's rows where the prompt
-    finishes stalled the engine (0.44 s of a 1.26 s run for 256 prompts x 32 tokens on an H200).
+    """Threads that copy prompts' rows out of captured buffers into the prompts' regions while the thread that
+    drives the model goes on (each block always on the same thread, so its writes keep their order). Copies are
+    numpy's, which release the interpreter while they run: a torch copy on the CPU wakes a thread per core, which
+    then spin and slow the driving thread (on an H100, copies of one layer made on that thread cost 0.75x of the
+    engine's throughput). A decode step's rows (one per prompt) are scattered by one call per block: a Python
+    loop per prompt on a copier thread takes the interpreter back from the driving thread at each of its torch
+    calls, which release it (256 prompts: 300 small torch calls took 1.9 ms instead of 0.3 ms).
 
     The copier threads never call CUDA: the driving thread hands a buffer over once its transfer is done (checked
     at each :meth:`copy`, waited for where a prompt's rows are asked for) and releases it once its copies ran."""
@@ -115,28 +128,35 @@ class RowCopier:
         self.threads = threads or max(1, min(4, usable_cpus() // 4))
         self._lanes: list[ThreadPoolExecutor] = []
         self._next_lane = 0
+        self._block: Optional[RowBlock] = None  # where new prompts are placed
         self._numbered = 0  # buffers given to copy so far
-        self._waiting: deque = deque()  # (number, buffer, items): transfers not yet seen done, in order
+        self._waiting: deque = deque()  # (number, buffer, items by block): transfers not yet seen done, in order
         self._copying: deque = deque()  # (buffer, futures): handed over, to release once the futures are done
 
     def copy(self, buffer: InFlight, items: list[tuple[PromptRows, int, int, int]]) -> None:
         """Copy each item's rows ``(prompt, start, count, position)`` (from :meth:`PromptRows.add`) out of
-        ``buffer`` once it is in host memory."""
+        ``buffer`` (``[taps, rows, width]``) once it is in host memory."""
         number, self._numbered = self._numbered, self._numbered + 1
-        for prompt, *_ in items:
+        by_block: dict[int, tuple[RowBlock, list]] = {}
+        for item in items:
+            prompt, _, count, position = item
             prompt.last_buffer = number
-            if prompt.lane is None:
-                prompt.lane, self._next_lane = self._next_lane, (self._next_lane + 1) % self.threads
-        self._waiting.append((number, buffer, items))
+            prompt.handed = position + count
+            if prompt.block is None:
+                self._place(prompt, buffer.shape, buffer.dtype)
+            entry = by_block.get(id(prompt.block))
+            if entry is None:
+                entry = by_block[id(prompt.block)] = (prompt.block, [])
+            entry[1].append(item)
+        self._waiting.append((number, buffer, list(by_block.values())))
         self.hand_over()
 
     def finish(self, prompt: PromptRows) -> Future:
         """The prompt's rows ``[taps, tokens, width]`` once every copy asked for so far has run (a future; waits
         here for the transfers holding the prompt's rows)."""
         self.hand_over(until=prompt.last_buffer)
-        if prompt.lane is None:
-            prompt.lane = 0
-        return self._lane(prompt.lane).submit(prompt._result)
+        lane = prompt.block.lane if prompt.block is not None else 0
+        return self._lane(lane).submit(prompt._result)
 
     def hand_over(self, until: int = -1) -> None:
         """Gives the copier threads every buffer whose transfer is done, in order, waiting for those numbered up
@@ -144,23 +164,33 @@ class RowCopier:
         while self._copying and all(future.done() for future in self._copying[0][1]):
             self._copying.popleft()[0].release()
         while self._waiting:
-            number, buffer, items = self._waiting[0]
+            number, buffer, blocks = self._waiting[0]
             try:
                 if not buffer.done():
                     if number > until:
                         return
                     buffer.wait()
             except Exception as error:  # a failed transfer: raised where the prompts' rows are asked for
-                for prompt, *_ in items:
-                    prompt._error = prompt._error or error
+                for _, items in blocks:
+                    for prompt, *_ in items:
+                        prompt._error = prompt._error or error
                 self._waiting.popleft()
                 continue
             self._waiting.popleft()
-            by_lane: dict[int, list] = {}
-            for item in items:
-                by_lane.setdefault(item[0].lane, []).append(item)
-            futures = [self._lane(lane).submit(_write_rows, buffer, lane_items) for lane, lane_items in by_lane.items()]
+            futures = [self._lane(block.lane).submit(_write_rows, buffer, items) for block, items in blocks]
             self._copying.append((buffer, futures))
+
+    def _place(self, prompt: PromptRows, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        taps, _, width = shape
+        row_bytes = width * dtype.itemsize
+        rows = taps * prompt.expected
+        if self._block is None or not self._block.fits(rows, row_bytes):
+            self._block = RowBlock(max(rows, BLOCK_BYTES // row_bytes), row_bytes, self._next_lane)
+            self._next_lane = (self._next_lane + 1) % self.threads
+        block = self._block
+        prompt.block, prompt.first, prompt.shape, prompt.dtype = block, block.used, (taps, prompt.expected, width), dtype
+        block.used += rows
+        block.prompts += 1
 
     def _lane(self, lane: int) -> ThreadPoolExecutor:
         while len(self._lanes) <= lane:
@@ -176,18 +206,47 @@ class RowCopier:
 
 
 def _write_rows(buffer: InFlight, items: list[tuple[PromptRows, int, int, int]]) -> None:
+    """Writes one block's items out of a buffer in host memory (on the block's copier thread): the single rows
+    by one scatter, the others one prompt at a time (long copies, during which numpy releases the interpreter)."""
     try:
-        host, host_bytes = buffer.host(), buffer.host_bytes()
-    except Exception as error:
+        host = buffer.host_bytes()
+        singles = [item for item in items if item[2] == 1 and item[0]._error is None]
+        if singles:
+            _scatter_single_rows(host, singles)
+        for prompt, start, count, position in items:
+            if count != 1 and prompt._error is None:
+                count = min(count, prompt.expected - position)
+                if count > 0:
+                    prompt.region()[:, position:position + count] = host[:, start:start + count]
+    except Exception as error:  # raised where the prompts' rows are asked for
         for prompt, *_ in items:
             prompt._error = prompt._error or error
+
+
+def _scatter_single_rows(host: np.ndarray, items: list[tuple[PromptRows, int, int, int]]) -> None:
+    """Row ``start`` of each tap of ``host`` to row ``position`` of the prompt's region, for every item (one
+    block's), in a few numpy calls; rows past a prompt's expected count are dropped."""
+    block = items[0][0].block
+    first, expected, start, position = np.array(
+        [(prompt.first, prompt.expected, start, position) for prompt, start, _, position in items], dtype=np.int64).T
+    kept = position < expected
+    if not kept.all():
+        first, expected, start, position = first[kept], expected[kept], start[kept], position[kept]
+    if not len(start):
         return
-    for prompt, start, count, position in items:
-        if prompt._error is None:
-            try:
-                prompt._write(host, host_bytes, start, count, position)
-            except Exception as error:  # raised where the prompt's rows are asked for
-                prompt._error = error
+    taps = host.shape[0]
+    destination = (first + position)[None, :] + np.arange(taps)[:, None] * expected[None, :]
+    if (np.diff(start) == 1).all():
+        source = host[:, start[0]:start[0] + len(start)]  # contiguous rows: no gathered copy
+    else:
+        source = host[:, start]
+    block.bytes[destination.reshape(-1)] = source.reshape(-1, host.shape[-1])
+
+
+def compact(rows: torch.Tensor) -> torch.Tensor:
+    """``rows`` in memory of its own (a copy when it is a view of a larger block, which pickling would carry
+    whole)."""
+    return rows.clone() if rows.untyped_storage().nbytes() > rows.nbytes else rows
 
 
 def activations(plan: ExtractionPlan, index: int, rows: torch.Tensor, token_ids: list[int],

@@ -38,6 +38,14 @@ class InFlight:
             self._event.record(stream)
         buffer.record_stream(stream)  # the allocator must not hand the buffer out before the copy has read it
 
+    @property
+    def shape(self) -> torch.Size:
+        return self._host.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._host.dtype
+
     def done(self) -> bool:
         """Whether the contents are in host memory (on the driving thread)."""
         if self._event is not None and self._event.query():

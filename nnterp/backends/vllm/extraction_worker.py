@@ -4,8 +4,8 @@ A trace ships an intervention per request (pickled, unpickled and run as its own
 ships nothing per request but two numbers in the request's ``extra_args`` (which extraction, which prompt):
 the plan (taps and their layouts) is installed once per extraction as hooks on the real modules. Each step,
 the hooks copy the tapped streams' rows of the extraction's requests into one buffer, which is sent to host
-memory while the next step computes; copier threads then write each prompt's rows into a tensor of its own,
-as long as the prompt is expected to run, while the engine goes on. The client names the prompts it saw finish:
+memory while the next step computes; copier threads then write each prompt's rows into a region of a host
+block, as long as the prompt is expected to run, while the engine goes on. The client names the prompts it saw finish:
 their tensors are handed over at its next call.
 
 Under pipeline parallelism each stage captures the taps of the layers it holds; under tensor parallelism
@@ -23,7 +23,7 @@ import torch
 from ...core.backend import is_local
 from ..taps.capture import Capture
 from ..taps.plan import ExtractionPlan
-from ..taps.rows import PromptRows, RowCopier
+from ..taps.rows import PromptRows, RowCopier, compact
 from ..taps.transfer import HostTransfer, InFlight
 from .step_rows import request_extra, scheduled_rows
 
@@ -35,7 +35,7 @@ class StepShare:
     """An extraction's part of one engine step: which rows of the flat batch are its requests'."""
 
     ranges: list[tuple[int, int]] = field(default_factory=list)  # (start, end) in the flat batch
-    prompts: list[tuple[int, int, int, int, Optional[int]]] = field(default_factory=list)
+    prompts: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     # (index, buffer start, count, position, rows the prompt is expected to run)
     count: int = 0
 
@@ -57,11 +57,12 @@ class Extraction:
 class WorkerExtractions:
     """The extractions running on one engine worker, and which engine requests belong to them."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, max_rows: int) -> None:
         self.running: dict[str, Extraction] = {}
-        # engine request id -> (extraction id, prompt index, rows expected)
-        self.requests: dict[str, tuple[str, int, Optional[int]]] = {}
+        # engine request id -> (extraction id, prompt index, rows expected at most)
+        self.requests: dict[str, tuple[str, int, int]] = {}
         self.device = device
+        self.max_rows = max_rows  # the engine's longest sequence
         self.transfer = HostTransfer()
         self.copier = RowCopier()
 
@@ -105,7 +106,8 @@ class WorkerExtractions:
         for data in scheduler_output.scheduled_new_reqs:
             key = request_extra(data, REQUEST_KEY)
             if key is not None and key[0] in self.running:
-                self.requests[data.req_id] = (key[0], int(key[1]), _expected_rows(data))
+                expected = min(_expected_rows(data) or self.max_rows, self.max_rows)
+                self.requests[data.req_id] = (key[0], int(key[1]), expected)
         for extraction in self.running.values():
             extraction.share = None
         if not self.requests:
@@ -160,7 +162,7 @@ class ExtractionRunner:
     def nnterp_extractions(self) -> WorkerExtractions:
         state = self.__dict__.get("_nnterp_extractions")
         if state is None:
-            state = self.__dict__["_nnterp_extractions"] = WorkerExtractions(self.device)
+            state = self.__dict__["_nnterp_extractions"] = WorkerExtractions(self.device, self.max_model_len)
         return state
 
     def nnterp_begin_extraction(self, extraction_id: str, plan_json: str) -> None:
@@ -173,7 +175,13 @@ class ExtractionRunner:
         """Marks the prompts in ``prepare`` finished (their last rows are being written), and returns those of the prompts
         in ``take`` as ``[taps held here, tokens, width]`` by prompt index (with which taps they are), dropped
         from this worker; None where this worker captures nothing."""
-        return self.nnterp_extractions.take(extraction_id, take, prepare)
+        from vllm.distributed.parallel_state import get_world_group
+
+        reply = self.nnterp_extractions.take(extraction_id, take, prepare)
+        if reply is not None and "rows" in reply and get_world_group().world_size > 1:
+            # pickled to the engine's client: a prompt's view would carry the whole block it shares
+            reply["rows"] = {index: None if rows is None else compact(rows) for index, rows in reply["rows"].items()}
+        return reply
 
     def nnterp_end_extraction(self, extraction_id: str) -> None:
         self.nnterp_extractions.end(extraction_id)
