@@ -269,6 +269,7 @@ def device_name() -> str:
 
 
 def run_group(args) -> None:
+    bare_ms = host_speed()  # before any engine exists: the machine's speed for this process
     import torch
     from transformers import AutoTokenizer
 
@@ -293,6 +294,7 @@ def run_group(args) -> None:
     for run in modes.values():
         run(prompts[:4], 0, layer)  # warm-up
     host_ms = host_speed()
+    print(f"INFO host: {bare_ms} ms bare, {host_ms} ms with the engine; threads: {busy_threads()}", flush=True)
     for position, (count, max_new_tokens) in enumerate(scenarios):
         wanted = {mode: run for mode, run in modes.items()
                   if not (mode in TRACE_MODES and position > 0) and not (mode.startswith("hf") and max_new_tokens > 0)}
@@ -305,7 +307,8 @@ def run_group(args) -> None:
             tokens = sum(prompt_tokens[:count]) + count * max_new_tokens
             record = {"mode": mode, "model": args.model, "prompts": count, "max_new_tokens": max_new_tokens,
                       "tokens": tokens, "seconds": round(wall, 4), "tokens_per_s": round(tokens / wall, 1),
-                      "cpu_seconds": round(cpu, 4), "layer": layer, "device": device_name(), "host_ms": host_ms}
+                      "cpu_seconds": round(cpu, 4), "layer": layer, "device": device_name(), "host_ms": host_ms,
+                      "host_bare_ms": bare_ms}
             print("RESULT " + json.dumps(record), flush=True)
 
 
@@ -321,6 +324,20 @@ def host_speed() -> float:
             buckets.setdefault(index % 997, []).append(index)
         best = min(best, time.perf_counter() - start)
     return round(best * 1e3, 2)
+
+
+def busy_threads() -> str:
+    """The other threads of this process and where each is (one that runs Python while the engine steps takes the
+    interpreter from it)."""
+    import threading
+
+    frames = sys._current_frames()
+    where = []
+    for thread in threading.enumerate():
+        frame = frames.get(thread.ident)
+        if thread is not threading.current_thread() and frame is not None:
+            where.append(f"{thread.name}@{Path(frame.f_code.co_filename).name}:{frame.f_lineno}:{frame.f_code.co_name}")
+    return ", ".join(where)
 
 
 def timed(run: Callable[[], None]) -> tuple[float, float]:
