@@ -32,7 +32,7 @@ class Activations:
 
 
 BLOCK_BYTES = 256 << 20  # host memory shared by the prompts of one RowBlock (more where one prompt needs more)
-BLOCK_PROMPTS = 64  # prompts per block at most: what one kept prompt holds on to, and the copier threads' share
+BLOCK_PROMPTS = 64  # prompts per block at most: what one kept prompt holds on to
 
 
 class RowBlock:
@@ -117,9 +117,10 @@ class RowCopier:
     drives the model goes on (each block always on the same thread, so its writes keep their order). Copies are
     numpy's, which release the interpreter while they run: a torch copy on the CPU wakes a thread per core, which
     then spin and slow the driving thread (on an H100, copies of one layer made on that thread cost 0.75x of the
-    engine's throughput). A decode step's rows (one per prompt) are scattered by one call per block: a Python
-    loop per prompt on a copier thread takes the interpreter back from the driving thread at each of its torch
-    calls, which release it (256 prompts: 300 small torch calls took 1.9 ms instead of 0.3 ms).
+    engine's throughput). Prompts take turns between the threads, each thread placing its prompts in blocks of its
+    own, so a decode step's rows (one per prompt) are scattered by one call per thread: a Python loop per prompt
+    on a copier thread takes the interpreter back from the driving thread at each of its torch calls, which
+    release it (256 prompts: 300 small torch calls took 1.9 ms instead of 0.3 ms).
 
     The copier threads never call CUDA: the driving thread hands a buffer over once its transfer is done (checked
     at each :meth:`copy`, waited for where a prompt's rows are asked for) and releases it once its copies ran."""
@@ -128,7 +129,7 @@ class RowCopier:
         self.threads = threads or max(1, min(4, usable_cpus() // 4))
         self._lanes: list[ThreadPoolExecutor] = []
         self._next_lane = 0
-        self._block: Optional[RowBlock] = None  # where new prompts are placed
+        self._blocks: dict[int, RowBlock] = {}  # where each lane places its next prompts
         self._numbered = 0  # buffers given to copy so far
         self._waiting: deque = deque()  # (number, buffer, items by block): transfers not yet seen done, in order
         self._copying: deque = deque()  # (buffer, futures): handed over, to release once the futures are done
@@ -137,18 +138,17 @@ class RowCopier:
         """Copy each item's rows ``(prompt, start, count, position)`` (from :meth:`PromptRows.add`) out of
         ``buffer`` (``[taps, rows, width]``) once it is in host memory."""
         number, self._numbered = self._numbered, self._numbered + 1
-        by_block: dict[int, tuple[RowBlock, list]] = {}
+        by_block: dict[RowBlock, list] = {}
         for item in items:
-            prompt, _, count, position = item
+            prompt = item[0]
             prompt.last_buffer = number
-            prompt.handed = position + count
-            if prompt.block is None:
-                self._place(prompt, buffer.shape, buffer.dtype)
-            entry = by_block.get(id(prompt.block))
-            if entry is None:
-                entry = by_block[id(prompt.block)] = (prompt.block, [])
-            entry[1].append(item)
-        self._waiting.append((number, buffer, list(by_block.values())))
+            prompt.handed = prompt.length
+            block = prompt.block or self._place(prompt, buffer.shape, buffer.dtype)
+            group = by_block.get(block)
+            if group is None:
+                group = by_block[block] = []
+            group.append(item)
+        self._waiting.append((number, buffer, list(by_block.items())))
         self.hand_over()
 
     def finish(self, prompt: PromptRows) -> Future:
@@ -177,20 +177,24 @@ class RowCopier:
                 self._waiting.popleft()
                 continue
             self._waiting.popleft()
-            futures = [self._lane(block.lane).submit(_write_rows, buffer, items) for block, items in blocks]
+            by_lane: dict[int, list] = {}
+            for block, items in blocks:
+                by_lane.setdefault(block.lane, []).append(items)
+            futures = [self._lane(lane).submit(_write_blocks, buffer, groups) for lane, groups in by_lane.items()]
             self._copying.append((buffer, futures))
 
-    def _place(self, prompt: PromptRows, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    def _place(self, prompt: PromptRows, shape: tuple[int, ...], dtype: torch.dtype) -> RowBlock:
         taps, _, width = shape
         row_bytes = width * dtype.itemsize
         rows = taps * prompt.expected
-        if self._block is None or not self._block.fits(rows, row_bytes):
-            self._block = RowBlock(max(rows, BLOCK_BYTES // row_bytes), row_bytes, self._next_lane)
-            self._next_lane = (self._next_lane + 1) % self.threads
-        block = self._block
+        lane, self._next_lane = self._next_lane, (self._next_lane + 1) % self.threads  # prompts take turns
+        block = self._blocks.get(lane)
+        if block is None or not block.fits(rows, row_bytes):
+            block = self._blocks[lane] = RowBlock(max(rows, BLOCK_BYTES // row_bytes), row_bytes, lane)
         prompt.block, prompt.first, prompt.shape, prompt.dtype = block, block.used, (taps, prompt.expected, width), dtype
         block.used += rows
         block.prompts += 1
+        return block
 
     def _lane(self, lane: int) -> ThreadPoolExecutor:
         while len(self._lanes) <= lane:
@@ -205,9 +209,16 @@ class RowCopier:
         self._copying.clear()
 
 
+def _write_blocks(buffer: InFlight, groups: list[list[tuple[PromptRows, int, int, int]]]) -> None:
+    """Writes the items of some blocks (``groups``, a list per block) out of a buffer in host memory, on these
+    blocks' copier thread."""
+    for items in groups:
+        _write_rows(buffer, items)
+
+
 def _write_rows(buffer: InFlight, items: list[tuple[PromptRows, int, int, int]]) -> None:
-    """Writes one block's items out of a buffer in host memory (on the block's copier thread): the single rows
-    by one scatter, the others one prompt at a time (long copies, during which numpy releases the interpreter)."""
+    """Writes one block's items: the single rows by one scatter, the others one prompt at a time (long copies,
+    during which numpy releases the interpreter)."""
     try:
         host = buffer.host_bytes()
         singles = [item for item in items if item[2] == 1 and item[0]._error is None]
