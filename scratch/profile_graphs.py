@@ -11,7 +11,8 @@ model runner, output processing), timed at their entry points over one more run;
 functions with the most own time and nnterp's functions with the most inclusive time. ``--segments`` times, over
 one more run, each segment of the replayed graphs on the host (graph launches, eager breaks by what they call).
 ``--vanilla`` profiles vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read
-the others against.
+the others against; ``--no-copies`` leaves out the copier threads' writes of extracted rows (the rows are then
+garbage), to tell what they cost the engine's thread from what its own extraction work does.
 """
 
 from __future__ import annotations
@@ -42,7 +43,13 @@ def main() -> None:
     parser.add_argument("--torch-profiler", action="store_true",
                         help="also PyTorch's profiler: the CUDA runtime calls (synchronizations, host allocations) by time")
     parser.add_argument("--vanilla", action="store_true", help="vanilla vLLM with its default CUDA graphs")
+    parser.add_argument("--no-copies", action="store_true",
+                        help="extraction without the copier threads' writes (its rows are wrong): what the copies cost the engine")
     args = parser.parse_args()
+    if args.no_copies:
+        import nnterp.backends.taps.rows as rows
+
+        rows._write_blocks = lambda buffer, groups: None
     import bench_throughput as bench
     from transformers import AutoTokenizer
 
