@@ -45,7 +45,12 @@ def main() -> None:
     parser.add_argument("--vanilla", action="store_true", help="vanilla vLLM with its default CUDA graphs")
     parser.add_argument("--no-copies", action="store_true",
                         help="extraction without the copier threads' writes (its rows are wrong): what the copies cost the engine")
+    parser.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while the modes run")
     args = parser.parse_args()
+    if args.gc_off:
+        import gc
+
+        gc.disable()
     if args.no_copies:
         import nnterp.backends.taps.rows as rows
 
