@@ -215,3 +215,32 @@ def test_requests_sending_the_same_steering_text_are_each_steered_until_their_ow
     plain = generate(range(3), steered=False)
     assert together == alone
     assert all(steered != unsteered for steered, unsteered in zip(together[1:], plain[1:]))
+
+
+def test_the_heap_is_frozen_for_the_garbage_collector_once_the_engine_is_up(tiny_path, monkeypatch):
+    """An in-process engine shares its heap with the model's wrappers: each full collection between engine
+    steps would walk them all, so they are frozen once the engine has started."""
+    import gc
+    import sys
+
+    import vllm.utils.gc_utils as gc_utils
+
+    frozen = []
+
+    def freeze():  # records, for a model's call, whether it already has its engine (vLLM's engine calls it too)
+        caller = sys._getframe(1).f_locals.get("self")
+        if isinstance(caller, StandardizedVLLM):
+            frozen.append(caller.vllm_entrypoint is not None)
+        gc.freeze()
+
+    monkeypatch.setattr(gc_utils, "freeze_gc_heap", freeze)
+    model = StandardizedVLLM(str(tiny_path("gpt2")), dtype="float32", max_model_len=64, check_renaming=False)
+    try:
+        assert model.dispatched and frozen == [True] and gc.get_freeze_count() > 0  # once, after the engine started
+        model.dispatch()
+        assert frozen == [True]
+        model.close()
+        model.dispatch()  # a new engine after close
+        assert frozen == [True, True]
+    finally:
+        model.close()
