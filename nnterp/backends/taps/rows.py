@@ -19,7 +19,8 @@ from .transfer import InFlight
 class Activations:
     """One prompt's activations. ``values[accessor]`` is ``[len(layers), tokens, width]`` in host memory, row
     ``t`` the stream at ``token_ids[t]``: the prompt's tokens, then every generated token but the last (the
-    engine never runs the model on the last one)."""
+    engine never runs the model on the last one). The tensors are views of a host block shared with up to 63
+    other prompts of the extraction: ``.clone()`` one to keep it without the block."""
 
     index: int  # position in the prompts given to extract
     token_ids: list[int]
