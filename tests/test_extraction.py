@@ -124,13 +124,15 @@ def test_a_single_string_is_refused(llama):
         llama.extract("The capital of France is")
 
 
-def test_shards_hold_every_prompt(llama, tmp_path):
-    results = list(llama.extract(PROMPTS, accessors=("layers_output", "mlps_input"), layers=[0, 2], progress=False))
+@pytest.mark.parametrize("accessors", [("layers_output", "mlps_input"), ("layers_output",)])
+def test_shards_hold_every_prompt(llama, tmp_path, accessors):
+    """Prompts' activations are views of shared host blocks: each is stored as its own rows."""
+    results = list(llama.extract(PROMPTS, accessors=accessors, layers=[0, 2], progress=False))
     paths = save_activations(iter(results), tmp_path, prompts_per_shard=3)
     assert [path.name for path in paths] == ["shard-00000.safetensors", "shard-00001.safetensors"]
     stored = {**load_file(str(paths[0])), **load_file(str(paths[1]))}
     for result in results:
-        for name in ("layers_output", "mlps_input"):
+        for name in accessors:
             assert torch.equal(stored[f"{result.index}/{name}"], result[name])
         assert stored[f"{result.index}/token_ids"].tolist() == result.token_ids
 
