@@ -265,6 +265,57 @@ def test_compact_copies_a_view_of_a_shared_block_only():
     assert compact(alone) is alone
 
 
+def test_block_memory_is_reused_only_once_no_tensor_refers_to_it():
+    from nnterp.backends.taps.rows import BlockMemory, RowBlock
+
+    memory = BlockMemory(keep=1 << 20)
+    block = RowBlock(memory.take(4096), 4, 1024, lane=0)
+    view = block.tensor[1:3].view(torch.float32)  # a prompt's tensor
+    address = block.bytes.ctypes.data
+    del block
+    assert memory.take(4096).ctypes.data != address  # a prompt's tensor still refers to it
+    del view
+    assert memory.take(4096).ctypes.data == address  # nothing does: taken again
+    small = BlockMemory(keep=8192)
+    arrays = [small.take(4096) for _ in range(3)]
+    assert len(small._arrays) == 2 and small._arrays[-1] is arrays[-1]  # the oldest is let go past keep
+
+
+def test_prompts_placed_in_reused_memory_do_not_touch_the_rows_still_held(monkeypatch):
+    """Extractions through one copier (an engine's), each filling blocks of its own: the first one's kept tensors
+    keep their values while the others write; the memory of the second one's dropped tensors serves the later
+    ones, whose rows are their own."""
+    import gc
+
+    import nnterp.backends.taps.rows as rows_module
+
+    monkeypatch.setattr(rows_module, "BLOCK_PROMPTS", 3)
+    transfer, copier = HostTransfer(), RowCopier(threads=2)
+
+    def extraction(count: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        generator = torch.Generator().manual_seed(seed)
+        prompts = [PromptRows(3) for _ in range(count)]
+        steps = [torch.randn(2, count, 8, generator=generator) for _ in range(3)]
+        for step, values in enumerate(steps):
+            copier.copy(transfer.start(values), [prompt.add(row, 1, step, f"prompt {row}") for row, prompt in enumerate(prompts)])
+        results = [copier.finish(prompt).result(timeout=30) for prompt in prompts]
+        return results, [torch.stack([values[:, row] for values in steps], dim=1) for row in range(count)]
+
+    kept, kept_expected = extraction(6, 0)
+    dropped, _ = extraction(6, 1)
+    pointers = {tensor.untyped_storage().data_ptr() for tensor in dropped}
+    del dropped
+    gc.collect()
+    reused = set()
+    for seed in (2, 3):
+        results, expected = extraction(6, seed)
+        assert all(torch.equal(result, reference) for result, reference in zip(results, expected))
+        reused |= pointers & {tensor.untyped_storage().data_ptr() for tensor in results}
+    assert all(torch.equal(result, reference) for result, reference in zip(kept, kept_expected))
+    assert reused  # the dropped tensors' memory served a later extraction
+    copier.close()
+
+
 class SlowTransfer(InFlight):
     """A host buffer whose transfer is reported done only once ``arrived`` is set, as a GPU copy still running;
     it records which threads asked about it and when it was released."""

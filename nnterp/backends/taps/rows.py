@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,21 +33,50 @@ class Activations:
         return self.values[accessor]
 
 
-BLOCK_BYTES = 256 << 20  # host memory shared by the prompts of one RowBlock (more where one prompt needs more)
+BLOCK_BYTES = 256 << 20  # a RowBlock's size at most (more where one prompt needs more)
 BLOCK_PROMPTS = 64  # prompts per block at most: what one kept prompt holds on to
+KEEP_BYTES = 2 << 30  # blocks' memory kept for reuse once nobody refers to it
+
+
+class BlockMemory:
+    """Memory for :class:`RowBlock` s: a block's memory that nothing refers to any more (its prompts' tensors
+    all gone) serves a later block, up to ``keep`` bytes, rather than going back to the system. The kernel
+    zeroes a fresh page at its first touch: copies into fresh memory ran at half the speed of copies into
+    memory already touched (7.7 against 16 GB/s on the 2-core CPU machine)."""
+
+    def __init__(self, keep: int = KEEP_BYTES) -> None:
+        self.keep = keep
+        self._arrays: list[np.ndarray] = []  # flat uint8 arrays given out, the most recent last
+
+    def take(self, size: int) -> np.ndarray:
+        """A flat uint8 array of at least ``size`` bytes (on the driving thread)."""
+        for position in range(len(self._arrays)):
+            # referred to by the list and getrefcount's argument only: no block, view or tensor is left
+            if self._arrays[position].nbytes >= size and sys.getrefcount(self._arrays[position]) == 2:
+                array = self._arrays.pop(position)
+                break
+        else:
+            array = np.empty(size, dtype=np.uint8)
+        self._arrays.append(array)
+        while sum(kept.nbytes for kept in self._arrays) > self.keep and len(self._arrays) > 1:
+            del self._arrays[0]  # no longer reused (freed once nothing else refers to it)
+        return array
+
+    def clear(self) -> None:
+        self._arrays = []
 
 
 class RowBlock:
     """Host memory for the rows of up to :data:`BLOCK_PROMPTS` prompts, each a contiguous ``[taps, expected,
     width]`` region of it, so that a step's single rows (a decode step's) of all its prompts are written by one
-    scatter. A prompt's tensor is a view of its region: the block lives while one of them does."""
+    scatter. A prompt's tensor is a view of its region: the block's memory lives while one of them does."""
 
     __slots__ = ("tensor", "bytes", "used", "prompts", "lane")
 
-    def __init__(self, rows: int, row_bytes: int, lane: int) -> None:
+    def __init__(self, memory: np.ndarray, rows: int, row_bytes: int, lane: int) -> None:
+        self.bytes = memory[:rows * row_bytes].reshape(rows, row_bytes)
         with torch.inference_mode(False):
-            self.tensor = torch.empty((rows, row_bytes), dtype=torch.uint8)
-        self.bytes = self.tensor.numpy()
+            self.tensor = torch.from_numpy(self.bytes)
         self.used = 0  # rows given to prompts
         self.prompts = 0
         self.lane = lane  # the copier thread that writes this block
@@ -131,6 +161,7 @@ class RowCopier:
         self._lanes: list[ThreadPoolExecutor] = []
         self._next_lane = 0
         self._blocks: dict[int, RowBlock] = {}  # where each lane places its next prompts
+        self._memory = BlockMemory()
         self._numbered = 0  # buffers given to copy so far
         self._waiting: deque = deque()  # (number, buffer, items by block): transfers not yet seen done, in order
         self._copying: deque = deque()  # (buffer, futures): handed over, to release once the futures are done
@@ -191,7 +222,10 @@ class RowCopier:
         lane, self._next_lane = self._next_lane, (self._next_lane + 1) % self.threads  # prompts take turns
         block = self._blocks.get(lane)
         if block is None or not block.fits(rows, row_bytes):
-            block = self._blocks[lane] = RowBlock(max(rows, BLOCK_BYTES // row_bytes), row_bytes, lane)
+            # room for this many prompts of about this one's size: memory a system that commits every page
+            # asked for (strict overcommit) must find, while unused pages cost nothing elsewhere
+            size = max(rows, min(BLOCK_BYTES // row_bytes, 2 * BLOCK_PROMPTS * rows))
+            block = self._blocks[lane] = RowBlock(self._memory.take(size * row_bytes), size, row_bytes, lane)
         prompt.block, prompt.first, prompt.shape, prompt.dtype = block, block.used, (taps, prompt.expected, width), dtype
         block.used += rows
         block.prompts += 1
@@ -208,6 +242,8 @@ class RowCopier:
         self._lanes = []
         self._waiting.clear()
         self._copying.clear()
+        self._blocks = {}
+        self._memory.clear()
 
 
 def _write_blocks(buffer: InFlight, groups: list[list[tuple[PromptRows, int, int, int]]]) -> None:
