@@ -44,7 +44,7 @@ def main() -> None:
                         help="also PyTorch's profiler: the CUDA runtime calls (synchronizations, host allocations) by time")
     parser.add_argument("--vanilla", action="store_true", help="vanilla vLLM with its default CUDA graphs")
     parser.add_argument("--no-copies", action="store_true",
-                        help="extraction without the copier threads' writes (its rows are wrong): what the copies cost the engine")
+                        help="extraction without the copier threads' writes (its rows are then wrong): what they cost")
     parser.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while the modes run")
     args = parser.parse_args()
     if args.gc_off:

@@ -297,7 +297,8 @@ def test_prompts_placed_in_reused_memory_do_not_touch_the_rows_still_held(monkey
         prompts = [PromptRows(3) for _ in range(count)]
         steps = [torch.randn(2, count, 8, generator=generator) for _ in range(3)]
         for step, values in enumerate(steps):
-            copier.copy(transfer.start(values), [prompt.add(row, 1, step, f"prompt {row}") for row, prompt in enumerate(prompts)])
+            items = [prompt.add(row, 1, step, f"prompt {row}") for row, prompt in enumerate(prompts)]
+            copier.copy(transfer.start(values), items)
         results = [copier.finish(prompt).result(timeout=30) for prompt in prompts]
         return results, [torch.stack([values[:, row] for values in steps], dim=1) for row in range(count)]
 

@@ -144,8 +144,9 @@ class StandardizedVLLM(_VLLM, StandardizedMixin):  # type: ignore[misc]
 
     def _freeze_heap(self) -> None:
         """Marks every object alive now static for Python's garbage collector, as vLLM's engine does with its own
-        at start: an engine in this process shares its heap with the model's wrappers, which each full
-        collection between engine steps would walk again (it made one-layer extraction's steps 1.4x slower)."""
+        at start: an engine in this process shares its heap with the model's wrappers, which full collections
+        between engine steps would walk again (with the collector off, one-layer extraction's engine steps took
+        0.37 s instead of 0.57 s at 256 prompts x 32 tokens on an H200)."""
         from vllm.utils.gc_utils import freeze_gc_heap
 
         freeze_gc_heap()

@@ -82,7 +82,8 @@ class RowBlock:
         self.lane = lane  # the copier thread that writes this block
 
     def fits(self, rows: int, row_bytes: int) -> bool:
-        return self.prompts < BLOCK_PROMPTS and self.used + rows <= self.bytes.shape[0] and self.bytes.shape[1] == row_bytes
+        fits_rows = self.used + rows <= self.bytes.shape[0]
+        return self.prompts < BLOCK_PROMPTS and fits_rows and self.bytes.shape[1] == row_bytes
 
 
 class PromptRows:
@@ -226,7 +227,8 @@ class RowCopier:
             # asked for (strict overcommit) must find, while unused pages cost nothing elsewhere
             size = max(rows, min(BLOCK_BYTES // row_bytes, 2 * BLOCK_PROMPTS * rows))
             block = self._blocks[lane] = RowBlock(self._memory.take(size * row_bytes), size, row_bytes, lane)
-        prompt.block, prompt.first, prompt.shape, prompt.dtype = block, block.used, (taps, prompt.expected, width), dtype
+        prompt.block, prompt.first, prompt.dtype = block, block.used, dtype
+        prompt.shape = (taps, prompt.expected, width)
         block.used += rows
         block.prompts += 1
         return block

@@ -5,8 +5,8 @@ ships nothing per request but two numbers in the request's ``extra_args`` (which
 the plan (taps and their layouts) is installed once per extraction as hooks on the real modules. Each step,
 the hooks copy the tapped streams' rows of the extraction's requests into one buffer, which is sent to host
 memory while the next step computes; copier threads then write each prompt's rows into a region of a host
-block, as long as the prompt is expected to run, while the engine goes on. The client names the prompts it saw finish:
-their tensors are handed over at its next call.
+block, as long as the prompt is expected to run, while the engine goes on. The client names the prompts it saw
+finish: their tensors are handed over at its next call.
 
 Under pipeline parallelism each stage captures the taps of the layers it holds; under tensor parallelism
 (where every rank holds the whole stream) the first rank of each stage does.
