@@ -360,6 +360,13 @@ def test_row_copier_hands_over_only_arrived_transfers_in_order_from_the_driving_
     copier.close()
 
 
+def test_a_buffer_is_not_read_before_its_transfer_is_done():
+    flight = InFlight(torch.zeros(1, 2, 3))
+    flight._event = object()  # a device-to-host copy still running
+    with pytest.raises(RuntimeError, match="the copy to host memory is still running: wait\\(\\) first"):
+        flight.host()
+
+
 def test_host_transfer_reuses_the_smallest_free_block_that_fits():
     transfer = HostTransfer()
     small, large = torch.empty(64, dtype=torch.uint8), torch.empty(128, dtype=torch.uint8)
