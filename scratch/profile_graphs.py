@@ -12,7 +12,8 @@ functions with the most own time and nnterp's functions with the most inclusive 
 one more run, each segment of the replayed graphs on the host (graph launches, eager breaks by what they call).
 ``--vanilla`` profiles vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read
 the others against; ``--no-copies`` leaves out the copier threads' writes of extracted rows (the rows are then
-garbage), to tell what they cost the engine's thread from what its own extraction work does.
+garbage), to tell what they cost the engine's thread from what its own extraction work does; ``--gc-off`` turns
+Python's garbage collector off while the modes run.
 """
 
 from __future__ import annotations
