@@ -13,7 +13,10 @@ one more run, each segment of the replayed graphs on the host (graph launches, e
 ``--vanilla`` profiles vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read
 the others against; ``--no-copies`` leaves out the copier threads' writes of extracted rows (the rows are then
 garbage), to tell what they cost the engine's thread from what its own extraction work does; ``--gc-off`` turns
-Python's garbage collector off while the modes run.
+Python's garbage collector off while the modes run; ``--copier-threads N`` gives the copier N threads. Mode
+``extract-copier`` is ``extract`` with the rows copied to host memory and written by the copier's threads rather
+than by the GPU; modes may repeat (``--modes generate extract extract-copier generate extract extract-copier``)
+to compare them in turns.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ def main() -> None:
     parser.add_argument("--no-copies", action="store_true",
                         help="extraction without the copier threads' writes (its rows are then wrong): what they cost")
     parser.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while the modes run")
+    parser.add_argument("--copier-threads", type=int, default=None, help="the copier's threads (default: its own)")
     args = parser.parse_args()
     if args.gc_off:
         import gc
@@ -56,6 +60,11 @@ def main() -> None:
         import nnterp.backends.taps.rows as rows
 
         rows._write_blocks = lambda buffer, groups: None
+    if args.copier_threads:
+        import nnterp.backends.taps.rows as rows
+
+        default_init = rows.RowCopier.__init__
+        rows.RowCopier.__init__ = lambda self, threads=None: default_init(self, args.copier_threads)
     import bench_throughput as bench
     from transformers import AutoTokenizer
 
@@ -71,6 +80,8 @@ def main() -> None:
     prompts = bench.make_prompts(AutoTokenizer.from_pretrained(path), count, 100)
     layer = bench._num_layers(path) // 2
     engine = _engine(modes)
+    if not args.vanilla:
+        modes["m-extract-copier"] = _through_copier(engine, modes["m-extract"])
     for name in args.modes:
         run = modes[f"m-{name}"]
         run(prompts, new, layer)  # warm
@@ -94,6 +105,19 @@ def main() -> None:
             print(f"=== {name}: replayed segments\n" + _segment_times(lambda: run(prompts, new, layer)), flush=True)
         if args.torch_profiler:
             print(f"=== {name}: CUDA runtime calls\n" + _runtime_calls(lambda: run(prompts, new, layer), args.top), flush=True)
+
+
+def _through_copier(engine, run):
+    """``run`` with the extracted rows copied to host memory and written by the copier's threads (what an engine
+    on a GPU that cannot map host memory does) instead of by the GPU: the two compared in one process."""
+    def call(*args):
+        extractions = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.nnterp_extractions
+        writer, extractions.writer = extractions.writer, None
+        try:
+            return run(*args)
+        finally:
+            extractions.writer = writer
+    return call
 
 
 def _runtime_calls(run, top: int) -> str:
@@ -169,9 +193,10 @@ def _engine(modes: dict):
 
 
 def _step_parts(engine, run) -> str:
-    """Wall seconds of the parts of the engine's steps during ``run`` (scheduler, model runner, output processing),
-    timed at their entry points (cProfile's counts of these were unreliable: it missed the runner's calls in
-    vanilla vLLM's process altogether)."""
+    """Wall seconds of the parts of the engine's steps during ``run`` (scheduler, model runner, output processing,
+    extraction's per-step work and its copier threads' writes, these on their own threads), timed at their entry
+    points (cProfile's counts of these were unreliable: it missed the runner's calls in vanilla vLLM's process
+    altogether)."""
     core = engine.engine_core.engine_core
     runner = core.model_executor.driver_worker.worker.model_runner
     parts = {"scheduler.schedule": (core.scheduler, "schedule"),
@@ -180,6 +205,13 @@ def _step_parts(engine, run) -> str:
              **{f"runner.{name}": (runner, name) for name in (
                  "execute_model", "_update_states", "_prepare_inputs", "_model_forward", "sample_tokens", "_sample",
                  "_bookkeeping_sync")}}
+    extractions = runner.__dict__.get("_nnterp_extractions")
+    if extractions is not None:  # made at the first extraction
+        import nnterp.backends.taps.rows as rows
+
+        parts.update({"extraction.plan_step": (extractions, "plan_step"),
+                      "extraction.collect_step": (extractions, "collect_step"),
+                      "copier threads: _write_blocks": (rows, "_write_blocks")})
     tally = _timed_calls(parts, run)
     return "\n".join(f"{seconds:8.4f} s {count:6d} calls {1e3 * seconds / max(count, 1):7.3f} ms/call  {name}"
                      for name, (count, seconds) in tally.items())

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from nnterp import StandardizedTransformer
 from nnterp.extraction import ACCESSORS, save_activations
+from nnterp.backends.taps.device_rows import DeviceRows
 from nnterp.backends.taps.rows import PromptRows, RowCopier
 from nnterp.backends.taps.transfer import HostTransfer, InFlight
 
@@ -153,17 +154,18 @@ def test_prompt_rows_replace_recomputed_tokens_and_refuse_gaps():
     copier.close()
 
 
-def test_row_copier_keeps_each_prompts_order_across_threads_and_trims_to_the_rows_run():
-    """Many prompts over several copier threads, one row each per step (a decode): each prompt's tensor holds its
+@pytest.mark.parametrize("kind", ["copier", "device"])
+def test_row_writers_keep_each_prompts_order_and_trim_to_the_rows_run(kind):
+    """Many prompts (over several copier threads), one row each per step (a decode): each prompt's tensor holds its
     own rows in token order; a prompt that stopped early is cut to its rows (a tensor of its own, contiguous);
     rows past the expected count (a step an engine ran ahead) are dropped."""
-    transfer, copier = HostTransfer(), RowCopier(threads=3)
+    write, copier = row_writer(kind, threads=3)
     prompts = [PromptRows(expected=6) for _ in range(7)]
     stops = [6, 6, 3, 6, 1, 6, 6]  # rows each prompt runs
     steps = [torch.randn(2, len(prompts), 5) for _ in range(7)]  # 7 steps: one more than expected
     for step, values in enumerate(steps):
         items = [prompt.add(row, 1, step, f"prompt {row}") for row, prompt in enumerate(prompts) if step < stops[row] or stops[row] == 6]
-        copier.copy(transfer.start(values), items)
+        write(values, items)
     for row, prompt in enumerate(prompts):
         result = copier.finish(prompt).result(timeout=30)
         expected = torch.stack([steps[step][:, row] for step in range(min(stops[row], 6))], dim=1)
@@ -203,8 +205,19 @@ def test_row_copier_reports_a_failed_copy_where_the_rows_are_asked_for():
     copier.close()
 
 
+def row_writer(kind: str, threads: int):
+    """``(write(values, items), writer)``: the copier threads after a transfer to host memory, or the device's own
+    writes (``DeviceRows``, here the CPU's)."""
+    if kind == "copier":
+        transfer, copier = HostTransfer(), RowCopier(threads=threads)
+        return (lambda values, items: copier.copy(transfer.start(values), items)), copier
+    writer = DeviceRows(torch.device("cpu"))
+    return writer.copy, writer
+
+
+@pytest.mark.parametrize("kind", ["copier", "device"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_row_copier_matches_a_row_by_row_reference_over_shuffled_mixed_steps(monkeypatch, seed):
+def test_row_writers_match_a_row_by_row_reference_over_shuffled_mixed_steps(monkeypatch, seed, kind):
     """Steps as an engine runs them: prompts arrive over time, prefill chunks (several rows) and decode rows (one)
     in one buffer, in a batch order that changes from step to step, blocks of a few prompts each (so a step
     spans blocks and lanes), a prompt recomputed from an earlier position, prompts that stop early. Each prompt's
@@ -215,7 +228,7 @@ def test_row_copier_matches_a_row_by_row_reference_over_shuffled_mixed_steps(mon
 
     monkeypatch.setattr(rows_module, "BLOCK_PROMPTS", 3)
     rng = random.Random(seed)
-    transfer, copier = HostTransfer(), RowCopier(threads=3)
+    write, copier = row_writer(kind, threads=3)
     taps, width = 2, 5
     lengths = [rng.randint(2, 9) for _ in range(11)]  # rows each prompt runs
     expected = [length + rng.choice([0, 0, 3]) for length in lengths]  # some stop before their expected count
@@ -242,12 +255,60 @@ def test_row_copier_matches_a_row_by_row_reference_over_shuffled_mixed_steps(mon
             reference[index][:, position:position + count] = values[:, offset:offset + count]
             done[index] = position + count
             offset += count
-        copier.copy(transfer.start(values), items)
+        write(values, items)
     assert done == lengths and recomputed
     for index, prompt in enumerate(prompts):
         result = copier.finish(prompt).result(timeout=30)
         assert result.is_contiguous() and torch.equal(result, reference[index][:, :lengths[index]]), index
     copier.close()
+
+
+def test_registered_memory_stays_registered_while_kept_or_written_and_is_let_go_after(monkeypatch):
+    """Host memory a GPU writes is registered with CUDA while the memory is kept for reuse or a block in it is
+    still written; past the limit the memory no prompt writes any more is
+    unregistered (a user's tensors then hold plain pages), and closing unregisters the rest."""
+    import nnterp.backends.taps.device_rows as device_rows
+
+    registered: set[int] = set()
+    monkeypatch.setattr(device_rows, "register", lambda array: registered.add(array.ctypes.data))
+    monkeypatch.setattr(device_rows, "unregister", lambda array: registered.remove(array.ctypes.data))
+    written: set[int] = set()
+    memory = device_rows.MappedMemory(busy=lambda array: array.ctypes.data in written, keep=8192)
+    first = memory.take(4096)
+    written.add(first.ctypes.data)
+    second, third = memory.take(4096), memory.take(4096)  # past the limit: the oldest not written goes
+    assert registered == {first.ctypes.data, third.ctypes.data}
+    written.clear()
+    fourth = memory.take(4096)
+    assert registered == {third.ctypes.data, fourth.ctypes.data}
+    memory.clear()
+    assert not registered and second.nbytes == 4096
+
+
+def test_device_rows_count_a_block_written_while_a_prompt_of_it_runs_or_it_takes_new_ones(monkeypatch):
+    import nnterp.backends.taps.rows as rows_module
+
+    monkeypatch.setattr(rows_module, "BLOCK_PROMPTS", 2)
+    writer = DeviceRows(torch.device("cpu"))
+    prompts = [PromptRows(expected=2) for _ in range(3)]
+    writer.copy(torch.randn(1, 3, 4), [prompt.add(row, 1, 0, f"prompt {row}") for row, prompt in enumerate(prompts)])
+    full, open_block = prompts[0].block, prompts[2].block
+    assert prompts[1].block is full and open_block is not full
+    writer.finish(prompts[0]).result(timeout=30)
+    assert writer._written(full.bytes.base)  # prompt 1 still runs
+    writer.abandon([prompts[1]])  # its extraction ended
+    assert not writer._written(full.bytes.base) and writer._written(open_block.bytes.base)
+
+
+def test_device_rows_report_a_failed_write_where_the_rows_are_asked_for():
+    writer = DeviceRows(torch.device("cpu"))
+    prompt, other = PromptRows(expected=1), PromptRows(expected=1)
+    writer.copy(torch.randn(1, 1, 4), [prompt.add(5, 1, 0, "prompt 0")])  # row 5 of a buffer of one row
+    with pytest.raises(IndexError, match="out of range"):
+        writer.finish(prompt).result(timeout=30)
+    values = torch.randn(1, 1, 4)
+    writer.copy(values, [other.add(0, 1, 0, "prompt 1")])  # the writer goes on
+    assert torch.equal(writer.finish(other).result(timeout=30), values)
 
 
 def test_compact_copies_a_view_of_a_shared_block_only():

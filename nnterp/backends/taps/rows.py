@@ -58,11 +58,27 @@ class BlockMemory:
         else:
             array = np.empty(size, dtype=np.uint8)
         self._arrays.append(array)
-        while sum(kept.nbytes for kept in self._arrays) > self.keep and len(self._arrays) > 1:
-            del self._arrays[0]  # no longer reused (freed once nothing else refers to it)
+        kept = sum(held.nbytes for held in self._arrays)
+        position = 0
+        while kept > self.keep and position < len(self._arrays) - 1:  # the oldest first, never the one given
+            if self._evictable(self._arrays[position]):
+                old = self._arrays.pop(position)
+                kept -= old.nbytes
+                self._forget(old)  # no longer reused (freed once nothing else refers to it)
+            else:
+                position += 1
         return array
 
+    def _evictable(self, array: np.ndarray) -> bool:
+        """Whether ``array`` may stop being kept."""
+        return True
+
+    def _forget(self, array: np.ndarray) -> None:
+        """``array`` is no longer kept."""
+
     def clear(self) -> None:
+        for array in self._arrays:
+            self._forget(array)
         self._arrays = []
 
 
@@ -71,7 +87,7 @@ class RowBlock:
     width]`` region of it, so that a step's single rows (a decode step's) of all its prompts are written by one
     scatter. A prompt's tensor is a view of its region: the block's memory lives while one of them does."""
 
-    __slots__ = ("tensor", "bytes", "used", "prompts", "lane")
+    __slots__ = ("tensor", "bytes", "used", "prompts", "lane", "device")
 
     def __init__(self, memory: np.ndarray, rows: int, row_bytes: int, lane: int) -> None:
         self.bytes = memory[:rows * row_bytes].reshape(rows, row_bytes)
@@ -80,6 +96,7 @@ class RowBlock:
         self.used = 0  # rows given to prompts
         self.prompts = 0
         self.lane = lane  # the copier thread that writes this block
+        self.device: Optional[torch.Tensor] = None  # the same memory as a GPU writes it (see mapped.py)
 
     def fits(self, rows: int, row_bytes: int) -> bool:
         fits_rows = self.used + rows <= self.bytes.shape[0]
@@ -144,6 +161,38 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
+class BlockPlacement:
+    """Where prompts' regions go: ``lanes`` blocks open at a time, prompts taking turns between them, a new block
+    where a prompt does not fit its lane's."""
+
+    def __init__(self, lanes: int, memory: BlockMemory) -> None:
+        self.lanes = lanes
+        self.memory = memory
+        self._next_lane = 0
+        self.open: dict[int, RowBlock] = {}  # where each lane places its next prompts
+
+    def place(self, prompt: PromptRows, shape: tuple[int, ...], dtype: torch.dtype) -> RowBlock:
+        taps, _, width = shape
+        row_bytes = width * dtype.itemsize
+        rows = taps * prompt.expected
+        lane, self._next_lane = self._next_lane, (self._next_lane + 1) % self.lanes  # prompts take turns
+        block = self.open.get(lane)
+        if block is None or not block.fits(rows, row_bytes):
+            # room for this many prompts of about this one's size: memory a system that commits every page
+            # asked for (strict overcommit) must find, while unused pages cost nothing elsewhere
+            size = max(rows, min(BLOCK_BYTES // row_bytes, 2 * BLOCK_PROMPTS * rows))
+            block = self.open[lane] = RowBlock(self.memory.take(size * row_bytes), size, row_bytes, lane)
+        prompt.block, prompt.first, prompt.dtype = block, block.used, dtype
+        prompt.shape = (taps, prompt.expected, width)
+        block.used += rows
+        block.prompts += 1
+        return block
+
+    def clear(self) -> None:
+        self.open = {}
+        self.memory.clear()
+
+
 class RowCopier:
     """Threads that copy prompts' rows out of captured buffers into the prompts' regions while the thread that
     drives the model goes on (each block always on the same thread, so its writes keep their order). Copies are
@@ -160,9 +209,7 @@ class RowCopier:
     def __init__(self, threads: Optional[int] = None) -> None:
         self.threads = threads or max(1, min(4, usable_cpus() // 4))
         self._lanes: list[ThreadPoolExecutor] = []
-        self._next_lane = 0
-        self._blocks: dict[int, RowBlock] = {}  # where each lane places its next prompts
-        self._memory = BlockMemory()
+        self.placement = BlockPlacement(self.threads, BlockMemory())
         self._numbered = 0  # buffers given to copy so far
         self._waiting: deque = deque()  # (number, buffer, items by block): transfers not yet seen done, in order
         self._copying: deque = deque()  # (buffer, futures): handed over, to release once the futures are done
@@ -176,7 +223,7 @@ class RowCopier:
             prompt = item[0]
             prompt.last_buffer = number
             prompt.handed = prompt.length
-            block = prompt.block or self._place(prompt, buffer.shape, buffer.dtype)
+            block = prompt.block or self.placement.place(prompt, buffer.shape, buffer.dtype)
             group = by_block.get(block)
             if group is None:
                 group = by_block[block] = []
@@ -216,23 +263,6 @@ class RowCopier:
             futures = [self._lane(lane).submit(_write_blocks, buffer, groups) for lane, groups in by_lane.items()]
             self._copying.append((buffer, futures))
 
-    def _place(self, prompt: PromptRows, shape: tuple[int, ...], dtype: torch.dtype) -> RowBlock:
-        taps, _, width = shape
-        row_bytes = width * dtype.itemsize
-        rows = taps * prompt.expected
-        lane, self._next_lane = self._next_lane, (self._next_lane + 1) % self.threads  # prompts take turns
-        block = self._blocks.get(lane)
-        if block is None or not block.fits(rows, row_bytes):
-            # room for this many prompts of about this one's size: memory a system that commits every page
-            # asked for (strict overcommit) must find, while unused pages cost nothing elsewhere
-            size = max(rows, min(BLOCK_BYTES // row_bytes, 2 * BLOCK_PROMPTS * rows))
-            block = self._blocks[lane] = RowBlock(self._memory.take(size * row_bytes), size, row_bytes, lane)
-        prompt.block, prompt.first, prompt.dtype = block, block.used, dtype
-        prompt.shape = (taps, prompt.expected, width)
-        block.used += rows
-        block.prompts += 1
-        return block
-
     def _lane(self, lane: int) -> ThreadPoolExecutor:
         while len(self._lanes) <= lane:
             self._lanes.append(ThreadPoolExecutor(1, thread_name_prefix=f"nnterp-rows-{len(self._lanes)}"))
@@ -244,8 +274,7 @@ class RowCopier:
         self._lanes = []
         self._waiting.clear()
         self._copying.clear()
-        self._blocks = {}
-        self._memory.clear()
+        self.placement.clear()
 
 
 def _write_blocks(buffer: InFlight, groups: list[list[tuple[PromptRows, int, int, int]]]) -> None:
@@ -276,21 +305,29 @@ def _write_rows(buffer: InFlight, items: list[tuple[PromptRows, int, int, int]])
 def _scatter_single_rows(host: np.ndarray, items: list[tuple[PromptRows, int, int, int]]) -> None:
     """Row ``start`` of each tap of ``host`` to row ``position`` of the prompt's region, for every item (one
     block's), in a few numpy calls; rows past a prompt's expected count are dropped."""
-    block = items[0][0].block
-    first, expected, start, position = np.array(
-        [(prompt.first, prompt.expected, start, position) for prompt, start, _, position in items], dtype=np.int64).T
-    kept = position < expected
-    if not kept.all():
-        first, expected, start, position = first[kept], expected[kept], start[kept], position[kept]
-    if not len(start):
-        return
-    taps = host.shape[0]
-    destination = (first + position)[None, :] + np.arange(taps)[:, None] * expected[None, :]
-    if (np.diff(start) == 1).all():
-        source = host[:, start[0]:start[0] + len(start)]  # contiguous rows: no gathered copy
+    taps, rows, row_bytes = host.shape
+    destination, source = scatter_indices(items, taps, rows)
+    if len(destination):
+        items[0][0].block.bytes[destination] = host.reshape(taps * rows, row_bytes)[source]
+
+
+def scatter_indices(items: list[tuple[PromptRows, int, int, int]], taps: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where one block's items ``(prompt, start, count, position)`` go: the rows of the block (``[rows, row
+    bytes]``) and of the buffer (``[taps, rows, ...]`` flattened to ``[taps * rows, ...]``) of every row kept,
+    tap by tap; rows past a prompt's expected count are dropped."""
+    first, expected, start, position, count = np.array(
+        [(prompt.first, prompt.expected, start, position, count) for prompt, start, count, position in items],
+        dtype=np.int64).reshape(-1, 5).T
+    kept = np.clip(np.minimum(count, expected - position), 0, None)
+    if (kept == 1).all():  # a decode step: one row each
+        item, within = np.arange(len(kept)), 0
     else:
-        source = host[:, start]
-    block.bytes[destination.reshape(-1)] = source.reshape(-1, host.shape[-1])
+        item = np.repeat(np.arange(len(kept)), kept)
+        within = np.arange(len(item)) - np.repeat(np.cumsum(kept) - kept, kept)
+    tap = np.arange(taps)[:, None]
+    destination = (first + position)[item] + within + tap * expected[item]
+    source = start[item] + within + tap * rows
+    return destination.reshape(-1), source.reshape(-1)
 
 
 def compact(rows: torch.Tensor) -> torch.Tensor:

@@ -3,10 +3,12 @@
 A trace ships an intervention per request (pickled, unpickled and run as its own greenlet). An extraction
 ships nothing per request but two numbers in the request's ``extra_args`` (which extraction, which prompt):
 the plan (taps and their layouts) is installed once per extraction as hooks on the real modules. Each step,
-the hooks copy the tapped streams' rows of the extraction's requests into one buffer, which is sent to host
-memory while the next step computes; copier threads then write each prompt's rows into a region of a host
-block, as long as the prompt is expected to run, while the engine goes on. The client names the prompts it saw
-finish: their tensors are handed over at its next call.
+the hooks copy the tapped streams' rows of the extraction's requests into one buffer, whose rows the device
+then writes into each prompt's region of a host block (as long as the prompt is expected to run) while the next
+step computes: a GPU's kernels into host memory mapped into its addresses, or the CPU engine's thread
+(``taps/device_rows.py``); on a GPU that cannot map host memory the buffer is copied to host memory and copier
+threads write the regions. The client names the prompts it saw finish: their tensors are handed over at its
+next call.
 
 Under pipeline parallelism each stage captures the taps of the layers it holds; under tensor parallelism
 (where every rank holds the whole stream) the first rank of each stage does.
@@ -22,9 +24,10 @@ import torch
 
 from ...core.backend import is_local
 from ..taps.capture import Capture
+from ..taps.device_rows import DeviceRows, mapped_rows_supported
 from ..taps.plan import ExtractionPlan
 from ..taps.rows import PromptRows, RowCopier, compact
-from ..taps.transfer import HostTransfer, InFlight
+from ..taps.transfer import HostTransfer
 from .step_rows import request_extra, scheduled_rows
 
 REQUEST_KEY = "nnterp_extraction"  # SamplingParams.extra_args[REQUEST_KEY] = [extraction id, prompt index]
@@ -65,6 +68,8 @@ class WorkerExtractions:
         self.max_rows = max_rows  # the engine's longest sequence
         self.transfer = HostTransfer()
         self.copier = RowCopier()
+        # the device writes the rows (a GPU that maps host memory, the CPU); elsewhere copies to host, copier threads
+        self.writer = DeviceRows(device) if device.type == "cpu" or mapped_rows_supported(device) else None
 
     def begin(self, extraction_id: str, plan: ExtractionPlan, model: torch.nn.Module, reports: bool) -> None:
         slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
@@ -78,10 +83,11 @@ class WorkerExtractions:
             return None
         if extraction.error is not None:
             return {"error": extraction.error}
+        writer = self.writer or self.copier
         for index in (*prepare, *take):
             extraction.finished.add(index)
             if index in extraction.prompts:
-                extraction.ready[index] = self.copier.finish(extraction.prompts.pop(index))
+                extraction.ready[index] = writer.finish(extraction.prompts.pop(index))
         rows = {}
         try:
             for index in take:
@@ -95,6 +101,8 @@ class WorkerExtractions:
         extraction = self.running.pop(extraction_id, None)
         if extraction is not None:
             extraction.capture.remove()
+            if self.writer is not None:
+                self.writer.abandon(extraction.prompts.values())
         for request_id in [rid for rid, (owner, *_) in self.requests.items() if owner == extraction_id]:
             del self.requests[request_id]
 
@@ -140,7 +148,7 @@ class WorkerExtractions:
             if share is None:
                 continue
             try:
-                buffer: InFlight = self.transfer.start(extraction.capture.disarm())
+                buffer = extraction.capture.disarm()
                 items = []
                 for index, offset, count, position, expected in share.prompts:
                     if index in extraction.finished:
@@ -149,7 +157,10 @@ class WorkerExtractions:
                     if prompt is None:
                         prompt = extraction.prompts[index] = PromptRows(expected)
                     items.append(prompt.add(offset, count, position, f"prompt {index}"))
-                self.copier.copy(buffer, items)
+                if self.writer is not None:
+                    self.writer.copy(buffer, items)
+                else:
+                    self.copier.copy(self.transfer.start(buffer), items)
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
                 extraction.error = f"{type(error).__name__}: {error}"
 
