@@ -265,7 +265,7 @@ def test_row_writers_match_a_row_by_row_reference_over_shuffled_mixed_steps(monk
 
 def test_registered_memory_stays_registered_while_kept_or_written_and_is_let_go_after(monkeypatch):
     """Host memory a GPU writes is registered with CUDA while the memory is kept for reuse or a block in it is
-    still written; past the limit the memory no prompt writes any more is
+    still written; past the limit (at least twice what is written) the memory no prompt writes any more is
     unregistered (a user's tensors then hold plain pages), and closing unregisters the rest."""
     import nnterp.backends.taps.device_rows as device_rows
 
@@ -281,6 +281,9 @@ def test_registered_memory_stays_registered_while_kept_or_written_and_is_let_go_
     written.clear()
     fourth = memory.take(4096)
     assert registered == {third.ctypes.data, fourth.ctypes.data}
+    written.update({third.ctypes.data, fourth.ctypes.data})  # 8 KiB written: up to 16 KiB kept
+    fifth, sixth = memory.take(4096), memory.take(4096)
+    assert registered == {third.ctypes.data, fourth.ctypes.data, fifth.ctypes.data, sixth.ctypes.data}
     memory.clear()
     assert not registered and second.nbytes == 4096
 

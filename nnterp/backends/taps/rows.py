@@ -58,9 +58,9 @@ class BlockMemory:
         else:
             array = np.empty(size, dtype=np.uint8)
         self._arrays.append(array)
-        kept = sum(held.nbytes for held in self._arrays)
+        kept, limit = sum(held.nbytes for held in self._arrays), self._limit()
         position = 0
-        while kept > self.keep and position < len(self._arrays) - 1:  # the oldest first, never the one given
+        while kept > limit and position < len(self._arrays) - 1:  # the oldest first, never the one given
             if self._evictable(self._arrays[position]):
                 old = self._arrays.pop(position)
                 kept -= old.nbytes
@@ -68,6 +68,10 @@ class BlockMemory:
             else:
                 position += 1
         return array
+
+    def _limit(self) -> int:
+        """How many bytes to keep."""
+        return self.keep
 
     def _evictable(self, array: np.ndarray) -> bool:
         """Whether ``array`` may stop being kept."""
