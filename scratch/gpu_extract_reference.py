@@ -1,5 +1,5 @@
 """Extraction on a GPU against plain HF forward passes of each prompt alone: many prompts over many engine steps,
-so the pinned host blocks are reused and the rows are handed to the copier threads a step late.
+so host blocks are reused; on vLLM the GPU writes the rows into mapped host memory, on HF the copier threads do.
 On the device machine, after the payload of ``scratch/device_wheelhouse.py``:
 
     python3 scratch/gpu_extract_reference.py [--prompts 96] [--new 8] [--cuda-graphs] [--rtol 1e-3]

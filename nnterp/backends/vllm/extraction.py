@@ -1,9 +1,9 @@
 """Extraction on a vLLM engine: requests that carry no intervention, served by the worker's hooks.
 
 The engine is stepped here (rather than through ``LLM.generate``) so results stream out as prompts finish,
-in prompt order, and so at most ``window`` prompts are queued ahead of the consumer. The worker's copier
-threads write each prompt's rows as its steps run; when a prompt finishes the worker is told, and its rows are
-taken one step later (by then written).
+in prompt order, and so at most ``window`` prompts are queued ahead of the consumer. The worker writes each
+prompt's rows as its steps run (see ``extraction_worker``); when a prompt finishes the worker is told, and its
+rows are taken one step later (by then written).
 """
 
 from __future__ import annotations
