@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections import deque
 from concurrent.futures import Future
-from typing import Callable, Iterable, Optional
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -120,7 +120,7 @@ class DeviceRows:
         self.device = device
         self._running: dict[RowBlock, int] = {}  # blocks with prompts still written: how many
         memory = MappedMemory(self._written) if device.type == "cuda" else BlockMemory()
-        self.placement = BlockPlacement(1, memory)
+        self.placement = BlockPlacement(1, memory, placed=self._placed)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._numbered = 0  # buffers given to copy so far
         self._events: deque = deque()  # (number, event): writes not yet waited for, in order
@@ -129,21 +129,7 @@ class DeviceRows:
         """Write each item's rows ``(prompt, start, count, position)`` (from :meth:`PromptRows.add`) out of
         ``buffer`` (``[taps, rows, width]``, on the device) into the prompts' regions."""
         number, self._numbered = self._numbered, self._numbered + 1
-        by_block: dict[RowBlock, list] = {}
-        for item in items:
-            prompt = item[0]
-            prompt.last_buffer = number
-            prompt.handed = prompt.length
-            block = prompt.block
-            if block is None:
-                block = self.placement.place(prompt, buffer.shape, buffer.dtype)
-                self._running[block] = self._running.get(block, 0) + 1
-                if block.device is None:
-                    block.device = block.tensor if self._stream is None else device_view(block.bytes, self.device)
-            group = by_block.get(block)
-            if group is None:
-                group = by_block[block] = []
-            group.append(item)
+        by_block = self.placement.group(items, buffer.shape, buffer.dtype, number)
         taps, rows = buffer.shape[0], buffer.shape[1]
         plans = [(block, group, *scatter_indices(group, taps, rows)) for block, group in by_block.items()]
         indices = torch.from_numpy(np.concatenate([part for *_, destination, source in plans
@@ -174,6 +160,11 @@ class DeviceRows:
         except Exception as error:
             future.set_exception(error)
         return future
+
+    def _placed(self, block: RowBlock) -> None:
+        self._running[block] = self._running.get(block, 0) + 1
+        if block.device is None:
+            block.device = block.tensor if self._stream is None else device_view(block.bytes, self.device)
 
     def abandon(self, prompts: Iterable[PromptRows]) -> None:
         """No more rows come for these prompts (finished, or their extraction ended)."""

@@ -7,7 +7,7 @@ import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -169,11 +169,28 @@ class BlockPlacement:
     """Where prompts' regions go: ``lanes`` blocks open at a time, prompts taking turns between them, a new block
     where a prompt does not fit its lane's."""
 
-    def __init__(self, lanes: int, memory: BlockMemory) -> None:
+    def __init__(self, lanes: int, memory: BlockMemory, placed: Optional[Callable[[RowBlock], None]] = None) -> None:
         self.lanes = lanes
         self.memory = memory
+        self._placed = placed  # told the block of each prompt placed
         self._next_lane = 0
         self.open: dict[int, RowBlock] = {}  # where each lane places its next prompts
+
+    def group(self, items: list[tuple[PromptRows, int, int, int]], shape: tuple[int, ...], dtype: torch.dtype,
+              number: int) -> dict[RowBlock, list]:
+        """``items`` (from :meth:`PromptRows.add`) by block, the prompts seen for the first time placed; each
+        prompt notes buffer ``number`` as holding its rows so far."""
+        by_block: dict[RowBlock, list] = {}
+        for item in items:
+            prompt = item[0]
+            prompt.last_buffer = number
+            prompt.handed = prompt.length
+            block = prompt.block or self.place(prompt, shape, dtype)
+            group = by_block.get(block)
+            if group is None:
+                group = by_block[block] = []
+            group.append(item)
+        return by_block
 
     def place(self, prompt: PromptRows, shape: tuple[int, ...], dtype: torch.dtype) -> RowBlock:
         taps, _, width = shape
@@ -190,6 +207,8 @@ class BlockPlacement:
         prompt.shape = (taps, prompt.expected, width)
         block.used += rows
         block.prompts += 1
+        if self._placed is not None:
+            self._placed(block)
         return block
 
     def clear(self) -> None:
@@ -222,16 +241,7 @@ class RowCopier:
         """Copy each item's rows ``(prompt, start, count, position)`` (from :meth:`PromptRows.add`) out of
         ``buffer`` (``[taps, rows, width]``) once it is in host memory."""
         number, self._numbered = self._numbered, self._numbered + 1
-        by_block: dict[RowBlock, list] = {}
-        for item in items:
-            prompt = item[0]
-            prompt.last_buffer = number
-            prompt.handed = prompt.length
-            block = prompt.block or self.placement.place(prompt, buffer.shape, buffer.dtype)
-            group = by_block.get(block)
-            if group is None:
-                group = by_block[block] = []
-            group.append(item)
+        by_block = self.placement.group(items, buffer.shape, buffer.dtype, number)
         self._waiting.append((number, buffer, list(by_block.items())))
         self.hand_over()
 
