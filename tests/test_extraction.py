@@ -266,12 +266,15 @@ def test_row_writers_match_a_row_by_row_reference_over_shuffled_mixed_steps(monk
 def test_registered_memory_stays_registered_while_kept_or_written_and_is_let_go_after(monkeypatch):
     """Host memory a GPU writes is registered with CUDA while the memory is kept for reuse or a block in it is
     still written; past the limit (at least twice what is written) the memory no prompt writes any more is
-    unregistered (a user's tensors then hold plain pages), and closing unregisters the rest."""
+    unregistered (a user's tensors then hold plain pages), and closing unregisters the rest; memory freed without
+    closing is unregistered as it is freed."""
+    import gc
+
     import nnterp.backends.taps.device_rows as device_rows
 
     registered: set[int] = set()
     monkeypatch.setattr(device_rows, "register", lambda array: registered.add(array.ctypes.data))
-    monkeypatch.setattr(device_rows, "unregister", lambda array: registered.remove(array.ctypes.data))
+    monkeypatch.setattr(device_rows, "unregister", lambda address: registered.remove(address))
     written: set[int] = set()
     memory = device_rows.MappedMemory(busy=lambda array: array.ctypes.data in written, keep=8192)
     first = memory.take(4096)
@@ -286,6 +289,12 @@ def test_registered_memory_stays_registered_while_kept_or_written_and_is_let_go_
     assert registered == {third.ctypes.data, fourth.ctypes.data, fifth.ctypes.data, sixth.ctypes.data}
     memory.clear()
     assert not registered and second.nbytes == 4096
+    dropped = device_rows.MappedMemory(busy=lambda array: False)  # an engine dropped without closing
+    address = dropped.take(4096).ctypes.data
+    assert registered == {address}
+    del dropped
+    gc.collect()
+    assert not registered  # unregistered as its memory was freed
 
 
 def test_device_rows_count_a_block_written_while_a_prompt_of_it_runs_or_it_takes_new_ones(monkeypatch):

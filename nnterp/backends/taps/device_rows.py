@@ -16,6 +16,7 @@ prompts still running; memory it lets go is unregistered, so tensors a user keep
 from __future__ import annotations
 
 import logging
+import weakref
 from collections import deque
 from concurrent.futures import Future
 from typing import Callable, Iterable
@@ -56,8 +57,15 @@ def register(array: np.ndarray) -> None:
                            f"({cudart.cudaGetErrorString(error)}); extract fewer prompts at a time.")
 
 
-def unregister(array: np.ndarray) -> None:
-    torch.cuda.cudart().cudaHostUnregister(array.ctypes.data)
+def unregister(address: int) -> None:
+    try:
+        torch.cuda.cudart().cudaHostUnregister(address)
+    except Exception:  # CUDA already torn down: the process is ending
+        pass
+
+
+def _unregister_at_free(address: int) -> None:
+    unregister(address)
 
 
 def mapped_rows_supported(device: torch.device) -> bool:
@@ -74,7 +82,7 @@ def mapped_rows_supported(device: torch.device) -> bool:
                 torch.cuda.synchronize(device)
                 _SUPPORTED[device] = bool((rows[3] == 7).all() and rows[:3].max() == 0 and rows[4:].max() == 0)
             finally:
-                unregister(array)
+                unregister(array.ctypes.data)
         except Exception as error:  # the copier threads serve instead
             logger.info("GPU writes into host memory unavailable on %s: %s", device, error)
             _SUPPORTED[device] = False
@@ -90,13 +98,17 @@ class MappedMemory(BlockMemory):
     def __init__(self, busy: Callable[[np.ndarray], bool], keep: int = KEEP_BYTES) -> None:
         super().__init__(keep)
         self._busy = busy
-        self._registered: set[int] = set()  # addresses of the registered arrays
+        self._registered: dict[int, weakref.finalize] = {}  # address -> unregisters it (once)
 
     def take(self, size: int) -> np.ndarray:
         array = super().take(size)
-        if array.ctypes.data not in self._registered:
+        address = array.ctypes.data
+        if address not in self._registered:
             register(array)
-            self._registered.add(array.ctypes.data)
+            # memory freed while registered stays pinned: an engine dropped without closing unregisters its
+            # arrays as they are freed
+            finalizer = self._registered[address] = weakref.finalize(array, _unregister_at_free, address)
+            finalizer.atexit = False
         return array
 
     def _limit(self) -> int:
@@ -106,9 +118,9 @@ class MappedMemory(BlockMemory):
         return not self._busy(array)
 
     def _forget(self, array: np.ndarray) -> None:
-        if array.ctypes.data in self._registered:
-            self._registered.discard(array.ctypes.data)
-            unregister(array)
+        finalizer = self._registered.pop(array.ctypes.data, None)
+        if finalizer is not None:
+            finalizer()
 
 
 class DeviceRows:
