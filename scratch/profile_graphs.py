@@ -112,11 +112,11 @@ def _through_copier(engine, run):
     on a GPU that cannot map host memory does) instead of by the GPU: the two compared in one process."""
     def call(*args):
         extractions = engine.engine_core.engine_core.model_executor.driver_worker.worker.model_runner.nnterp_extractions
-        writer, extractions.writer = extractions.writer, None
+        device_rows, extractions.device_rows = extractions.device_rows, None  # new extractions take the copier
         try:
             return run(*args)
         finally:
-            extractions.writer = writer
+            extractions.device_rows = device_rows
     return call
 
 

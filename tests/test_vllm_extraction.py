@@ -113,6 +113,43 @@ def test_an_error_in_the_engine_is_reported_and_the_engine_keeps_serving(model):
     assert worker_state(model) == (0, 0)
 
 
+def test_memory_that_cannot_be_registered_stops_one_extraction_and_the_next_copy_their_rows(model):
+    """On a GPU the device writes rows into host memory registered with CUDA; where registering fails, that
+    extraction says so and the engine's next extractions go through host transfers and copier threads."""
+    def break_registration(worker):
+        from nnterp.backends.taps.device_rows import DeviceRows, RegistrationError
+
+        class Unregistrable(DeviceRows):
+            def copy(self, buffer, items):
+                raise RegistrationError("could not register 4096 bytes of host memory with CUDA (out of memory)")
+
+        worker.model_runner.nnterp_extractions.device_rows = Unregistrable(torch.device("cpu"))
+
+    def writers(worker):
+        extractions = worker.model_runner.nnterp_extractions
+        return type(extractions.device_rows).__name__, type(extractions.copied_rows).__name__
+
+    def restore(worker):
+        from nnterp.backends.taps.device_rows import DeviceRows
+
+        worker.model_runner.nnterp_extractions.device_rows = DeviceRows(torch.device("cpu"))
+
+    engine = model.vllm_entrypoint.llm_engine
+    engine.collective_rpc(break_registration)
+    try:
+        with pytest.raises(RuntimeError, match=r"could not register 4096 bytes of host memory with CUDA \(out of memory\): "
+                                               r"this extraction stops; the engine's next extractions copy their rows"):
+            list(model.extract(PROMPTS[:2], progress=False))
+        assert engine.collective_rpc(writers)[0] == ("NoneType", "NoneType")
+        results = list(model.extract(PROMPTS[:2], accessors="layers_output", progress=False))
+        assert engine.collective_rpc(writers)[0] == ("NoneType", "CopiedRows")
+        for result, prompt in zip(results, PROMPTS[:2]):
+            assert torch.allclose(result["layers_output"], traced(model, prompt, "layers_output"), atol=1e-5)
+    finally:
+        engine.collective_rpc(restore)
+    assert worker_state(model) == (0, 0)
+
+
 def test_trace_requests_refer_to_the_model_instead_of_carrying_it(model):
     from nnsight.intervention.serialization import dumps
     from nnsight.modeling.vllm.vllm import VLLM

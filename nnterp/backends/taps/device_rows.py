@@ -49,12 +49,16 @@ def device_view(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return view
 
 
+class RegistrationError(RuntimeError):
+    """Host memory could not be registered with CUDA."""
+
+
 def register(array: np.ndarray) -> None:
     cudart = torch.cuda.cudart()
     error = cudart.cudaHostRegister(array.ctypes.data, array.nbytes, REGISTER_PORTABLE | REGISTER_MAPPED)
     if error != cudart.cudaError.success:
-        raise RuntimeError(f"could not register {array.nbytes} bytes of host memory with CUDA for extraction "
-                           f"({cudart.cudaGetErrorString(error)}); extract fewer prompts at a time.")
+        raise RegistrationError(f"could not register {array.nbytes} bytes of host memory with CUDA "
+                                f"({cudart.cudaGetErrorString(error)})")
 
 
 def unregister(address: int) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .plan import ExtractionPlan
-from .transfer import InFlight
+from .transfer import HostTransfer, InFlight
 
 
 @dataclass
@@ -289,6 +289,25 @@ class RowCopier:
         self._waiting.clear()
         self._copying.clear()
         self.placement.clear()
+
+
+class CopiedRows:
+    """Captured buffers copied to host memory (:class:`~.transfer.HostTransfer`) and written into the prompts'
+    regions by :class:`RowCopier` threads: the writer where the capturing device cannot write host memory (the
+    interface of :class:`~.device_rows.DeviceRows`)."""
+
+    def __init__(self) -> None:
+        self.transfer = HostTransfer()
+        self.copier = RowCopier()
+
+    def copy(self, buffer: torch.Tensor, items: list[tuple[PromptRows, int, int, int]]) -> None:
+        self.copier.copy(self.transfer.start(buffer), items)
+
+    def finish(self, prompt: PromptRows) -> Future:
+        return self.copier.finish(prompt)
+
+    def abandon(self, prompts) -> None:
+        """Nothing to let go: the blocks are plain memory."""
 
 
 def _write_blocks(buffer: InFlight, groups: list[list[tuple[PromptRows, int, int, int]]]) -> None:

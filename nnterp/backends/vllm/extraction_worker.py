@@ -24,10 +24,9 @@ import torch
 
 from ...core.backend import is_local
 from ..taps.capture import Capture
-from ..taps.device_rows import DeviceRows, mapped_rows_supported
+from ..taps.device_rows import DeviceRows, RegistrationError, mapped_rows_supported
 from ..taps.plan import ExtractionPlan
-from ..taps.rows import PromptRows, RowCopier, compact
-from ..taps.transfer import HostTransfer
+from ..taps.rows import CopiedRows, PromptRows, compact
 from .step_rows import request_extra, scheduled_rows
 
 REQUEST_KEY = "nnterp_extraction"  # SamplingParams.extra_args[REQUEST_KEY] = [extraction id, prompt index]
@@ -50,6 +49,7 @@ class Extraction:
     plan: ExtractionPlan
     slots: list[int]  # positions in plan.taps of the taps captured here
     capture: Capture
+    writer: DeviceRows | CopiedRows  # writes its prompts' rows
     prompts: dict[int, PromptRows] = field(default_factory=dict)
     ready: dict[int, Future] = field(default_factory=dict)  # finished prompts' rows, by prompt index
     finished: set[int] = field(default_factory=set)  # prompts whose rows are complete
@@ -66,16 +66,23 @@ class WorkerExtractions:
         self.requests: dict[str, tuple[str, int, int]] = {}
         self.device = device
         self.max_rows = max_rows  # the engine's longest sequence
-        self.transfer = HostTransfer()
-        self.copier = RowCopier()
         # the device writes the rows (a GPU that maps host memory, the CPU); elsewhere copies to host, copier threads
-        self.writer = DeviceRows(device) if device.type == "cpu" or mapped_rows_supported(device) else None
+        self.device_rows = DeviceRows(device) if device.type == "cpu" or mapped_rows_supported(device) else None
+        self.copied_rows: Optional[CopiedRows] = None
 
     def begin(self, extraction_id: str, plan: ExtractionPlan, model: torch.nn.Module, reports: bool) -> None:
         slots = [slot for slot, tap in enumerate(plan.taps) if reports and _held(model, tap.path)]
         if not slots:
             return  # nothing to capture on this worker: its steps are left alone, take() answers None
-        self.running[extraction_id] = Extraction(plan, slots, Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True))
+        capture = Capture(model, [plan.taps[slot] for slot in slots], defer_errors=True)
+        self.running[extraction_id] = Extraction(plan, slots, capture, self._writer())
+
+    def _writer(self) -> DeviceRows | CopiedRows:
+        if self.device_rows is not None:
+            return self.device_rows
+        if self.copied_rows is None:
+            self.copied_rows = CopiedRows()
+        return self.copied_rows
 
     def take(self, extraction_id: str, take: list[int], prepare: list[int]) -> Optional[dict]:
         extraction = self.running.get(extraction_id)
@@ -83,11 +90,10 @@ class WorkerExtractions:
             return None
         if extraction.error is not None:
             return {"error": extraction.error}
-        writer = self.writer or self.copier
         for index in (*prepare, *take):
             extraction.finished.add(index)
             if index in extraction.prompts:
-                extraction.ready[index] = writer.finish(extraction.prompts.pop(index))
+                extraction.ready[index] = extraction.writer.finish(extraction.prompts.pop(index))
         rows = {}
         try:
             for index in take:
@@ -101,8 +107,7 @@ class WorkerExtractions:
         extraction = self.running.pop(extraction_id, None)
         if extraction is not None:
             extraction.capture.remove()
-            if self.writer is not None:
-                self.writer.abandon(extraction.prompts.values())
+            extraction.writer.abandon(extraction.prompts.values())
         for request_id in [rid for rid, (owner, *_) in self.requests.items() if owner == extraction_id]:
             del self.requests[request_id]
 
@@ -157,10 +162,11 @@ class WorkerExtractions:
                     if prompt is None:
                         prompt = extraction.prompts[index] = PromptRows(expected)
                     items.append(prompt.add(offset, count, position, f"prompt {index}"))
-                if self.writer is not None:
-                    self.writer.copy(buffer, items)
-                else:
-                    self.copier.copy(self.transfer.start(buffer), items)
+                extraction.writer.copy(buffer, items)
+            except RegistrationError as error:
+                self.device_rows = None  # the next extractions go through host transfers and copier threads
+                extraction.error = (f"{error}: this extraction stops; the engine's next extractions copy their rows "
+                                    "through pinned host transfers instead. Run it again.")
             except Exception as error:  # reported to the client at its next take; the engine keeps serving
                 extraction.error = f"{type(error).__name__}: {error}"
 
