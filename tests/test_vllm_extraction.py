@@ -137,8 +137,9 @@ def test_memory_that_cannot_be_registered_stops_one_extraction_and_the_next_copy
     engine = model.vllm_entrypoint.llm_engine
     engine.collective_rpc(break_registration)
     try:
-        with pytest.raises(RuntimeError, match=r"could not register 4096 bytes of host memory with CUDA \(out of memory\): "
-                                               r"this extraction stops; the engine's next extractions copy their rows"):
+        refused = (r"could not register 4096 bytes of host memory with CUDA \(out of memory\): this extraction "
+                   r"stops; the engine's next extractions copy their rows")
+        with pytest.raises(RuntimeError, match=refused):
             list(model.extract(PROMPTS[:2], progress=False))
         assert engine.collective_rpc(writers)[0] == ("NoneType", "NoneType")
         results = list(model.extract(PROMPTS[:2], accessors="layers_output", progress=False))

@@ -7,7 +7,7 @@ import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 import torch
@@ -100,7 +100,7 @@ class RowBlock:
         self.used = 0  # rows given to prompts
         self.prompts = 0
         self.lane = lane  # the copier thread that writes this block
-        self.device: Optional[torch.Tensor] = None  # the same memory as a GPU writes it (see mapped.py)
+        self.device: Optional[torch.Tensor] = None  # the same memory as a GPU writes it (see device_rows.py)
 
     def fits(self, rows: int, row_bytes: int) -> bool:
         fits_rows = self.used + rows <= self.bytes.shape[0]
@@ -306,7 +306,7 @@ class CopiedRows:
     def finish(self, prompt: PromptRows) -> Future:
         return self.copier.finish(prompt)
 
-    def abandon(self, prompts) -> None:
+    def abandon(self, prompts: Iterable[PromptRows]) -> None:
         """Nothing to let go: the blocks are plain memory."""
 
 
@@ -344,7 +344,8 @@ def _scatter_single_rows(host: np.ndarray, items: list[tuple[PromptRows, int, in
         items[0][0].block.bytes[destination] = host.reshape(taps * rows, row_bytes)[source]
 
 
-def scatter_indices(items: list[tuple[PromptRows, int, int, int]], taps: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+def scatter_indices(items: list[tuple[PromptRows, int, int, int]], taps: int,
+                    rows: int) -> tuple[np.ndarray, np.ndarray]:
     """Where one block's items ``(prompt, start, count, position)`` go: the rows of the block (``[rows, row
     bytes]``) and of the buffer (``[taps, rows, ...]`` flattened to ``[taps * rows, ...]``) of every row kept,
     tap by tap; rows past a prompt's expected count are dropped."""
