@@ -162,7 +162,7 @@ class DeviceRows:
             _scatter(plans, source, indices.pin_memory().to(self.device, non_blocking=True))
             event = torch.cuda.Event()
             event.record(self._stream)
-        buffer.record_stream(self._stream)  # the allocator must not hand the buffer out before the kernels read it
+        source.record_stream(self._stream)  # the allocator must not hand the buffer out before the kernels read it
         self._events.append((number, event))
 
     def finish(self, prompt: PromptRows) -> Future:
