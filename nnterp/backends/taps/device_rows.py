@@ -2,8 +2,8 @@
 the device's addresses, or the CPU itself.
 
 On a GPU with unified addressing, the host blocks holding prompts' rows are registered with the driver (page
-locked, mapped), and each engine step's captured rows are scattered into them by one indexing kernel per block
-on a side stream: the rows cross the bus once, from the captured buffer to the prompt's region, with no staging
+locked, mapped), and each engine step's captured rows are gathered and scattered into them by two indexing
+kernels per block on a side stream: the rows cross the bus once, from the captured buffer to the prompt's region, with no staging
 buffer and no copier thread. Copier threads share the interpreter with the engine's thread, and at 256 prompts
 per decode step their handovers cost that thread more than their writes. The host only computes where rows go
 (a few numpy calls per block and step).
