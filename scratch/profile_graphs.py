@@ -15,8 +15,9 @@ the others against; ``--gc-off`` turns Python's garbage collector off while the 
 ``extract-copier`` is ``extract`` with the rows copied to host memory and written by the copier's threads rather
 than by the GPU (what ``extract`` does on a GPU that cannot map host memory); for it alone, ``--no-copies``
 leaves out the copier threads' writes of extracted rows (the rows are then garbage), to tell what they cost the
-engine's thread from what its own extraction work does, and ``--copier-threads N`` gives the copier N threads; modes may repeat (``--modes generate extract extract-copier generate extract extract-copier``)
-to compare them in turns.
+engine's thread from what its own extraction work does, and ``--copier-threads N`` gives the copier N threads.
+Modes may repeat (``--modes generate extract extract-copier generate extract extract-copier``) to compare them in
+turns.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def main() -> None:
                         help="also PyTorch's profiler: the CUDA runtime calls (synchronizations, host allocations) by time")
     parser.add_argument("--vanilla", action="store_true", help="vanilla vLLM with its default CUDA graphs")
     parser.add_argument("--no-copies", action="store_true",
-                        help="extract-copier without the copier threads' writes (its rows are then wrong): what they cost")
+                        help="extract-copier without the copier threads' writes (its rows are then wrong)")
     parser.add_argument("--gc-off", action="store_true", help="Python's garbage collector off while the modes run")
-    parser.add_argument("--copier-threads", type=int, default=None, help="extract-copier's copier threads (default: its own)")
+    parser.add_argument("--copier-threads", type=int, default=None,
+                        help="extract-copier's copier threads (default: its own)")
     args = parser.parse_args()
     if args.gc_off:
         import gc
