@@ -3,6 +3,7 @@
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -310,6 +311,13 @@ def test_device_rows_count_a_block_written_while_a_prompt_of_it_runs_or_it_takes
     assert writer._written(full.bytes.base)  # prompt 1 still runs
     writer.abandon([prompts[1]])  # its extraction ended
     assert not writer._written(full.bytes.base) and writer._written(open_block.bytes.base)
+
+
+def test_host_memory_that_cannot_be_mapped_onto_the_device_raises_the_error_the_worker_falls_back_on():
+    from nnterp.backends.taps.device_rows import RegistrationError, device_view
+
+    with pytest.raises(RegistrationError, match="host memory could not be mapped onto cuda:0: "):
+        device_view(np.zeros((2, 8), dtype=np.uint8), torch.device("cuda:0"))  # memory never registered
 
 
 def test_device_rows_report_a_failed_write_where_the_rows_are_asked_for():

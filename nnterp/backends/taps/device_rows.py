@@ -41,16 +41,19 @@ class _HostArray:
                                          "version": 3}
 
 
+class RegistrationError(RuntimeError):
+    """Host memory could not be registered with CUDA, or not mapped into the device's addresses."""
+
+
 def device_view(array: np.ndarray, device: torch.device) -> torch.Tensor:
     """``array`` (uint8, registered) as a tensor on ``device`` whose kernels write the host memory itself."""
-    view = torch.as_tensor(_HostArray(array.ctypes.data, array.shape), device=device)
+    try:
+        view = torch.as_tensor(_HostArray(array.ctypes.data, array.shape), device=device)
+    except (RuntimeError, AssertionError) as error:  # torch without CUDA asserts
+        raise RegistrationError(f"host memory could not be mapped onto {device}: {error}") from error
     if view.data_ptr() != array.ctypes.data:
-        raise RuntimeError("host memory registered with CUDA was copied to the device instead of being mapped.")
+        raise RegistrationError("host memory registered with CUDA was copied to the device instead of being mapped")
     return view
-
-
-class RegistrationError(RuntimeError):
-    """Host memory could not be registered with CUDA."""
 
 
 def register(array: np.ndarray) -> None:
@@ -69,6 +72,7 @@ def unregister(address: int) -> None:
 
 
 def _unregister_at_free(address: int) -> None:
+    """:func:`unregister`, looked up when the memory is freed."""
     unregister(address)
 
 
