@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nnterp.backends.taps.rows import BlockMemory, PromptRows, RowCopier  # noqa: E402
+from nnterp.backends.taps.host_memory import BlockMemory  # noqa: E402
+from nnterp.backends.taps.rows import PromptRows, RowCopier  # noqa: E402
 from nnterp.backends.taps.transfer import HostTransfer  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def main() -> None:
     args = parser.parse_args()
     copier, transfer = RowCopier(args.threads), HostTransfer()
     if args.keep_bytes is not None:
-        copier._memory = BlockMemory(keep=args.keep_bytes)
+        copier.placement.memory = BlockMemory(keep=args.keep_bytes)
     for run in range(args.runs):
         wall, driving = extraction(copier, transfer, args.taps, args.prompts, args.new, args.width, args.step_ms, run)
         print(f"extraction {run}: {wall:.3f} s, driving thread {driving * 1e3:.1f} ms", flush=True)

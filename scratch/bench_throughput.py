@@ -20,12 +20,14 @@ nnterp's workers extend, where vLLM's default on a GPU is its V2 runner).
 only ``layers_output`` (``cuda_graphs=("layers_output",)``); ``*-generate`` runs the engine with nothing extracted
 (what the worker costs by itself, the ``x engine`` base); ``*-steer`` adds a vector to one layer at every step
 through a served request's ``nnterp`` object. Every mode saves the residual stream after the middle
-layer (``--layer``) of every prompt to host memory ("all" modes: every layer). On a shared CPU machine compare
-``cpu_seconds`` (the process's CPU time) rather than wall time. On a GPU, the engine arguments in
-``NNTERP_VLLM_ARGS`` (JSON) apply to every vLLM mode, e.g. the attention backend. ``host`` is how much slower the
-record's process ran a fixed piece of pure Python (``host_ms``) than the baseline's: a decode step of 256 prompts is
-bound by the host, and the host's speed varied 1.7x between processes on one machine, so read a ratio next to it;
-``--rounds N`` runs every group N times in fresh processes taking turns and keeps each mode's best.
+layer (``--layer``) of every prompt to host memory ("all" modes: every layer), each result dropped as it comes
+(``*-extract-all-kept``, run only when named: every result held until the run ends, as ``list(model.extract(...))``
+does). On a shared CPU machine compare ``cpu_seconds`` (the process's CPU time) rather than wall time. On a GPU,
+the engine arguments in ``NNTERP_VLLM_ARGS`` (JSON) apply to every vLLM mode, e.g. the attention backend.
+``host`` is how much slower the record's process ran a fixed piece of pure Python (``host_ms``) than the
+baseline's: a decode step of 256 prompts is bound by the host, and the host's speed varied 1.7x between processes
+on one machine, so read a ratio next to it; ``--rounds N`` runs every group N times in fresh processes taking turns
+and keeps each mode's best.
 """
 
 from __future__ import annotations
@@ -49,11 +51,11 @@ GROUPS = {  # modes that share one process (one model or engine)
     "vllm-graphs-v1": ["vllm-graphs-v1"],
     "nnsight": ["nnsight-trace"],
     "nnterp-vllm": ["nnterp-vllm-generate", "nnterp-vllm-trace", "nnterp-vllm-extract", "nnterp-vllm-extract-all",
-                    "nnterp-vllm-steer"],
-    "nnterp-graphs": ["nnterp-graphs-generate", "nnterp-graphs-trace", "nnterp-graphs-extract", "nnterp-graphs-extract-all",
-                      "nnterp-graphs-steer"],
+                    "nnterp-vllm-extract-all-kept", "nnterp-vllm-steer"],
+    "nnterp-graphs": ["nnterp-graphs-generate", "nnterp-graphs-trace", "nnterp-graphs-extract",
+                      "nnterp-graphs-extract-all", "nnterp-graphs-extract-all-kept", "nnterp-graphs-steer"],
     "nnterp-lean": ["nnterp-lean-generate", "nnterp-lean-trace", "nnterp-lean-extract", "nnterp-lean-extract-all",
-                    "nnterp-lean-steer"],
+                    "nnterp-lean-extract-all-kept", "nnterp-lean-steer"],
     "hf": ["hf-hooks", "hf-hooks-all", "hf-nnterp-trace", "hf-nnterp-extract", "hf-nnterp-extract-all"],
 }
 TRACE_MODES = {"nnsight-trace", "nnterp-vllm-trace", "nnterp-graphs-trace", "nnterp-lean-trace", "hf-nnterp-trace"}
@@ -187,10 +189,13 @@ def nnterp_vllm_group(args, path: str, prefix: str = "nnterp-vllm", cuda_graphs=
                 with tracer.invoke(prompt):
                     model.layers_output[layer].cpu().save()
 
-    def extract(layers):
+    def extract(layers, kept: bool = False):
         def run(prompts, max_new_tokens, layer):
-            consume(model.extract(prompts, layers=layer if layers is None else layers, max_new_tokens=max_new_tokens,
-                                  progress=False, ignore_eos=True))
+            results = model.extract(prompts, layers=layer if layers is None else layers, max_new_tokens=max_new_tokens,
+                                    progress=False, ignore_eos=True)
+            if kept:
+                results = list(results)  # every result held until the end (then dropped), as list(...) does
+            consume(results)
         return run
 
     def steer(prompts, max_new_tokens, layer):  # a served request's steering (the server's nnterp object) at every step
@@ -200,7 +205,7 @@ def nnterp_vllm_group(args, path: str, prefix: str = "nnterp-vllm", cuda_graphs=
         model.vllm_entrypoint.generate(prompts, params, use_tqdm=False)
 
     modes = {"generate": generate, "trace": trace, "extract": extract(None), "extract-all": extract(range(model.num_layers)),
-             "steer": steer}
+             "extract-all-kept": extract(range(model.num_layers), kept=True), "steer": steer}
     return {f"{prefix}-{name}": run for name, run in modes.items()}
 
 
@@ -440,7 +445,8 @@ def main() -> int:
                         help="PROMPTS:NEW_TOKENS pairs (0 new tokens: one forward pass per prompt)")
     parser.add_argument("--prompt-tokens", type=int, default=101)
     parser.add_argument("--layer", type=int, default=None, help="the layer saved (default: the middle one)")
-    parser.add_argument("--modes", nargs="+", default=[mode for modes in GROUPS.values() for mode in modes])
+    parser.add_argument("--modes", nargs="+",
+                        default=[mode for modes in GROUPS.values() for mode in modes if not mode.endswith("-kept")])
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on a GPU, float32 on CPU")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (the best is kept)")
     parser.add_argument("--hf-batch-size", type=int, default=32)

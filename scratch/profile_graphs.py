@@ -13,9 +13,10 @@ one more run, each segment of the replayed graphs on the host (graph launches, e
 ``--vanilla`` profiles vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read
 the others against; ``--gc-off`` turns Python's garbage collector off while the modes run. Mode
 ``extract-copier`` is ``extract`` with the rows copied to host memory and written by the copier's threads rather
-than by the GPU (what ``extract`` does on a GPU that cannot map host memory); for it alone, ``--no-copies``
-leaves out the copier threads' writes of extracted rows (the rows are then garbage), to tell what they cost the
-engine's thread from what its own extraction work does, and ``--copier-threads N`` gives the copier N threads.
+than by the GPU (what ``extract`` does on a GPU that cannot map host memory), ``extract-all-copier`` the same for
+``extract-all``; for these alone, ``--no-copies`` leaves out the copier threads' writes of extracted rows (the rows
+are then garbage), to tell what they cost the engine's thread from what its own extraction work does, and
+``--copier-threads N`` gives the copier N threads.
 Modes may repeat (``--modes generate extract extract-copier generate extract extract-copier``) to compare them in
 turns.
 """
@@ -84,6 +85,7 @@ def main() -> None:
     engine = _engine(modes)
     if not args.vanilla:
         modes["m-extract-copier"] = _through_copier(engine, modes["m-extract"])
+        modes["m-extract-all-copier"] = _through_copier(engine, modes["m-extract-all"])
     for name in args.modes:
         run = modes[f"m-{name}"]
         run(prompts, new, layer)  # warm

@@ -264,53 +264,44 @@ def test_row_writers_match_a_row_by_row_reference_over_shuffled_mixed_steps(monk
     copier.close()
 
 
-def test_registered_memory_stays_registered_while_kept_or_written_and_is_let_go_after(monkeypatch):
-    """Host memory a GPU writes is registered with CUDA while the memory is kept for reuse or a block in it is
-    still written; past the limit (at least twice what is written) the memory no prompt writes any more is
-    unregistered (a user's tensors then hold plain pages), and closing unregisters the rest; memory freed without
-    closing is unregistered as it is freed."""
+def test_registered_memory_stays_registered_while_referred_to_or_kept_and_is_let_go_after(monkeypatch):
+    """Host memory a GPU writes is registered with CUDA once, while a block or a user's tensor refers to it or it
+    is kept for reuse; free memory past the limit is unregistered, the oldest first, as it comes back (whichever
+    thread drops the last tensor); closing unregisters the free memory, and memory still referred to as it comes
+    back; memory freed without closing is unregistered as it is freed."""
     import gc
 
     import nnterp.backends.taps.device_rows as device_rows
 
-    registered: set[int] = set()
-    monkeypatch.setattr(device_rows, "register", lambda array: registered.add(array.ctypes.data))
+    registered: list[int] = []
+    monkeypatch.setattr(device_rows, "register", lambda array: registered.append(array.ctypes.data))
     monkeypatch.setattr(device_rows, "unregister", lambda address: registered.remove(address))
-    written: set[int] = set()
-    memory = device_rows.MappedMemory(busy=lambda array: array.ctypes.data in written, keep=8192)
-    first = memory.take(4096)
-    written.add(first.ctypes.data)
-    second, third = memory.take(4096), memory.take(4096)  # past the limit: the oldest not written goes
-    assert registered == {first.ctypes.data, third.ctypes.data}
-    written.clear()
-    fourth = memory.take(4096)
-    assert registered == {third.ctypes.data, fourth.ctypes.data}
-    written.update({third.ctypes.data, fourth.ctypes.data})  # 8 KiB written: up to 16 KiB kept
-    fifth, sixth = memory.take(4096), memory.take(4096)
-    assert registered == {third.ctypes.data, fourth.ctypes.data, fifth.ctypes.data, sixth.ctypes.data}
+    memory = device_rows.MappedMemory(keep=8192)
+    views = [memory.take(4096) for _ in range(4)]  # 16 KiB referred to: all stay registered past the limit
+    addresses = [view.ctypes.data for view in views]
+    assert sorted(registered) == sorted(addresses)
+    tensor = torch.from_numpy(views[3][1024:2048]).view(torch.float32)  # a user's tensor
+    for _ in range(3):
+        thread = threading.Thread(target=views.pop, args=(0,))  # dropped on another thread
+        thread.start()
+        thread.join()
+    assert sorted(registered) == sorted(addresses[1:])  # 8 KiB free kept, the oldest let go
+    again = memory.take(4096)
+    assert again.ctypes.data == addresses[1] and sorted(registered) == sorted(addresses[1:])  # reused as it is
     memory.clear()
-    assert not registered and second.nbytes == 4096
-    dropped = device_rows.MappedMemory(busy=lambda array: False)  # an engine dropped without closing
-    address = dropped.take(4096).ctypes.data
-    assert registered == {address}
-    del dropped
+    assert sorted(registered) == sorted([addresses[1], addresses[3]])  # still referred to
+    del views, again
+    gc.collect()
+    assert registered == [addresses[3]] and tensor.shape == (256,)
+    del tensor
+    gc.collect()
+    assert not registered
+    dropped = device_rows.MappedMemory()  # an engine dropped without closing
+    view = dropped.take(4096)
+    assert registered == [view.ctypes.data]
+    del dropped, view
     gc.collect()
     assert not registered  # unregistered as its memory was freed
-
-
-def test_device_rows_count_a_block_written_while_a_prompt_of_it_runs_or_it_takes_new_ones(monkeypatch):
-    import nnterp.backends.taps.rows as rows_module
-
-    monkeypatch.setattr(rows_module, "BLOCK_PROMPTS", 2)
-    writer = DeviceRows(torch.device("cpu"))
-    prompts = [PromptRows(expected=2) for _ in range(3)]
-    writer.copy(torch.randn(1, 3, 4), [prompt.add(row, 1, 0, f"prompt {row}") for row, prompt in enumerate(prompts)])
-    full, open_block = prompts[0].block, prompts[2].block
-    assert prompts[1].block is full and open_block is not full
-    writer.finish(prompts[0]).result(timeout=30)
-    assert writer._written(full.bytes.base)  # prompt 1 still runs
-    writer.abandon([prompts[1]])  # its extraction ended
-    assert not writer._written(full.bytes.base) and writer._written(open_block.bytes.base)
 
 
 def test_host_memory_that_cannot_be_mapped_onto_the_device_raises_the_error_the_worker_falls_back_on():
@@ -347,19 +338,57 @@ def test_compact_copies_a_view_of_a_shared_block_only():
 
 
 def test_block_memory_is_reused_only_once_no_tensor_refers_to_it():
-    from nnterp.backends.taps.rows import BlockMemory, RowBlock
+    from nnterp.backends.taps.host_memory import BlockMemory
+    from nnterp.backends.taps.rows import RowBlock
 
     memory = BlockMemory(keep=1 << 20)
     block = RowBlock(memory.take(4096), 4, 1024, lane=0)
     view = block.tensor[1:3].view(torch.float32)  # a prompt's tensor
     address = block.bytes.ctypes.data
     del block
-    assert memory.take(4096).ctypes.data != address  # a prompt's tensor still refers to it
+    other = memory.take(4096)
+    assert other.ctypes.data != address  # a prompt's tensor still refers to it
     del view
     assert memory.take(4096).ctypes.data == address  # nothing does: taken again
+    assert memory.take(8192).ctypes.data != address  # too small
     small = BlockMemory(keep=8192)
     arrays = [small.take(4096) for _ in range(3)]
-    assert len(small._arrays) == 2 and small._arrays[-1] is arrays[-1]  # the oldest is let go past keep
+    kept = [array.ctypes.data for array in arrays[1:]]
+    while arrays:
+        del arrays[0]  # given back in order
+    again = [small.take(4096) for _ in range(2)]
+    assert sorted(array.ctypes.data for array in again) == sorted(kept)  # the first given back was let go
+
+
+def test_fresh_memory_comes_with_the_next_blocks_faulted_in_ahead(monkeypatch):
+    """Past the size limit, fresh memory is faulted in on another thread, the next arrays of about the size
+    asked for already under way; an array of another size drops them. Without madvise's populate, one write
+    per page faults the pages in."""
+    import nnterp.backends.taps.host_memory as host_memory
+
+    faulted: list[tuple[int, str]] = []
+
+    def recorded(size: int) -> np.ndarray:
+        faulted.append((size, threading.current_thread().name))
+        return np.full(size, 7, dtype=np.uint8)
+
+    monkeypatch.setattr(host_memory, "faulted_in", recorded)
+    memory = host_memory.BlockMemory(keep=0, prefault=8192)
+    assert memory.take(4096).nbytes == 4096 and not faulted  # small: allocated as it is asked for
+    first = memory.take(16384)
+    assert (first == 7).all() and first.nbytes == 16384
+    second = memory.take(12000)  # about the same size: one made ahead serves it
+    assert second.nbytes == 16384 and (second == 7).all()
+    assert len(memory._prefaulter._coming) == host_memory.PREFAULT_AHEAD
+    assert memory.take(65536).nbytes == 65536  # another size: those under way are not used
+    assert {size for size, _ in memory._prefaulter._coming} == {65536}
+    assert all(name.startswith("nnterp-prefault") for _, name in faulted)
+    memory.clear()
+    monkeypatch.undo()
+    monkeypatch.setattr(host_memory, "_populate", lambda start, length: False)
+    monkeypatch.setattr(np, "empty", lambda size, dtype: np.full(size, 9, dtype=dtype))
+    touched = host_memory.faulted_in(3 * 4096 + 5)
+    assert touched.nbytes == 3 * 4096 + 5 and (touched[::4096] == 0).all() and (touched[1:4096] == 9).all()
 
 
 def test_prompts_placed_in_reused_memory_do_not_touch_the_rows_still_held(monkeypatch):

@@ -9,8 +9,10 @@ per decode step their handovers cost that thread more than their writes. The hos
 (a few numpy calls per block and step).
 
 A prompt's rows are ready once the kernels of the last step holding them ran (an event, waited for by the
-engine's thread). What stays registered is what :class:`~.rows.BlockMemory` keeps for reuse plus the blocks of
-prompts still running; memory it lets go is unregistered, so tensors a user keeps do not keep pages locked.
+engine's thread). Host memory stays registered while a block or a user's tensor refers to it, or while
+:class:`~.host_memory.BlockMemory` keeps it for reuse: registering memory holds a lock of the driver (the engine's
+kernel launches waited behind it) for as long as its pages take to be faulted in and pinned, so memory is
+registered once and reused, its pages faulted in ahead on another thread when fresh.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import logging
 import weakref
 from collections import deque
 from concurrent.futures import Future
-from typing import Callable, Iterable
+from typing import Optional
 
 import numpy as np
 import torch
 
-from .rows import KEEP_BYTES, BlockMemory, BlockPlacement, PromptRows, RowBlock, scatter_indices
+from .host_memory import KEEP_BYTES, BlockMemory
+from .rows import BlockPlacement, PromptRows, RowBlock, scatter_indices
 
 logger = logging.getLogger(__name__)
 
@@ -98,36 +101,29 @@ def mapped_rows_supported(device: torch.device) -> bool:
 
 
 class MappedMemory(BlockMemory):
-    """:class:`BlockMemory` whose arrays are registered with CUDA while it keeps them. An array backing a block
-    still written (``busy``) is kept past the limit, and the limit is at least twice what is busy: registering
-    memory pins its pages on the engine's thread, so memory that comes back must be kept for the next blocks
-    rather than registered anew (4,096 prompts of every layer flow 28 GB through the blocks)."""
+    """:class:`BlockMemory` registered with CUDA: memory stays registered while a block or a user's tensor refers
+    to it or it is kept for reuse, and is unregistered once let go (after the writes queued on ``stream`` ran)."""
 
-    def __init__(self, busy: Callable[[np.ndarray], bool], keep: int = KEEP_BYTES) -> None:
+    def __init__(self, stream: Optional[torch.cuda.Stream] = None, keep: int = KEEP_BYTES) -> None:
         super().__init__(keep)
-        self._busy = busy
+        self._stream = stream
         self._registered: dict[int, weakref.finalize] = {}  # address -> unregisters it (once)
 
-    def take(self, size: int) -> np.ndarray:
-        array = super().take(size)
+    def _new(self, size: int) -> np.ndarray:
+        array = super()._new(size)
+        register(array)
         address = array.ctypes.data
-        if address not in self._registered:
-            register(array)
-            # memory freed while registered stays pinned: an engine dropped without closing unregisters its
-            # arrays as they are freed
-            finalizer = self._registered[address] = weakref.finalize(array, _unregister_at_free, address)
-            finalizer.atexit = False
+        # memory freed while registered stays pinned: memory left behind by an engine dropped without closing
+        # is unregistered as it is freed
+        finalizer = self._registered[address] = weakref.finalize(array, _unregister_at_free, address)
+        finalizer.atexit = False
         return array
 
-    def _limit(self) -> int:
-        return max(self.keep, 2 * sum(array.nbytes for array in self._arrays if self._busy(array)))
-
-    def _evictable(self, array: np.ndarray) -> bool:
-        return not self._busy(array)
-
-    def _forget(self, array: np.ndarray) -> None:
-        finalizer = self._registered.pop(array.ctypes.data, None)
+    def _forget(self, owner: np.ndarray) -> None:
+        finalizer = self._registered.pop(owner.ctypes.data, None)
         if finalizer is not None:
+            if self._stream is not None:
+                self._stream.synchronize()  # writes of an abandoned prompt may still be queued
             finalizer()
 
 
@@ -138,10 +134,9 @@ class DeviceRows:
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
-        self._running: dict[RowBlock, int] = {}  # blocks with prompts still written: how many
-        memory = MappedMemory(self._written) if device.type == "cuda" else BlockMemory()
-        self.placement = BlockPlacement(1, memory, placed=self._placed)
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        memory = MappedMemory(self._stream) if device.type == "cuda" else BlockMemory()
+        self.placement = BlockPlacement(1, memory, placed=self._placed)
         self._numbered = 0  # buffers given to copy so far
         self._events: deque = deque()  # (number, event): writes not yet waited for, in order
 
@@ -173,7 +168,6 @@ class DeviceRows:
         """The prompt's rows ``[taps, tokens, width]`` once every write asked for so far has run (a future, done:
         the writes holding the prompt's rows are waited for here)."""
         self._wait(prompt.last_buffer)
-        self.abandon([prompt])
         future: Future = Future()
         try:
             future.set_result(prompt._result())
@@ -182,24 +176,13 @@ class DeviceRows:
         return future
 
     def _placed(self, block: RowBlock) -> None:
-        self._running[block] = self._running.get(block, 0) + 1
         if block.device is None:
             block.device = block.tensor if self._stream is None else device_view(block.bytes, self.device)
-
-    def abandon(self, prompts: Iterable[PromptRows]) -> None:
-        """No more rows come for these prompts (finished, or their extraction ended)."""
-        for prompt in prompts:
-            block = prompt.block
-            if block is not None and block in self._running:
-                self._running[block] -= 1
-                if not self._running[block]:
-                    del self._running[block]
 
     def close(self) -> None:
         if self._stream is not None:
             self._stream.synchronize()
         self._events.clear()
-        self._running = {}
         self.placement.clear()
 
     def _wait(self, until: int) -> None:
@@ -208,11 +191,6 @@ class DeviceRows:
             last = self._events.popleft()[1]
         if last is not None:
             last.synchronize()
-
-    def _written(self, array: np.ndarray) -> bool:
-        """Whether a block in ``array`` may still be written (a prompt of it running, or it takes new ones)."""
-        blocks = [*self._running, *self.placement.open.values()]
-        return any(block.bytes.base is array for block in blocks)
 
 
 def _scatter(plans: list, source: torch.Tensor, indices: torch.Tensor) -> None:

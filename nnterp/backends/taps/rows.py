@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
+from .host_memory import BlockMemory
 from .plan import ExtractionPlan
 from .transfer import HostTransfer, InFlight
 
@@ -35,55 +35,6 @@ class Activations:
 
 BLOCK_BYTES = 256 << 20  # a RowBlock's size at most (more where one prompt needs more)
 BLOCK_PROMPTS = 64  # prompts per block at most: what one kept prompt holds on to
-KEEP_BYTES = 2 << 30  # blocks' memory kept for reuse once nobody refers to it
-
-
-class BlockMemory:
-    """Memory for :class:`RowBlock` s: a block's memory that nothing refers to any more (its prompts' tensors
-    all gone) serves a later block, up to ``keep`` bytes, rather than going back to the system. The kernel
-    zeroes a fresh page at its first touch: copies into fresh memory ran at half the speed of copies into
-    memory already touched (7.7 against 16 GB/s on the 2-core CPU machine)."""
-
-    def __init__(self, keep: int = KEEP_BYTES) -> None:
-        self.keep = keep
-        self._arrays: list[np.ndarray] = []  # flat uint8 arrays given out, the most recent last
-
-    def take(self, size: int) -> np.ndarray:
-        """A flat uint8 array of at least ``size`` bytes (on the driving thread)."""
-        for position in range(len(self._arrays)):
-            # referred to by the list and getrefcount's argument only: no block, view or tensor is left
-            if self._arrays[position].nbytes >= size and sys.getrefcount(self._arrays[position]) == 2:
-                array = self._arrays.pop(position)
-                break
-        else:
-            array = np.empty(size, dtype=np.uint8)
-        self._arrays.append(array)
-        kept, limit = sum(held.nbytes for held in self._arrays), self._limit()
-        position = 0
-        while kept > limit and position < len(self._arrays) - 1:  # the oldest first, never the one given
-            if self._evictable(self._arrays[position]):
-                old = self._arrays.pop(position)
-                kept -= old.nbytes
-                self._forget(old)  # no longer reused (freed once nothing else refers to it)
-            else:
-                position += 1
-        return array
-
-    def _limit(self) -> int:
-        """How many bytes to keep."""
-        return self.keep
-
-    def _evictable(self, array: np.ndarray) -> bool:
-        """Whether ``array`` may stop being kept."""
-        return True
-
-    def _forget(self, array: np.ndarray) -> None:
-        """``array`` is no longer kept."""
-
-    def clear(self) -> None:
-        for array in self._arrays:
-            self._forget(array)
-        self._arrays = []
 
 
 class RowBlock:
@@ -305,9 +256,6 @@ class CopiedRows:
 
     def finish(self, prompt: PromptRows) -> Future:
         return self.copier.finish(prompt)
-
-    def abandon(self, prompts: Iterable[PromptRows]) -> None:
-        """Nothing to let go: the blocks are plain memory."""
 
 
 def _write_blocks(buffer: InFlight, groups: list[list[tuple[PromptRows, int, int, int]]]) -> None:

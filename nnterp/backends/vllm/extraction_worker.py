@@ -107,7 +107,6 @@ class WorkerExtractions:
         extraction = self.running.pop(extraction_id, None)
         if extraction is not None:
             extraction.capture.remove()
-            extraction.writer.abandon(extraction.prompts.values())
         for request_id in [rid for rid, (owner, *_) in self.requests.items() if owner == extraction_id]:
             del self.requests[request_id]
 
