@@ -362,8 +362,9 @@ def test_block_memory_is_reused_only_once_no_tensor_refers_to_it():
 
 def test_fresh_memory_comes_with_the_next_blocks_faulted_in_ahead(monkeypatch):
     """Past the size limit, fresh memory is faulted in on another thread, the next arrays of about the size
-    asked for already under way; an array of another size drops them. Without madvise's populate, one write
-    per page faults the pages in."""
+    asked for already under way; an array of another size drops them; memory to be registered is, memory the
+    copier threads write is not. Without madvise's populate, one write per page faults the pages in."""
+    import nnterp.backends.taps.device_rows as device_rows
     import nnterp.backends.taps.host_memory as host_memory
 
     faulted: list[tuple[int, str]] = []
@@ -384,6 +385,13 @@ def test_fresh_memory_comes_with_the_next_blocks_faulted_in_ahead(monkeypatch):
     assert {size for size, _ in memory._prefaulter._coming} == {65536}
     assert all(name.startswith("nnterp-prefault") for _, name in faulted)
     memory.clear()
+    faulted.clear()
+    plain = host_memory.BlockMemory(keep=0)  # copier threads fault their blocks in as they write them
+    assert plain.take(host_memory.PREFAULT_BYTES).nbytes == host_memory.PREFAULT_BYTES and not faulted
+    monkeypatch.setattr(device_rows, "register", lambda array: None)
+    mapped = device_rows.MappedMemory(keep=0)  # registering would fault them in on the engine's thread
+    assert mapped.take(host_memory.PREFAULT_BYTES).nbytes == host_memory.PREFAULT_BYTES and faulted
+    mapped.clear()
     monkeypatch.undo()
     monkeypatch.setattr(host_memory, "_populate", lambda start, length: False)
     monkeypatch.setattr(np, "empty", lambda size, dtype: np.full(size, 9, dtype=dtype))

@@ -26,7 +26,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .host_memory import KEEP_BYTES, BlockMemory
+from .host_memory import KEEP_BYTES, PREFAULT_BYTES, BlockMemory
 from .rows import BlockPlacement, PromptRows, RowBlock, scatter_indices
 
 logger = logging.getLogger(__name__)
@@ -102,10 +102,11 @@ def mapped_rows_supported(device: torch.device) -> bool:
 
 class MappedMemory(BlockMemory):
     """:class:`BlockMemory` registered with CUDA: memory stays registered while a block or a user's tensor refers
-    to it or it is kept for reuse, and is unregistered once let go (after the writes queued on ``stream`` ran)."""
+    to it or it is kept for reuse, and is unregistered once let go (after the writes queued on ``stream`` ran).
+    Fresh memory has its pages faulted in ahead."""
 
     def __init__(self, stream: Optional[torch.cuda.Stream] = None, keep: int = KEEP_BYTES) -> None:
-        super().__init__(keep)
+        super().__init__(keep, prefault=PREFAULT_BYTES)  # registering fresh memory would fault it in here
         self._stream = stream
         self._registered: dict[int, weakref.finalize] = {}  # address -> unregisters it (once)
 

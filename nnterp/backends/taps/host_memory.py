@@ -1,10 +1,13 @@
-"""Host memory for the blocks that hold extracted rows: reused once nothing refers to it, and fresh memory's pages
-faulted in ahead on a thread of its own.
+"""Host memory for the blocks that hold extracted rows: reused once nothing refers to it, and, where fresh memory
+must be registered with CUDA, its pages faulted in ahead on threads of their own.
 
 The kernel zeroes a page at its first touch: copies into fresh memory ran at half the speed of copies into memory
 already touched (7.7 against 16 GB/s on a 2-core CPU machine), and registering fresh memory with CUDA, which
 touches every page, took 42 ms per 256 MB block against 5.5 ms once the pages were in (H200 machine,
-``scratch/bench_host_memory.py``): extracting every layer of 4,096 prompts fills about 100 such blocks.
+``scratch/bench_host_memory.py``): extracting every layer of 4,096 prompts fills about 100 such blocks. Memory
+that copier threads write is left to them to fault in as they write, in parallel with the thread that drives the
+model (waiting for it there cost that thread 1.6 s in the first extraction of ``scratch/bench_row_copier.py
+--taps 16 --prompts 64 --new 1``, on the 2-core CPU machine).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Optional
 import numpy as np
 
 KEEP_BYTES = 2 << 30  # free memory kept for reuse
-PREFAULT_BYTES = 32 << 20  # fresh memory of at least this size has its pages faulted in ahead
+PREFAULT_BYTES = 32 << 20  # fresh memory of at least this size to be registered is faulted in ahead
 PREFAULT_AHEAD = 4  # arrays faulted in ahead of the blocks that ask for them
 PREFAULT_THREADS = 2  # a thread faulted in 8 GB/s (H200 machine); every layer of 4,096 prompts asked for 9
 MADV_POPULATE_WRITE = 23  # Linux 5.14+
@@ -31,10 +34,10 @@ class BlockMemory:
     """Flat uint8 arrays for blocks. Each array given out is a view of memory kept here; once the view and every
     view of it are gone (a block's prompts' tensors all dropped, wherever that happens), the memory comes back
     and serves a later block. Free memory past ``keep`` bytes goes back to the system, the oldest first; memory
-    still referred to is never taken back. A fresh array of at least ``prefault`` bytes comes with the next ones
-    of its size faulted in ahead on another thread (see :class:`Prefaulter`)."""
+    still referred to is never taken back. With ``prefault`` set, a fresh array of at least that many bytes comes
+    with the next ones of its size faulted in ahead on other threads (see :class:`Prefaulter`)."""
 
-    def __init__(self, keep: int = KEEP_BYTES, prefault: int = PREFAULT_BYTES) -> None:
+    def __init__(self, keep: int = KEEP_BYTES, prefault: Optional[int] = None) -> None:
         self.keep = keep
         self.prefault = prefault
         self._free: list[np.ndarray] = []  # memory nothing refers to, the oldest first
@@ -57,7 +60,7 @@ class BlockMemory:
 
     def _new(self, size: int) -> np.ndarray:
         """Fresh memory of ``size`` bytes."""
-        if size < self.prefault:
+        if self.prefault is None or size < self.prefault:
             return np.empty(size, dtype=np.uint8)
         if self._prefaulter is None:
             self._prefaulter = Prefaulter()
