@@ -153,4 +153,3 @@ def _populate(start: int, length: int) -> bool:
     except (OSError, AttributeError):
         return False
     return madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), MADV_POPULATE_WRITE) == 0
-
