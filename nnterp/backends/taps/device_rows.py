@@ -205,7 +205,7 @@ def _scatter(plans: list, source: torch.Tensor, indices: torch.Tensor) -> None:
         try:
             where, whence = indices[offset:offset + count], indices[offset + count:offset + 2 * count]
             block.device.index_copy_(0, where, source.index_select(0, whence))
-        except Exception as error:  # raised where the prompts' rows are asked for
+        except Exception as error:
             for prompt, *_ in items:
-                prompt._error = prompt._error or error
+                prompt.fail(error)
         offset += 2 * count

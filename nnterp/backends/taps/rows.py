@@ -88,6 +88,10 @@ class PromptRows:
         self.length = position + count
         return self, start, count, position
 
+    def fail(self, error: BaseException) -> None:
+        """A write of the prompt's rows failed: its first error is raised where its rows are asked for."""
+        self._error = self._error or error
+
     def region(self) -> np.ndarray:
         """The bytes of the prompt's rows, ``[taps, expected, width * item size]``."""
         taps, expected, _ = self.shape
@@ -215,10 +219,10 @@ class RowCopier:
                     if number > until:
                         return
                     buffer.wait()
-            except Exception as error:  # a failed transfer: raised where the prompts' rows are asked for
+            except Exception as error:  # a failed transfer
                 for _, items in blocks:
                     for prompt, *_ in items:
-                        prompt._error = prompt._error or error
+                        prompt.fail(error)
                 self._waiting.popleft()
                 continue
             self._waiting.popleft()
@@ -278,9 +282,9 @@ def _write_rows(buffer: InFlight, items: list[tuple[PromptRows, int, int, int]])
                 count = min(count, prompt.expected - position)
                 if count > 0:
                     prompt.region()[:, position:position + count] = host[:, start:start + count]
-    except Exception as error:  # raised where the prompts' rows are asked for
+    except Exception as error:
         for prompt, *_ in items:
-            prompt._error = prompt._error or error
+            prompt.fail(error)
 
 
 def _scatter_single_rows(host: np.ndarray, items: list[tuple[PromptRows, int, int, int]]) -> None:
