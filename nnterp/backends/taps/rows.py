@@ -59,8 +59,9 @@ class RowBlock:
 
 
 class PromptRows:
-    """One prompt's rows ``[taps, expected, width]``, written in a region of a :class:`RowBlock` as the captured
-    buffers holding them reach host memory, by a :class:`RowCopier` thread. ``expected``: how many rows the
+    """One prompt's rows ``[taps, expected, width]``, written in a region of a :class:`RowBlock` out of the
+    captured buffers holding them, by the writer of its extraction (a :class:`RowCopier` thread once the buffer is
+    in host memory, or the capturing device: :class:`~.device_rows.DeviceRows`). ``expected``: how many rows the
     prompt runs at most; rows past it belong to a step an engine ran ahead and discards, and are dropped."""
 
     __slots__ = ("expected", "length", "handed", "last_buffer", "block", "first", "shape", "dtype", "_error")
@@ -68,7 +69,7 @@ class PromptRows:
     def __init__(self, expected: int) -> None:
         self.expected = expected
         self.length = 0  # rows added so far (on the thread that adds them)
-        self.handed = 0  # rows handed to the copier so far (on the same thread)
+        self.handed = 0  # rows handed to the writer so far (on the same thread)
         self.last_buffer = -1  # the number of the last buffer holding rows of this prompt (see RowCopier.copy)
         self.block: Optional[RowBlock] = None  # placed at the prompt's first copy, once the row size is known
         self.first = 0  # the region's first row in the block
@@ -98,7 +99,7 @@ class PromptRows:
         return self.block.bytes[self.first:self.first + taps * expected].reshape(taps, expected, -1)
 
     def _result(self) -> torch.Tensor:
-        """The prompt's rows (on the copier's thread, after its writes): a view of its region when the prompt ran
+        """The prompt's rows (after the writer's writes of them): a view of its region when the prompt ran
         every row expected, else a tensor of its own holding the rows it ran."""
         if self._error is not None:
             raise self._error
