@@ -135,14 +135,16 @@ def test_a_value_released_before_it_is_read_is_the_cross_stage_error_naming_it()
 
 @pytest.fixture(scope="module")
 def transfers():
-    from harness.distributed import transport_transfers
+    from harness.distributed import TRANSFER_TIMEOUT_S, transport_transfers
 
-    return run_on_ranks(transport_transfers, world_size=3, timeout=300)
+    return run_on_ranks(bind(transport_transfers, last_rank_delay=TRANSFER_TIMEOUT_S + 2), world_size=3, timeout=300)
 
 
 def test_values_travel_between_processes_point_to_point(transfers):
     """Rank 0 holds; ranks 1 and 2 pull a 24 MiB value (larger than a key-value store takes in one piece), a
-    bfloat16 value and three values in one request; the store only ever held their descriptions."""
+    bfloat16 value and three values in one request; the store only ever held their descriptions. Rank 2
+    reached its transport two seconds past the transport's timeout: joining the ranks waits longer than
+    a value does."""
     reference = transfers[0]["values"]
     for consumer in transfers[1:]:
         assert consumer["values"].keys() == reference.keys()
@@ -171,6 +173,15 @@ def test_a_value_its_holder_dropped_fails_at_once(transfers):
     for consumer in transfers[1:]:
         assert consumer["dropped"].startswith("TransportTimeout") and "no longer holds" in consumer["dropped"]
         assert consumer["dropped_seconds"] < 2
+
+
+def test_a_value_that_never_arrives_fails_within_the_timeout(transfers):
+    """Announced, but its holder never sends it: the receive gives up after the transport's timeout."""
+    from harness.distributed import TRANSFER_TIMEOUT_S
+
+    consumer = transfers[1]
+    assert consumer["stuck"].startswith("TransportTimeout") and "stuck (held by rank 0) did not arrive" in consumer["stuck"]
+    assert TRANSFER_TIMEOUT_S - 0.5 < consumer["stuck_seconds"] < TRANSFER_TIMEOUT_S + 5
 
 
 def test_the_reported_stage_error_is_the_first_that_is_not_a_timeout():

@@ -280,14 +280,20 @@ def bind(program: Callable, **kwargs: Any) -> Callable[[int, int], Any]:
     return partial(program, **kwargs)
 
 
-def transport_transfers(rank: int, world_size: int, device: str = "cpu") -> dict:
+TRANSFER_TIMEOUT_S = 3.0
+
+
+def transport_transfers(rank: int, world_size: int, device: str = "cpu", last_rank_delay: float = 0.0) -> dict:
     """Rank 0 publishes values; the other ranks pull them (one alone, a large one, three in one request),
-    then rank 0 releases them. Reports what each rank saw."""
+    then rank 0 releases them. Reports what each rank saw. The last rank builds its transport
+    ``last_rank_delay`` seconds after the others (a rank that loads its weights slower)."""
     import torch.distributed as dist
 
     from nnterp.backends.distributed.transport import StageTransport, TransportTimeout
 
-    transport = StageTransport(dist.distributed_c10d._get_default_store(), timeout=3.0)
+    if rank == world_size - 1:
+        time.sleep(last_rank_delay)
+    transport = StageTransport(dist.distributed_c10d._get_default_store(), timeout=TRANSFER_TIMEOUT_S)
     generator = torch.Generator().manual_seed(0)
     values = {"large": torch.randn(6 << 20, generator=generator), "bf16": torch.randn(4, 5, generator=generator).bfloat16(),
               **{f"step{i}": torch.randn(2, 3, generator=generator) for i in range(3)}, "scalar": torch.tensor(7.0)}
@@ -332,6 +338,19 @@ def transport_transfers(rank: int, world_size: int, device: str = "cpu") -> dict
     dist.barrier()
     if rank != 0:
         result["announced_after_release"] = any(transport.announced(key) for key in values)
+    dist.barrier()
+    if rank == 0:  # a holder whose answer never comes (stuck, or its link gone): announced, never sent
+        transport._send = lambda *args: time.sleep(TRANSFER_TIMEOUT_S + 1)
+        transport.publish("stuck", torch.ones(2))
+    dist.barrier()
+    if rank == 1:
+        start = time.time()
+        try:
+            transport.fetch(["stuck"])
+            result["stuck"] = "nothing raised"
+        except TransportTimeout as error:
+            result["stuck"] = f"{type(error).__name__}: {error}"
+        result["stuck_seconds"] = time.time() - start
     dist.barrier()
     transport.close()
     return result

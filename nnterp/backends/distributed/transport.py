@@ -24,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 STOP = "stop"
 SWITCH_INTERVAL_S = 0.0005
+# Creating the group waits for every rank to reach it; ranks that load their weights at different speeds
+# arrive minutes apart, so this wait is not the (short) wait for a value.
+GROUP_SETUP_TIMEOUT_S = 600.0
 
 
 def _raw_store(store: dist.Store) -> dist.Store:
@@ -65,8 +68,9 @@ class StageTransport:
 
     ``store``: any ``torch.distributed`` store the processes share (only coordination goes through it).
     ``group``: the process group values travel over; by default one gloo group over every rank of the
-    default group, created here (a collective: every rank constructs its transport at the same point).
-    Without an initialized process group (one process) values are served locally.
+    default group, created here (a collective: every rank constructs its transport at the same point, and
+    waits up to ``GROUP_SETUP_TIMEOUT_S`` for the others). Without an initialized process group (one process)
+    values are served locally. ``timeout`` bounds each wait for a value: its announcement and its transfer.
     """
 
     def __init__(self, store: dist.Store, timeout: float = 60.0, prefix: str = "nnterp-transport",
@@ -77,7 +81,7 @@ class StageTransport:
         distributed = dist.is_available() and dist.is_initialized()
         self.rank = dist.get_rank() if distributed else 0
         if distributed and group is None:
-            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout))
+            group = dist.new_group(backend="gloo", timeout=timedelta(seconds=max(timeout, GROUP_SETUP_TIMEOUT_S)))
         self.group = group
         self._raw_store = raw
         self._clients = threading.local()
@@ -154,13 +158,16 @@ class StageTransport:
                 held = [self._held.get(key) for key in keys]
             try:  # which values follow, then those values: a consumer never waits for one that will not come
                 present = torch.tensor([value is not None for value in held], dtype=torch.uint8)
-                dist.send(present, dst=int(consumer), group=self.group, tag=number)
+                self._send(present, int(consumer), number)
                 for value in held:
                     if value is not None:
-                        dist.send(value.on_host(), dst=int(consumer), group=self.group, tag=number)
+                        self._send(value.on_host(), int(consumer), number)
             except Exception:  # the consumer gave up (its own error says so): serve the next request
                 logger.exception("sending %s to rank %s failed", keys, consumer)
             number += 1
+
+    def _send(self, tensor: torch.Tensor, consumer: int, number: int) -> None:
+        dist.isend(tensor, dst=consumer, group=self.group, tag=number).wait(timedelta(seconds=self.timeout))
 
     def close(self) -> None:
         """Stops the thread that answers pull requests."""
@@ -219,7 +226,7 @@ class StageTransport:
 
     def _receive(self, buffer: torch.Tensor, holder: int, number: int, key: str) -> None:
         try:
-            dist.recv(buffer, src=holder, group=self.group, tag=number)
+            dist.irecv(buffer, src=holder, group=self.group, tag=number).wait(timedelta(seconds=self.timeout))
         except Exception as error:
             raise TransportTimeout(f"{key} (held by rank {holder}) did not arrive") from error
 
