@@ -478,6 +478,55 @@ def test_row_copier_hands_over_only_arrived_transfers_in_order_from_the_driving_
     copier.close()
 
 
+def test_closing_the_copier_releases_the_buffers_no_copy_reads_any_more(monkeypatch):
+    """Buffers whose copies ran serve the next extraction's transfers; one a copy still reads is not handed
+    out again."""
+    import nnterp.backends.taps.rows as rows_module
+
+    copier, reading, stop = RowCopier(threads=2), threading.Event(), threading.Event()
+    write = rows_module._write_blocks
+
+    def slow_write(buffer, groups):
+        if buffer is steps[0]:
+            reading.set()
+            stop.wait(30)
+        write(buffer, groups)
+
+    monkeypatch.setattr(rows_module, "_write_blocks", slow_write)
+    steps = [SlowTransfer(torch.randn(1, 2, 3)) for _ in range(2)]
+    running, done = PromptRows(expected=2), PromptRows(expected=2)  # on copier threads of their own
+    copier.copy(steps[0], [running.add(0, 2, 0, "prompt 0")])
+    copier.copy(steps[1], [done.add(0, 2, 0, "prompt 1")])
+    copier.finish(done).result(timeout=30)
+    assert reading.wait(30) and not steps[0].released and not steps[1].released
+    copier.close()
+    stop.set()
+    assert steps[1].released and not steps[0].released
+
+
+def test_extractions_of_one_model_reuse_its_host_memory_and_leave_held_results_intact(tiny_path, monkeypatch):
+    """A model keeps its extraction memory: a later extraction takes no fresh memory once the earlier results
+    are dropped, and results still held are never written over."""
+    from nnterp.backends.taps.host_memory import BlockMemory
+
+    model = StandardizedTransformer(str(tiny_path("llama")))
+    held = list(model.extract(PROMPTS, accessors="layers_input", batch_size=2, progress=False))
+    fresh = []
+    new = BlockMemory._new
+    monkeypatch.setattr(BlockMemory, "_new", lambda self, size: fresh.append(size) or new(self, size))
+    for _ in range(2):  # each result dropped as it comes
+        for result in model.extract(PROMPTS[::-1], accessors="layers_input", batch_size=2, progress=False):
+            del result
+    assert len(fresh) <= 2  # the first of these extractions may need more than the kept memory left free
+    fresh.clear()
+    for result in model.extract(PROMPTS[::-1], accessors="layers_input", batch_size=2, progress=False):
+        del result
+    assert fresh == []
+    for result, prompt in zip(held, PROMPTS):
+        reference = torch.stack(hidden_states_alone(model, prompt)[:model.num_layers])[:, 0]
+        assert torch.allclose(result["layers_input"], reference, atol=1e-5), prompt
+
+
 def test_a_buffer_is_not_read_before_its_transfer_is_done():
     flight = InFlight(torch.zeros(1, 2, 3))
     flight._event = object()  # a device-to-host copy still running

@@ -174,9 +174,11 @@ class StandardizedTransformer(TransformersModel, StandardizedMixin):
                 **RAW_GREEDY}
 
     def _run_extraction(self, plan, prompts, batch_size, max_new_tokens, generation_kwargs):
-        from ..backends.hf.extraction import run
+        from ..backends.hf.extraction import KeptMemory, run
 
-        return run(self, plan, prompts, batch_size or 32, max_new_tokens, generation_kwargs)
+        if getattr(self, "_extraction_memory", None) is None:
+            self._extraction_memory = KeptMemory()
+        return run(self, plan, prompts, batch_size or 32, max_new_tokens, generation_kwargs, self._extraction_memory)
 
     @property
     def step_token(self) -> torch.Tensor:

@@ -185,10 +185,11 @@ class RowCopier:
     The copier threads never call CUDA: the driving thread hands a buffer over once its transfer is done (checked
     at each :meth:`copy`, waited for where a prompt's rows are asked for) and releases it once its copies ran."""
 
-    def __init__(self, threads: Optional[int] = None) -> None:
+    def __init__(self, threads: Optional[int] = None, memory: Optional[BlockMemory] = None) -> None:
         self.threads = threads or max(1, min(4, usable_cpus() // 4))
         self._lanes: list[ThreadPoolExecutor] = []
-        self.placement = BlockPlacement(self.threads, BlockMemory())
+        self._own_memory = memory is None  # else the memory outlives this copier, kept by whoever passed it
+        self.placement = BlockPlacement(self.threads, memory if memory is not None else BlockMemory())
         self._numbered = 0  # buffers given to copy so far
         self._waiting: deque = deque()  # (number, buffer, items by block): transfers not yet seen done, in order
         self._copying: deque = deque()  # (buffer, futures): handed over, to release once the futures are done
@@ -239,12 +240,19 @@ class RowCopier:
         return self._lanes[lane]
 
     def close(self) -> None:
+        """Stops the threads; the buffers no copy reads any more are released (a copy still running keeps its
+        buffer's block from being handed out again)."""
         for lane in self._lanes:
             lane.shutdown(wait=False, cancel_futures=True)
         self._lanes = []
         self._waiting.clear()
+        for buffer, futures in self._copying:
+            if all(future.done() for future in futures):
+                buffer.release()
         self._copying.clear()
-        self.placement.clear()
+        self.placement.open = {}
+        if self._own_memory:
+            self.placement.memory.clear()
 
 
 class CopiedRows:
