@@ -5,20 +5,19 @@
                                       [--cuda-graphs true] [--top 25]     (GPU machine)
     python3 scratch/profile_graphs.py --vanilla [--scenario 256:32]            (vanilla vLLM, its default graphs)
 
-Prints, per mode: the best unprofiled wall time of ``--repeats`` runs split into the engine's steps (count,
-seconds) and everything else (RPCs to the worker counted apart); the wall time of the parts of those steps (scheduler,
-model runner, output processing), timed at their entry points over one more run; then a cProfile of one run, the
-functions with the most own time and nnterp's functions with the most inclusive time. ``--segments`` times, over
-one more run, each segment of the replayed graphs on the host (graph launches, eager breaks by what they call).
-``--vanilla`` profiles vanilla vLLM with the same engine settings instead (mode ``generate``), the baseline to read
-the others against; ``--gc-off`` turns Python's garbage collector off while the modes run. Mode
-``extract-copier`` is ``extract`` with the rows copied to host memory and written by the copier's threads rather
-than by the GPU (what ``extract`` does on a GPU that cannot map host memory), ``extract-all-copier`` the same for
-``extract-all``; for these alone, ``--no-copies`` leaves out the copier threads' writes of extracted rows (the rows
-are then garbage), to tell what they cost the engine's thread from what its own extraction work does, and
-``--copier-threads N`` gives the copier N threads.
-Modes may repeat (``--modes generate extract extract-copier generate extract extract-copier``) to compare them in
-turns.
+Prints, per mode: the best unprofiled wall time of ``--repeats`` runs split into the engine's steps (count, seconds)
+and everything else (RPCs to the worker and the requests' submission counted apart, and extraction's own client-side
+parts); the wall time of the parts of those steps (scheduler, model runner, output processing), timed at their entry
+points over one more run; then a cProfile of one run, the functions with the most own time and nnterp's functions
+with the most inclusive time. ``--segments`` times, over one more run, each segment of the replayed graphs on the
+host (graph launches, eager breaks by what they call). ``--vanilla`` profiles vanilla vLLM with the same engine
+settings instead (mode ``generate``), the baseline to read the others against; ``--gc-off`` turns Python's garbage
+collector off while the modes run. Mode ``extract-copier`` is ``extract`` with the rows copied to host memory and
+written by the copier's threads rather than by the GPU (what ``extract`` does on a GPU that cannot map host memory),
+``extract-all-copier`` the same for ``extract-all``; for these alone, ``--no-copies`` leaves out the copier threads'
+writes of extracted rows (the rows are then garbage), to tell what they cost the engine's thread from what its own
+extraction work does, and ``--copier-threads N`` gives the copier N threads. Modes may repeat (``--modes generate
+extract extract-copier generate extract extract-copier``) to compare them in turns.
 """
 
 from __future__ import annotations
@@ -91,7 +90,8 @@ def main() -> None:
         run(prompts, new, layer)  # warm
         best = min((_split(engine, lambda: run(prompts, new, layer)) for _ in range(args.repeats)), key=lambda t: t[0])
         print(f"=== {name}: {best[0]:.3f} s: {best[1]} engine steps {best[2]:.3f} s, {best[3]} RPCs {best[4]:.3f} s, "
-              f"rest {best[0] - best[2] - best[4]:.3f} s", flush=True)
+              f"{best[5]} requests added {best[6]:.3f} s, rest {best[0] - best[2] - best[4] - best[6]:.3f} s"
+              + "".join(f"; {part} {calls}x {seconds:.3f} s" for part, (calls, seconds) in best[7].items()), flush=True)
         print(f"=== {name}: parts of the steps (wall, unprofiled)\n" + _step_parts(engine, lambda: run(prompts, new, layer)),
               flush=True)
         profile = cProfile.Profile()
@@ -221,11 +221,19 @@ def _step_parts(engine, run) -> str:
                      for name, (count, seconds) in tally.items())
 
 
-def _split(engine, run) -> tuple[float, int, float, int, float]:
-    """Wall seconds of ``run``, and how many engine steps and worker RPCs it made and their seconds."""
+def _split(engine, run) -> tuple:
+    """Wall seconds of ``run``, how many engine steps, worker RPCs and added requests it made and their seconds,
+    then ``{name: [calls, seconds]}`` of extraction's client-side parts (planning, taking rows, assembling results)."""
+    import nnterp.backends.taps.plan as plan
+    import nnterp.backends.vllm.extraction as extraction
+
     start = time.perf_counter()
-    tally = _timed_calls({"step": (engine, "step"), "collective_rpc": (engine, "collective_rpc")}, run)
-    return (time.perf_counter() - start, *tally["step"], *tally["collective_rpc"])
+    tally = _timed_calls({"step": (engine, "step"), "collective_rpc": (engine, "collective_rpc"),
+                          "add_request": (engine, "add_request"), "plan_extraction": (plan, "plan_extraction"),
+                          "_take (RPC included)": (extraction, "_take"),
+                          "activations": (extraction, "activations")}, run)
+    parts = {name: tally[name] for name in ("plan_extraction", "_take (RPC included)", "activations") if tally[name][0]}
+    return (time.perf_counter() - start, *tally["step"], *tally["collective_rpc"], *tally["add_request"], parts)
 
 
 def _timed_calls(parts: dict[str, tuple[object, str]], run) -> dict[str, list]:

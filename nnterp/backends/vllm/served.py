@@ -28,7 +28,7 @@ from ...core.layout import ModelLayout, infer_model_layout
 from ...core.rename import ModuleNames, resolve_names
 from ..taps.capture import hook_module
 from ..taps.plan import Tap, module_tap
-from ..taps.spec import SPEC_KEY, RequestSpec
+from ..taps.spec import SPEC_KEY, TOKENS, RequestSpec
 from .step_rows import request_extra, scheduled_rows
 KEEP_SECONDS = 600  # captures nobody took are dropped after this long
 
@@ -67,12 +67,18 @@ class Served:
 
     def selected_rows(self, tokens: str) -> np.ndarray:
         _, count, first = self.span
-        positions = np.arange(first, first + count)
-        if tokens == "prompt":
-            return positions < self.prompt_length
-        if tokens == "generated":
-            return positions >= self.prompt_length
-        return np.ones(count, dtype=bool)
+        return token_selection(TOKEN_SELECTIONS[tokens], np.arange(first, first + count), self.prompt_length)
+
+
+TOKEN_SELECTIONS = {name: number for number, name in enumerate(TOKENS)}  # a spec entry's ``tokens`` as a number
+
+
+def token_selection(tokens: np.ndarray | int, positions: np.ndarray, prompt_length: np.ndarray | int) -> np.ndarray:
+    """Which rows (at token ``positions`` of requests whose prompts are ``prompt_length`` tokens) a selection
+    (:data:`TOKEN_SELECTIONS`) picks, as a boolean mask; every argument is a number or one per row."""
+    tokens, prompt, number = np.asarray(tokens), positions < prompt_length, TOKEN_SELECTIONS
+    return (np.broadcast_to(tokens == number["all"], positions.shape) | ((tokens == number["prompt"]) & prompt)
+            | ((tokens == number["generated"]) & ~prompt))
 
 
 @dataclass
@@ -285,15 +291,15 @@ class ServedRequests:
         of their vector (one host-to-device copy), gathered once per step, and the vectors' rows."""
         cached = site.steering
         if cached is None or cached[0] != self._step or cached[1].device != flat.device:
-            rows, ids = [], []
-            for served, _, (entry, vector_row) in steers:
-                start, count, _ = served.span
-                rows.append(np.arange(start, start + count))
-                vector = np.full(count, vector_row, dtype=np.int64)
-                if entry.tokens != "all":
-                    vector[~served.selected_rows(entry.tokens)] = 0  # row 0 of the table: no steering
-                ids.append(vector)
-            index = torch.from_numpy(np.stack([np.concatenate(rows), np.concatenate(ids)]))
+            # one row per (request, entry): its span, its prompt's length, its vector's row, its token selection
+            start, count, first, prompt_length, vector_row, tokens = np.array(
+                [(*served.span, served.prompt_length, row, TOKEN_SELECTIONS[entry.tokens])
+                 for served, _, (entry, row) in steers], dtype=np.int64).reshape(-1, 6).T
+            owner = np.repeat(np.arange(len(start)), count)  # the (request, entry) of each row
+            within = np.arange(len(owner)) - np.repeat(np.cumsum(count) - count, count)
+            selected = token_selection(tokens[owner], first[owner] + within, prompt_length[owner])
+            ids = np.where(selected, vector_row[owner], 0)  # row 0 of the table: no steering
+            index = torch.from_numpy(np.stack([start[owner] + within, ids]))
             if flat.device.type == "cuda":
                 index = index.pin_memory()
             cached = site.steering = (self._step, index.to(flat.device, non_blocking=True))
