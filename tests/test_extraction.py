@@ -121,6 +121,11 @@ def test_bad_arguments_are_refused_before_anything_runs(llama, kwargs, error, ma
         llama.extract(PROMPTS, progress=False, **kwargs)
 
 
+def test_a_prompt_of_no_tokens_is_refused_by_its_index(llama):
+    with pytest.raises(ValueError, match="prompt 2 has no tokens: give it some text or token ids"):
+        list(llama.extract(["Hello", "A", []], batch_size=1, progress=False))
+
+
 def test_a_single_string_is_refused(llama):
     with pytest.raises(TypeError, match="list of prompts"):
         llama.extract("The capital of France is")

@@ -36,12 +36,19 @@ def traced(model, prompt, name: str) -> torch.Tensor:
     return torch.stack(list(values))
 
 
+def engine_token_ids(model, prompt: str) -> list[int]:
+    """The engine's own tokenization of a text prompt."""
+    from vllm import SamplingParams
+
+    return list(model.vllm_entrypoint.generate(prompt, SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt_token_ids)
+
+
 def test_every_accessor_equals_the_trace_of_each_prompt_alone(model, extracted):
     """Dual-stream sums (layers), keyword inputs (attention), positional inputs (MLP), and layer 0's input, which
-    is the embedding's own buffer (the clone policy)."""
+    is the embedding's own buffer (the clone policy). Text is tokenized as the engine tokenizes it."""
     assert [result.index for result in extracted] == list(range(len(PROMPTS)))
     for result, prompt in zip(extracted, PROMPTS):
-        assert result.token_ids == model.tokenizer(prompt)["input_ids"]
+        assert result.token_ids == engine_token_ids(model, prompt)
         for name in ACCESSORS:
             reference = traced(model, prompt, name)
             assert result[name].shape == reference.shape == (model.num_layers, len(result.token_ids), model.hidden_size)
@@ -96,6 +103,14 @@ def test_tracing_during_an_extraction_is_refused_and_closing_releases_the_engine
         value = model.layers_output[0].save()
     assert value.shape[0] == len(model.tokenizer(PROMPTS[0])["input_ids"])
     assert worker_state(model) == (0, 0)
+
+
+def test_a_prompt_of_no_tokens_is_refused_by_its_index_and_the_engine_keeps_serving(model):
+    with pytest.raises(ValueError, match="prompt 2 has no tokens: give it some text or token ids"):
+        list(model.extract(["Hello", "A", []], progress=False))
+    assert worker_state(model) == (0, 0)
+    result = next(model.extract(PROMPTS[:1], progress=False))
+    assert result.token_ids == engine_token_ids(model, PROMPTS[0])
 
 
 def test_an_error_in_the_engine_is_reported_and_the_engine_keeps_serving(model):

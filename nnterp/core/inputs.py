@@ -4,7 +4,7 @@ gets an error that says what is wrong with it, not a tokenizer's or a model's er
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -77,3 +77,19 @@ def token_id_prompt(prompt: Any) -> Any:
         raise ValueError(f"one request takes one prompt; got token ids of shape {tuple(prompt.shape)}. Use one "
                          "tracer.invoke(...) per prompt.")
     return prompt
+
+
+def tokenized(tokenizer: Any, prompts: Sequence[Any], first_index: int = 0) -> list[Any]:
+    """``prompts`` with each text replaced by its token ids, every text in one call of the tokenizer (with its
+    special tokens, as an engine adds them); other prompts as they are. A prompt of no tokens raises, naming its
+    index (``first_index`` is the first prompt's)."""
+    result = list(prompts)
+    texts = [index for index, prompt in enumerate(result) if isinstance(prompt, str)]
+    if texts:
+        for index, token_ids in zip(texts, tokenizer([result[index] for index in texts])["input_ids"]):
+            result[index] = list(token_ids)
+    for index, prompt in enumerate(result):
+        empty = prompt.numel() == 0 if isinstance(prompt, torch.Tensor) else isinstance(prompt, (list, tuple)) and not prompt
+        if empty:
+            raise ValueError(f"prompt {first_index + index} has no tokens: give it some text or token ids.")
+    return result

@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ...core.inputs import tokenized
 from ...core.tokens import token_id_list, until_eos
 from ..taps.capture import Capture
 from ..taps.host_memory import BlockMemory
@@ -35,18 +36,9 @@ class _AllCaptured(Exception):
     """Raised by the last hook to end a forward pass whose remaining modules nobody reads."""
 
 
-def encode(tokenizer: Any, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
-    """Token ids of each prompt (text is tokenized with the tokenizer's special tokens, as vLLM does)."""
-    texts = [(index, prompt) for index, prompt in enumerate(prompts) if isinstance(prompt, str)]
-    ids: list[Any] = [None if isinstance(prompt, str) else [int(token) for token in prompt] for prompt in prompts]
-    if texts:
-        encoded = tokenizer([text for _, text in texts])["input_ids"]
-        for (index, _), tokens in zip(texts, encoded):
-            ids[index] = list(tokens)
-    for index, tokens in enumerate(ids):
-        if not tokens:
-            raise ValueError(f"prompt {index} has no tokens.")
-    return ids
+def encode(tokenizer: Any, prompts: Sequence[str | Sequence[int]], first_index: int = 0) -> list[list[int]]:
+    """Token ids of each prompt (text tokenized with the tokenizer's special tokens, as vLLM does)."""
+    return [[int(token) for token in prompt] for prompt in tokenized(tokenizer, prompts, first_index)]
 
 
 def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]], batch_size: int,
@@ -61,7 +53,7 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
     try:
         for start in range(0, len(prompts), batch_size):
             indices = range(start, min(start + batch_size, len(prompts)))
-            token_ids = encode(model.tokenizer, [prompts[index] for index in indices])
+            token_ids = encode(model.tokenizer, [prompts[index] for index in indices], start)
             generated = [[] for _ in indices]
             if max_new_tokens > 0:
                 generated = _generate(model, token_ids, max_new_tokens, generation_kwargs, device)

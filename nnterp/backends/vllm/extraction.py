@@ -13,9 +13,12 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from ...core.inputs import tokenized
 from ..taps.plan import ExtractionPlan
 from ..taps.rows import Activations, activations
 from .extraction_worker import REQUEST_KEY
+
+PROMPT_CHUNK = 256  # prompts tokenized together
 
 
 def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]], window: int,
@@ -33,6 +36,7 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
                 **sampling, "n": 1}
     if sampling.get("ignore_eos") and "stop_token_ids" not in sampling:
         settings["stop_token_ids"] = []  # generate max_new_tokens whatever the model emits
+    engine_prompts: dict[int, Any] = {}
     engine.collective_rpc("nnterp_begin_extraction", args=(extraction_id, plan.to_json()))
     model._extractions_running += 1
     by_request: dict[str, int] = {}
@@ -49,7 +53,9 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
                     params.skip_reading_prefix_cache = True  # cached tokens skip the forward pass
                 request_id = f"nnterp-extract-{extraction_id[:8]}-{submitted}"
                 by_request[request_id] = submitted
-                engine.add_request(request_id, model._prompt(prompts[submitted]), params)
+                if submitted not in engine_prompts:
+                    engine_prompts = _engine_prompts(model, prompts, submitted)
+                engine.add_request(request_id, engine_prompts.pop(submitted), params)
                 submitted += 1
             finished_now = []
             for output in engine.step():
@@ -75,6 +81,18 @@ def run(model: Any, plan: ExtractionPlan, prompts: Sequence[str | Sequence[int]]
         if by_request:
             engine.abort_request(list(by_request))
         engine.collective_rpc("nnterp_end_extraction", args=(extraction_id,))
+
+
+def _engine_prompts(model: Any, prompts: Sequence[Any], first: int) -> dict[int, Any]:
+    """The next :data:`PROMPT_CHUNK` prompts from ``first`` as the engine takes them, by index: their text tokenized
+    here in one call (the engine tokenizes each request's text on its own, which took 0.4 ms more per request than
+    a request of token ids on the H200 machine, more than the extraction's own work per request)."""
+    from vllm.inputs import TokensPrompt
+
+    chunk = prompts[first:first + PROMPT_CHUNK]
+    encoded = tokenized(model.tokenizer, chunk, first)
+    return {first + index: TokensPrompt(prompt_token_ids=ids) if isinstance(prompt, str) else model._prompt(prompt)
+            for index, (prompt, ids) in enumerate(zip(chunk, encoded))}
 
 
 def _take(engine: Any, plan: ExtractionPlan, extraction_id: str, indices: list[int], prepare: list[int],
