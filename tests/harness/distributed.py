@@ -289,7 +289,7 @@ def transport_transfers(rank: int, world_size: int, device: str = "cpu", last_ra
     ``last_rank_delay`` seconds after the others (a rank that loads its weights slower)."""
     import torch.distributed as dist
 
-    from nnterp.backends.distributed.transport import StageTransport, TransportTimeout
+    from nnterp.backends.distributed.transport import StageTransport
 
     if rank == world_size - 1:
         time.sleep(last_rank_delay)
@@ -311,26 +311,14 @@ def transport_transfers(rank: int, world_size: int, device: str = "cpu", last_ra
         futures = {key: transport.prefetch(key) for key in ("step2", "bf16", "large", "step0")}  # in the background
         result["prefetched"] = {key: future.result(timeout=60) for key, future in futures.items()}
         result["largest_store_entry"] = max(len(transport.store.get(key)) for key in values)
-        start = time.time()
-        try:
-            transport.wait("never-published")
-            result["missing"] = "nothing raised"
-        except TransportTimeout as error:
-            result["missing"] = f"{type(error).__name__}: {error}"
-        result["missing_seconds"] = time.time() - start
+        result["missing"], result["missing_seconds"] = _timed_error(lambda: transport.wait("never-published"))
     if rank == 0:  # a value dropped while still announced (a holder that released too early)
         transport.publish("dropped", torch.ones(2))
         with transport._lock:
             transport._held.pop("dropped")
     dist.barrier()
     if rank != 0:
-        start = time.time()
-        try:
-            transport.fetch(["dropped"])
-            result["dropped"] = "nothing raised"
-        except TransportTimeout as error:
-            result["dropped"] = f"{type(error).__name__}: {error}"
-        result["dropped_seconds"] = time.time() - start
+        result["dropped"], result["dropped_seconds"] = _timed_error(lambda: transport.fetch(["dropped"]))
     dist.barrier()
     if rank == 0:
         transport.release(list(values))
@@ -344,13 +332,19 @@ def transport_transfers(rank: int, world_size: int, device: str = "cpu", last_ra
         transport.publish("stuck", torch.ones(2))
     dist.barrier()
     if rank == 1:
-        start = time.time()
-        try:
-            transport.fetch(["stuck"])
-            result["stuck"] = "nothing raised"
-        except TransportTimeout as error:
-            result["stuck"] = f"{type(error).__name__}: {error}"
-        result["stuck_seconds"] = time.time() - start
+        result["stuck"], result["stuck_seconds"] = _timed_error(lambda: transport.fetch(["stuck"]))
     dist.barrier()
     transport.close()
     return result
+
+
+def _timed_error(action: Callable[[], Any]) -> tuple[str, float]:
+    """The transport error ``action`` raises (as text; "nothing raised" when none) and the seconds it took."""
+    from nnterp.backends.distributed.transport import TransportTimeout
+
+    start = time.time()
+    try:
+        action()
+        return "nothing raised", time.time() - start
+    except TransportTimeout as error:
+        return f"{type(error).__name__}: {error}", time.time() - start
