@@ -281,7 +281,7 @@ def test_registered_memory_stays_registered_while_referred_to_or_kept_and_is_let
     registered: list[int] = []
     monkeypatch.setattr(device_rows, "register", lambda array: registered.append(array.ctypes.data))
     monkeypatch.setattr(device_rows, "unregister", lambda address: registered.remove(address))
-    memory = device_rows.MappedMemory(keep=8192)
+    memory = device_rows.MappedMemory(keep=8192, working_set=0)
     views = [memory.take(4096) for _ in range(4)]  # 16 KiB referred to: all stay registered past the limit
     addresses = [view.ctypes.data for view in views]
     assert sorted(registered) == sorted(addresses)
@@ -363,6 +363,26 @@ def test_block_memory_is_reused_only_once_no_tensor_refers_to_it():
         del arrays[0]  # given back in order
     again = [small.take(4096) for _ in range(2)]
     assert sorted(array.ctypes.data for array in again) == sorted(kept)  # the first given back was let go
+
+
+def test_free_memory_kept_follows_what_was_in_use_at_once_up_to_the_working_set_limit(monkeypatch):
+    """An extraction that needs a little more than the memory kept takes no fresh memory at its next run; past
+    the working-set limit the free memory is let go down to it."""
+    import nnterp.backends.taps.device_rows as device_rows
+    from nnterp.backends.taps.host_memory import BlockMemory, machine_share
+
+    for working_set, fresh_at_second_run in ((16384, 0), (8192, 1), (0, 2)):
+        memory, fresh = BlockMemory(keep=4096, working_set=working_set), []
+        new = memory._new
+        memory._new = lambda size: fresh.append(size) or new(size)
+        for _ in range(2):  # three blocks at once, then all dropped
+            fresh.clear()
+            arrays = [memory.take(4096) for _ in range(3)]
+            del arrays
+        assert len(fresh) == fresh_at_second_run, working_set
+        assert sum(owner.nbytes for owner in memory._free) == max(4096, min(3 * 4096, working_set))
+    monkeypatch.setattr(device_rows, "register", lambda array: None)
+    assert device_rows.MappedMemory().working_set == machine_share(16) > 0  # registered memory follows it
 
 
 def test_fresh_memory_comes_with_the_next_blocks_faulted_in_ahead(monkeypatch):

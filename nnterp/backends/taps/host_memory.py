@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import sys
 import threading
 import weakref
@@ -24,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 KEEP_BYTES = 2 << 30  # free memory kept for reuse
+WORKING_SET_SHARE = 16  # free memory kept up to what was in use at once, at most this share of the machine's memory
 PREFAULT_BYTES = 32 << 20  # fresh memory of at least this size to be registered is faulted in ahead
 PREFAULT_AHEAD = 4  # arrays faulted in ahead of the blocks that ask for them
 PREFAULT_THREADS = 2  # a thread faulted in 8 GB/s (H200 machine); every layer of 4,096 prompts asked for 9
@@ -34,12 +36,18 @@ class BlockMemory:
     """Flat uint8 arrays for blocks. Each array given out is a view of memory kept here; once the view and every
     view of it are gone (a block's prompts' tensors all dropped, wherever that happens), the memory comes back
     and serves a later block. Free memory past ``keep`` bytes goes back to the system, the oldest first; memory
-    still referred to is never taken back. With ``prefault`` set, a fresh array of at least that many bytes comes
-    with the next ones of its size faulted in ahead on other threads (see :class:`Prefaulter`)."""
+    still referred to is never taken back. With ``working_set`` set, the free memory kept goes up to the most that
+    was in use at once, up to ``working_set`` bytes: an extraction that needs a little more than ``keep`` would
+    otherwise let a block go at its end and take a fresh one at its next start, every time. With ``prefault`` set, a
+    fresh array of at least that many bytes comes with the next ones of its size faulted in ahead on other threads
+    (see :class:`Prefaulter`)."""
 
-    def __init__(self, keep: int = KEEP_BYTES, prefault: Optional[int] = None) -> None:
+    def __init__(self, keep: int = KEEP_BYTES, prefault: Optional[int] = None, working_set: int = 0) -> None:
         self.keep = keep
         self.prefault = prefault
+        self.working_set = working_set
+        self._in_use = 0  # bytes given out and not yet sorted back
+        self._most_in_use = 0
         self._free: list[np.ndarray] = []  # memory nothing refers to, the oldest first
         self._returned: deque = deque()  # memory whose view was freed (on any thread), not yet sorted
         self._lock = threading.Lock()
@@ -54,6 +62,9 @@ class BlockMemory:
             owner = None if position is None else self._free.pop(position)
         if owner is None:
             owner = self._new(size)
+        with self._lock:
+            self._in_use += owner.nbytes
+            self._most_in_use = max(self._most_in_use, self._in_use)
         view = np.frombuffer(memoryview(owner), dtype=np.uint8)  # the base of every view taken of it
         weakref.finalize(view, self._give_back, owner).atexit = False
         return view
@@ -76,15 +87,17 @@ class BlockMemory:
                 self._lock.release()
 
     def _settle(self) -> None:
-        """Sorts the memory given back since, and lets go of free memory past ``keep`` (holding the lock)."""
+        """Sorts the memory given back since, and lets go of free memory past the limit (holding the lock)."""
         while self._returned:
             owner = self._returned.popleft()
+            self._in_use -= owner.nbytes
             if self._closed:
                 self._forget(owner)
             else:
                 self._free.append(owner)
         free = sum(owner.nbytes for owner in self._free)
-        while free > self.keep:
+        limit = max(self.keep, min(self._most_in_use, self.working_set))
+        while free > limit:
             owner = self._free.pop(0)
             free -= owner.nbytes
             self._forget(owner)
@@ -132,6 +145,14 @@ class Prefaulter:
             future.cancel()
         self._coming.clear()
         self._threads.shutdown(wait=False, cancel_futures=True)
+
+
+def machine_share(share: int) -> int:
+    """``1 / share`` of the machine's memory in bytes (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // share
+    except (AttributeError, ValueError, OSError):
+        return 0
 
 
 def faulted_in(size: int) -> np.ndarray:
