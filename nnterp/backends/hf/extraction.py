@@ -23,9 +23,10 @@ from ..taps.transfer import HostTransfer
 
 
 class KeptMemory:
-    """Host memory a model keeps between its extractions: the pinned blocks captured buffers are copied into and
-    the memory of the prompts' rows. Fresh pinned memory costs about 40 ms per 256 MB (every layer of a batch of
-    32 prompts of a 1B model fills 210 MB), fresh pageable memory a page fault per page."""
+    """Host memory a model keeps between its extractions: the pinned blocks captured buffers are copied into (as
+    many as were in flight at once) and up to 2 GiB of free memory for the prompts' rows. Fresh pinned memory costs
+    about 40 ms per 256 MB (every layer of a batch of 32 prompts of a 1B model fills 210 MB), fresh pageable memory
+    a page fault per page."""
 
     def __init__(self) -> None:
         self.transfer = HostTransfer()
