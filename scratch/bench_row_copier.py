@@ -64,9 +64,8 @@ def main() -> None:
     parser.add_argument("--step-ms", type=float, default=10.0)
     parser.add_argument("--keep-bytes", type=int, default=None, help="memory kept for reuse (default: the copier's)")
     args = parser.parse_args()
-    copier, transfer = RowCopier(args.threads), HostTransfer()
-    if args.keep_bytes is not None:
-        copier.placement.memory = BlockMemory(keep=args.keep_bytes)
+    memory = BlockMemory(keep=args.keep_bytes) if args.keep_bytes is not None else None
+    copier, transfer = RowCopier(args.threads, memory=memory), HostTransfer()
     for run in range(args.runs):
         wall, driving = extraction(copier, transfer, args.taps, args.prompts, args.new, args.width, args.step_ms, run)
         print(f"extraction {run}: {wall:.3f} s, driving thread {driving * 1e3:.1f} ms", flush=True)

@@ -89,7 +89,10 @@ def tokenized(tokenizer: Any, prompts: Sequence[Any], first_index: int = 0) -> l
         for index, token_ids in zip(texts, tokenizer([result[index] for index in texts])["input_ids"]):
             result[index] = list(token_ids)
     for index, prompt in enumerate(result):
-        empty = prompt.numel() == 0 if isinstance(prompt, torch.Tensor) else isinstance(prompt, (list, tuple)) and not prompt
+        if isinstance(prompt, torch.Tensor):
+            empty = prompt.numel() == 0
+        else:
+            empty = isinstance(prompt, (list, tuple)) and not prompt
         if empty:
             raise ValueError(f"prompt {first_index + index} has no tokens: give it some text or token ids.")
     return result

@@ -189,6 +189,7 @@ class DeviceRows:
             self._stream.synchronize()
         self._events.clear()
         self.placement.clear()
+        self.placement.memory.clear()
 
     def _wait(self, until: int) -> None:
         last = None

@@ -168,8 +168,8 @@ class BlockPlacement:
         return block
 
     def clear(self) -> None:
+        """Forgets the open blocks (the memory is cleared by its owner)."""
         self.open = {}
-        self.memory.clear()
 
 
 class RowCopier:
@@ -250,7 +250,7 @@ class RowCopier:
             if all(future.done() for future in futures):
                 buffer.release()
         self._copying.clear()
-        self.placement.open = {}
+        self.placement.clear()
         if self._own_memory:
             self.placement.memory.clear()
 
